@@ -1,0 +1,83 @@
+"""Grouped-query attention composed from RoPE, the iRoPE layer kind, chunking, caching and a backend.
+
+Per layer (decided once from the layer id, see `attention/irope.py`):
+RoPE layers rotate q/k, optionally QK-normalise them, and attend within their
+chunk; NoPE layers skip the rotation, optionally scale queries by the position
+temperature, and attend globally.
+
+Shapes: B batch, L new tokens, D model dim, H query heads, K kv heads, Dh head dim.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from attention.backends import get_backend
+from attention.cache import LayerKVCache
+from attention.chunked import chunked_attention
+from attention.irope import layer_attention_kind, qk_norm, temperature_scale
+from attention.rope import apply_rope
+from models.config import AttentionConfig, ModelConfig
+
+
+class Attention(nn.Module):
+    """Multi-head attention with grouped key/value heads and no biases (Ainslie et al., 2023)."""
+
+    def __init__(self, cfg: ModelConfig, layer_id: int) -> None:
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.n_kv_heads = cfg.kv_heads
+        self.head_dim = cfg.head_size
+        self.norm_eps = cfg.norm_eps
+        self.kind = layer_attention_kind(cfg, layer_id)
+        # Shared with the model config, so eval-time temperature / backend changes reach every layer.
+        self.settings: AttentionConfig = cfg.attention
+        self.wq = nn.Linear(cfg.dim, self.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(self.n_heads * self.head_dim, cfg.dim, bias=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        start_pos: int = 0,
+        cache: Optional[LayerKVCache] = None,
+    ) -> torch.Tensor:
+        """x [B, L, D] at absolute positions start_pos..start_pos+L-1; rope = (cos, sin) [L, Dh/2]."""
+        b, length, _ = x.shape
+        q = self.wq(x).view(b, length, self.n_heads, self.head_dim)
+        k = self.wk(x).view(b, length, self.n_kv_heads, self.head_dim)
+        v = self.wv(x).view(b, length, self.n_kv_heads, self.head_dim)
+        if self.kind.uses_rope:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            if self.kind.qk_norm:
+                q, k = qk_norm(q, self.norm_eps), qk_norm(k, self.norm_eps)
+        elif self.settings.temperature_tuning:
+            positions = torch.arange(start_pos, start_pos + length, device=x.device)
+            scale = temperature_scale(positions, self.settings.floor_scale, self.settings.attn_scale)
+            q = (q.float() * scale[None, :, None, None]).type_as(q)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, heads, L, Dh]
+
+        if cache is not None:
+            k, v, k_start = cache.update(k, v, start_pos)
+        else:
+            k_start = start_pos
+        attend = get_backend(self.settings.backend)
+        if self.kind.chunk_size is None:
+            out = attend(q, k, v)
+        else:
+            out = chunked_attention(
+                q, k, v, q_start=start_pos, k_start=k_start, chunk_size=self.kind.chunk_size, attend=attend
+            )
+        out = out.transpose(1, 2).reshape(b, length, self.n_heads * self.head_dim)  # [B, L, H·Dh]
+        return self.wo(out)
+
+    def init_weights(self, init_std: float, out_std: float) -> None:
+        for w in (self.wq, self.wk, self.wv):
+            nn.init.trunc_normal_(w.weight, std=init_std, a=-3 * init_std, b=3 * init_std)
+        nn.init.trunc_normal_(self.wo.weight, std=out_std, a=-3 * out_std, b=3 * out_std)
+

@@ -1,0 +1,159 @@
+"""The Llama decoder: pre-norm blocks of attention and a dense SwiGLU FFN or an MoE layer.
+
+Follows Meta's reference layout (tok_embeddings, layers.{i}.attention / feed_forward,
+attention_norm, ffn_norm, norm, output). Llama 4 features are per-layer flags
+decided in each block's constructor from its layer id (`ModelConfig.uses_rope`,
+`is_chunked`, `is_moe`).
+
+Shapes: B batch, L sequence, D model dim, V vocab.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch import nn
+
+from attention.attention import Attention
+from attention.cache import KVCache, LayerKVCache
+from attention.rope import rope_angles, rope_frequencies
+from models.config import ModelConfig
+from models.layers import FeedForward, RMSNorm
+
+
+@dataclass
+class ModelOutput:
+    """logits [B, L, V]; aux_loss: weighted MoE auxiliary losses (0 for dense); router_stats: layer id -> stats."""
+
+    logits: torch.Tensor
+    aux_loss: torch.Tensor
+    router_stats: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
+
+
+class Block(nn.Module):
+    """x + attention(norm(x)), then + ffn(norm(·)) where ffn is a dense SwiGLU or an MoE layer."""
+
+    def __init__(self, cfg: ModelConfig, layer_id: int) -> None:
+        super().__init__()
+        self.layer_id = layer_id
+        self.is_moe = cfg.is_moe(layer_id)  # Llama 4 interleaves MoE and dense FFN layers
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attention = Attention(cfg, layer_id)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.feed_forward: nn.Module
+        if self.is_moe:
+            from moe.layer import MoE
+
+            self.feed_forward = MoE(cfg)
+        else:
+            self.feed_forward = FeedForward(cfg.dim, cfg.ffn_hidden)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        start_pos: int,
+        cache: Optional[LayerKVCache],
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[dict[str, torch.Tensor]]]:
+        h = x + self.attention(self.attention_norm(x), rope, start_pos, cache)
+        if self.is_moe:
+            moe = self.feed_forward(self.ffn_norm(h))
+            return h + moe.out, moe.aux_loss, moe.stats
+        return h + self.feed_forward(self.ffn_norm(h)), None, None
+
+    def init_weights(self, init_std: float, out_std: float) -> None:
+        self.attention_norm.init_weights()
+        self.ffn_norm.init_weights()
+        self.attention.init_weights(init_std, out_std)
+        self.feed_forward.init_weights(init_std, out_std)
+
+
+class Transformer(nn.Module):
+    """Dense Llama 3.1 or Llama 4 style MoE + iRoPE decoder, chosen entirely by its ModelConfig."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        self.register_buffer("rope_freqs", rope_frequencies(cfg.head_size, cfg.rope), persistent=False)
+        if self.rope_freqs.device.type != "meta":
+            self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Llama-style init: inputs N(0, init_std) truncated at 3σ; residual-stream outputs (wo, w2)
+        scaled by 1/sqrt(2·n_layers) (GPT-2); untied head N(0, 1/sqrt(dim)); norms 1.
+        Call after `to_empty(device=...)` when the model was built on the meta device."""
+        cfg = self.cfg
+        self.rope_freqs.copy_(rope_frequencies(cfg.head_size, cfg.rope, device=self.rope_freqs.device))
+        std = cfg.init_std
+        out_std = std / math.sqrt(2 * cfg.n_layers)
+        nn.init.normal_(self.tok_embeddings.weight, std=std)
+        for layer in self.layers:
+            layer.init_weights(std, out_std)
+        self.norm.init_weights()
+        if not cfg.tie_embeddings:
+            head_std = cfg.dim**-0.5
+            nn.init.trunc_normal_(self.output.weight, std=head_std, a=-3 * head_std, b=3 * head_std)
+
+    def forward(self, tokens: torch.Tensor, *, start_pos: int = 0, cache: Optional[KVCache] = None) -> ModelOutput:
+        """tokens [B, L] at absolute positions start_pos..; with a cache, keys/values are stored and reused."""
+        length = tokens.size(1)
+        positions = torch.arange(start_pos, start_pos + length, device=tokens.device)
+        rope = rope_angles(self.rope_freqs, positions)
+        h = self.tok_embeddings(tokens)  # [B, L, D]
+        aux_loss = torch.zeros((), device=h.device, dtype=torch.float32)
+        router_stats: dict[int, dict[str, torch.Tensor]] = {}
+        for i, layer in enumerate(self.layers):
+            h, layer_aux, stats = layer(h, rope, start_pos, cache[i] if cache is not None else None)
+            if stats is not None:
+                aux_loss = aux_loss + layer_aux
+                router_stats[i] = stats
+        logits = self.output(self.norm(h))  # [B, L, V]
+        return ModelOutput(logits=logits, aux_loss=aux_loss, router_stats=router_stats)
+
+    def make_cache(self, batch_size: int, max_seq_len: int, dtype: Optional[torch.dtype] = None) -> KVCache:
+        """Empty KV cache: full length for global layers, a chunk_size ring for chunked layers."""
+        param = self.tok_embeddings.weight
+        return KVCache(
+            [
+                LayerKVCache(
+                    batch_size,
+                    self.cfg.kv_heads,
+                    self.cfg.head_size,
+                    max_seq_len,
+                    layer.attention.kind.chunk_size,
+                    dtype or param.dtype,
+                    param.device,
+                )
+                for layer in self.layers
+            ]
+        )
+
+    def set_attention(
+        self,
+        *,
+        temperature_tuning: Optional[bool] = None,
+        floor_scale: Optional[float] = None,
+        attn_scale: Optional[float] = None,
+        backend: Optional[str] = None,
+    ) -> None:
+        """Change eval-time attention settings (temperature tuning, backend) on every layer without retraining."""
+        att = self.cfg.attention
+        for name, value in (
+            ("temperature_tuning", temperature_tuning),
+            ("floor_scale", floor_scale),
+            ("attn_scale", attn_scale),
+            ("backend", backend),
+        ):
+            if value is not None:
+                setattr(att, name, value)
+        self.cfg.validate()
