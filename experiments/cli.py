@@ -1,0 +1,46 @@
+"""The `llamoe` command: train | eval | ablate | bench | convert | generate.
+
+Each subcommand lives in its own module and exposes `cli_main(argv) -> int`;
+this file only routes, so importing it stays cheap and the modules stay independent.
+`python -m experiments.cli` is the same command.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import Optional
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("experiments.train", "train a model from a run config: CONFIG [key=value ...] [--nproc N]"),
+    "eval": ("experiments.evals.long_context", "evaluate a run directory: RUN_DIR [--suite ...] [key=value ...]"),
+    "ablate": ("experiments.ablate", "run a sweep: SWEEP.yaml or a built-in sweep name"),
+    "bench": ("experiments.bench", "measure training throughput and MFU of a model config"),
+    "convert": ("experiments.convert", "convert checkpoints between llamoe and Hugging Face formats"),
+    "generate": ("experiments.sample", "generate text from a trained run: RUN_DIR --prompt ..."),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: llamoe <command> [args...]", "", "commands:"]
+    lines += [f"  {name:<9} {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines.append("\n`llamoe <command> --help` shows a command's options.")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """Entry point of the console script."""
+    args = sys.argv[1:] if argv is None else argv
+    if not args or args[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    name, rest = args[0], args[1:]
+    if name not in COMMANDS:
+        print(f"llamoe: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[name][0])
+    return int(module.cli_main(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
