@@ -108,8 +108,9 @@ def _llama4_specials() -> list[str]:
     return named + _reserved(0, 2048 - len(named))
 
 
-# Byte-level default: 256 byte tokens + 8 specials = 264 ids (a multiple of 8).
-_BYTE_SPECIALS = [BOS, EOS, "<|pad|>", *_reserved(0, 5)]
+# Byte-level default: 256 byte tokens + 64 specials = 320 ids, the vocab of the tiny presets;
+# the reserved specials are free for synthetic tasks (markers, separators).
+_BYTE_SPECIALS = [BOS, EOS, "<|pad|>", *_reserved(0, 61)]
 
 _KINDS = {
     "llama3": (LLAMA3_PATTERN, _llama3_specials, "<|finetune_right_pad_id|>"),
@@ -196,7 +197,7 @@ class Tokenizer:
 
     @classmethod
     def byte_level(cls) -> Tokenizer:
-        """256 byte tokens (id = byte value) then 8 specials: bos 256, eos 257, pad 258, 5 reserved."""
+        """256 byte tokens (id = byte value) then 64 specials: bos 256, eos 257, pad 258, 61 reserved."""
         ranks = {bytes([b]): b for b in range(256)}
         specials = {name: 256 + i for i, name in enumerate(_BYTE_SPECIALS)}
         encoding = tiktoken.Encoding(

@@ -183,7 +183,7 @@ def test_bin_errors(tmp_path: Path) -> None:
         load_corpus(str(odd), BYTES, "train", tmp_path)
     big = tmp_path / "big.u16.bin"
     np.array([1, 5000], dtype=np.uint16).tofile(big)
-    with pytest.raises(ConfigError, match="token id 5000, but the tokenizer has vocab_size 264"):
+    with pytest.raises(ConfigError, match="token id 5000, but the tokenizer has vocab_size 320"):
         load_corpus(str(big), BYTES, "train", tmp_path)
 
 

@@ -26,9 +26,10 @@ def model_file(tmp_path: Path) -> Path:
 
 def test_byte_level_layout() -> None:
     tok = Tokenizer.byte_level()
-    assert tok.vocab_size == 264
+    assert tok.vocab_size == 320
     assert (tok.bos_id, tok.eos_id, tok.pad_id) == (256, 257, 258)
-    assert sorted(tok.special_tokens.values()) == list(range(256, 264))
+    assert sorted(tok.special_tokens.values()) == list(range(256, 320))
+    assert tok.special_tokens["<|reserved_special_token_60|>"] == 319
     text = "héllo, wörld! 中文 \t\n"
     assert tok.encode(text) == list(text.encode("utf-8"))
     assert tok.encode(text, bos=True, eos=True) == [256, *text.encode("utf-8"), 257]
@@ -122,7 +123,7 @@ def test_decode_accepts_arrays_and_tensors_and_rejects_bad_ids() -> None:
     ids = tok.encode("abc", eos=True)
     assert tok.decode(np.array(ids)) == tok.decode(torch.tensor(ids)) == "abc<|end_of_text|>"
     with pytest.raises(ValueError, match="outside this tokenizer's vocabulary"):
-        tok.decode([97, 264])
+        tok.decode([97, 320])
 
 
 def test_very_long_runs_do_not_overflow_tiktoken(model_file: Path) -> None:
@@ -212,3 +213,10 @@ def test_real_llama4_tokenizer() -> None:
     assert tok.encode("This is a test sentence.", bos=True, eos=True) == [
         200000, 3231, 373, 262, 1600, 17705, 26, 200001,
     ]  # fmt: skip
+
+
+@pytest.mark.parametrize("preset", ["llama3.1-tiny", "llama4-tiny"])
+def test_byte_level_vocab_fits_the_tiny_presets(preset: str) -> None:
+    from models import presets
+
+    assert presets.get(preset).vocab_size == Tokenizer.byte_level().vocab_size
