@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from experiments.data.tokenizer import Tokenizer
+from models import presets
 
 # Merges on top of the 256 byte tokens (ranks 256, 257, ...). BPE applies the lowest rank first.
 MERGES = [b"he", b"ll", b"hell", b"hello", b"o ", b" w", b"or", b" wor", b"ld", b" world", b"lC", b"34"]
@@ -217,6 +218,4 @@ def test_real_llama4_tokenizer() -> None:
 
 @pytest.mark.parametrize("preset", ["llama3.1-tiny", "llama4-tiny"])
 def test_byte_level_vocab_fits_the_tiny_presets(preset: str) -> None:
-    from models import presets
-
     assert presets.get(preset).vocab_size == Tokenizer.byte_level().vocab_size
