@@ -1,0 +1,99 @@
+"""`llamoe convert`: local Hugging Face Llama / Llama 4 directories <-> llamoe checkpoint files.
+
+    llamoe convert from-hf HF_DIR OUT.pt
+    llamoe convert to-hf CHECKPOINT.pt OUT_DIR [--architecture llama|llama4]
+
+A llamoe checkpoint file is `torch.save` of a dict:
+- "model_config": the ModelConfig as a plain dict (`models.config.model_config_to_dict`);
+  when reading, a preset name or a partial dict merged over ModelConfig defaults is
+  accepted too;
+- "model": the `Transformer.state_dict()` (tied heads share one tensor).
+Load it with `torch.load(path, weights_only=True)`, `model_config_from_dict(ckpt["model_config"])`
+and `Transformer(cfg).load_state_dict(ckpt["model"])`. Run-directory training
+checkpoints are a separate format (experiments/checkpoint.py).
+
+Only local paths are read; nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any
+
+import torch
+
+from models import presets
+from models.config import ConfigError, ModelConfig, model_config_from_dict, model_config_to_dict
+
+
+def save_checkpoint(cfg: ModelConfig, state_dict: dict[str, torch.Tensor], path: str) -> None:
+    """Write a converted checkpoint in the format above (via a temporary file, so a crash leaves no partial file)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    tmp = f"{path}.tmp"
+    torch.save({"model_config": model_config_to_dict(cfg), "model": state_dict}, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """Read a converted checkpoint: its ModelConfig and state dict."""
+    ckpt: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("model_config", "model"):
+        if key not in ckpt:
+            raise KeyError(f"{path} is not a llamoe checkpoint: no {key!r} entry")
+    spec = ckpt["model_config"]
+    cfg = presets.get(spec) if isinstance(spec, str) else model_config_from_dict(spec)
+    return cfg, ckpt["model"]
+
+
+def _from_hf(args: argparse.Namespace) -> None:
+    from models.hf import load_hf
+
+    model = load_hf(args.src)
+    save_checkpoint(model.cfg, model.state_dict(), args.dst)
+    print(f"wrote {args.dst}: {model.cfg.num_params():,} parameters")
+
+
+def _to_hf(args: argparse.Namespace) -> None:
+    from models.hf import save_hf
+    from models.transformer import Transformer
+
+    cfg, state_dict = load_checkpoint(args.src)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model.load_state_dict(state_dict, assign=True)  # checks the keys and shapes; no copy
+    save_hf(model, args.dst, architecture=args.architecture)
+    print(f"wrote {args.dst}: config.json + model.safetensors")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llamoe convert", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="direction", required=True)
+    from_hf = sub.add_parser("from-hf", help="HF directory (config.json + safetensors) -> llamoe checkpoint file")
+    from_hf.add_argument("src", help="local HF model directory")
+    from_hf.add_argument("dst", help="output checkpoint file (.pt)")
+    from_hf.set_defaults(run=_from_hf)
+    to_hf = sub.add_parser("to-hf", help="llamoe checkpoint file -> HF directory")
+    to_hf.add_argument("src", help="llamoe checkpoint file (.pt)")
+    to_hf.add_argument("dst", help="output directory")
+    to_hf.add_argument(
+        "--architecture",
+        choices=["llama", "llama4"],
+        default=None,
+        help="HF class to write (default: LlamaForCausalLM for dense RoPE models, else Llama4ForCausalLM)",
+    )
+    to_hf.set_defaults(run=_to_hf)
+    return parser
+
+
+def cli_main(argv: list[str]) -> int:
+    """Run `llamoe convert`; exit status 2 on a bad config, path or checkpoint."""
+    args = _parser().parse_args(argv)
+    try:
+        args.run(args)
+    except (ConfigError, KeyError, FileNotFoundError) as err:
+        print(f"llamoe convert: {err}", file=sys.stderr)
+        return 2
+    return 0
