@@ -1,0 +1,445 @@
+"""Synthetic long-context tasks: passkey retrieval, needle-in-a-haystack, multi-query associative recall.
+
+Public API:
+    TaskExample                      tokens + answer spans; answer_mask(), prompt(), answers(), training_pair()
+    Passkey(tokenizer).example(length, depth, seed)
+    Needle(tokenizer, haystack, n_needles=4).example(length, seed, depth=None)
+    MQAR(tokenizer).example(length, n_pairs, seed)
+    every task: .sample(length, seed) draws one example from its training distribution
+    TaskBatches(task, seq_len, batch_size, seed, rank=0, world_size=1)
+                                     endless, resumable (inputs, targets) batches; loss on answers only
+    TaskMix                          the `data.tasks` config section: fraction of batches per task
+    task_sources(mix, tokenizer, seq_len, batch_size, seed, ...) -> [(TaskBatches, weight), ...]
+                                     ready for `MixedBatches` next to the corpus batches
+
+Formats (protocols in shared/REFERENCE.md, "Long-context evaluation protocols"):
+- passkey (Mohtashami & Jaggi 2023, "Landmark Attention"; LongLoRA; YaRN): an instruction, the
+  repeated filler sentences, the key sentence at the sentence start nearest to `depth` (fraction
+  of the filler before it), more filler, then "What is the pass key? The pass key is " and the 5-digit answer.
+- needle (Kamradt's needle-in-a-haystack, with several needles as in RULER): corpus text as the
+  haystack, `n_needles` sentences "The special magic number for <key> is <value>." at random
+  depths (the asked one at `depth` when given), then a question about one of them.
+- mqar (Arora et al. 2023, "Zoology"): key=value pairs (two letters = two digits), filler as the
+  gap, then every key queried again in a random order; the answers are the values.
+
+Every example is assembled from text pieces that are encoded one by one and concatenated, so the
+token spans of the answers are exact under any tokenizer, and the same token layout serves training
+(loss on answer tokens only) and evaluation (greedy decoding, or teacher-forced argmax at the answer
+positions). Lengths are exact: filler or haystack is cut so that an example of length N holds N
+tokens, answer included. The same seed always gives the same example.
+"""
+
+from __future__ import annotations
+
+import string
+import zlib
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Optional, Protocol, Sequence, Union
+
+import numpy as np
+import torch
+
+from experiments.data.tokenizer import Tokenizer
+from models.config import ConfigError
+
+IGNORE_INDEX = -100  # targets with this id carry no loss (torch cross_entropy's default ignore_index)
+
+Seed = Union[int, Sequence[int]]
+
+PASSKEY_INTRO = "A pass key is hidden in the text below. Find it and remember it.\n"
+FILLER_SENTENCES = (
+    "The grass is green. ",
+    "The sky is blue. ",
+    "The sun is yellow. ",
+    "Here we go. ",
+    "There and back again. ",
+)
+PASSKEY_SENTENCE = "The pass key is {key}. Remember it. {key} is the pass key. "
+PASSKEY_QUESTION = "\nWhat is the pass key? The pass key is "
+NEEDLE_SENTENCE = "\nThe special magic number for {key} is {value}.\n"
+NEEDLE_QUESTION = "\nWhat is the special magic number for {key}? The special magic number for {key} is "
+MQAR_PAIR = " {key}={value}"
+MQAR_QUERY = " {key}="
+MQAR_GAP_OPEN, MQAR_GAP_CLOSE = "\n", "\n"
+
+
+@dataclass(frozen=True)
+class TaskExample:
+    """One example: tokens [N] and the [start, end) spans of its answer tokens (in order)."""
+
+    tokens: np.ndarray
+    answer_spans: tuple[tuple[int, int], ...]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def answer_mask(self) -> np.ndarray:
+        """bool [N]: True at answer tokens."""
+        mask = np.zeros(len(self.tokens), dtype=bool)
+        for start, end in self.answer_spans:
+            mask[start:end] = True
+        return mask
+
+    def answers(self) -> list[np.ndarray]:
+        """The answer token ids, one array per span."""
+        return [self.tokens[start:end] for start, end in self.answer_spans]
+
+    def prompt(self) -> np.ndarray:
+        """Everything before the first answer: what greedy decoding is given."""
+        return self.tokens[: self.answer_spans[0][0]]
+
+    def training_pair(self) -> tuple[np.ndarray, np.ndarray]:
+        """(inputs [N-1], targets [N-1]): next-token targets, IGNORE_INDEX except where the target is an answer."""
+        targets = np.where(self.answer_mask()[1:], self.tokens[1:], IGNORE_INDEX)
+        return self.tokens[:-1], targets
+
+
+class Task(Protocol):
+    """What TaskBatches needs from a task: a name and its training distribution."""
+
+    name: str
+
+    def sample(self, length: int, seed: Seed) -> TaskExample: ...
+
+
+class _Pieces:
+    """Concatenates separately encoded pieces and records which of them are answers."""
+
+    def __init__(self) -> None:
+        self.parts: list[np.ndarray] = []
+        self.spans: list[tuple[int, int]] = []
+        self.length = 0
+
+    def add(self, ids: Sequence[int] | np.ndarray, answer: bool = False) -> None:
+        ids = np.asarray(ids, dtype=np.int64)
+        if answer:
+            self.spans.append((self.length, self.length + len(ids)))
+        self.parts.append(ids)
+        self.length += len(ids)
+
+    def build(self, meta: dict[str, Any]) -> TaskExample:
+        return TaskExample(np.concatenate(self.parts), tuple(self.spans), meta)
+
+
+def _ids(tokenizer: Tokenizer, text: str) -> np.ndarray:
+    return np.asarray(tokenizer.encode(text), dtype=np.int64)
+
+
+def _tile(unit: np.ndarray, start: int, n: int) -> np.ndarray:
+    """n tokens of `unit` repeated forever, starting at offset `start` of the repetition."""
+    reps = (start + n) // len(unit) + 1
+    return np.tile(unit, reps)[start : start + n]
+
+
+class _Filler:
+    """The filler sentences repeated forever, knowing where each sentence starts."""
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        sentences = [_ids(tokenizer, s) for s in FILLER_SENTENCES]
+        self.unit = np.concatenate(sentences)
+        self.starts = np.cumsum([0] + [len(s) for s in sentences[:-1]])  # sentence starts within the unit
+
+    def take(self, start: int, n: int) -> np.ndarray:
+        return _tile(self.unit, start, n)
+
+    def sentence_start_near(self, target: float, n: int) -> int:
+        """The sentence start in [0, n] closest to `target` (n tokens of filler hold whole sentences then a cut one)."""
+        unit = len(self.unit)
+        candidates = (np.arange(n // unit + 1)[:, None] * unit + self.starts[None, :]).ravel()
+        candidates = candidates[candidates <= n]
+        return int(candidates[np.argmin(np.abs(candidates - target))])
+
+
+def _too_short(task: str, length: int, minimum: int, hint: str) -> ValueError:
+    return ValueError(f"a {task} example of {length} tokens is impossible: {hint} need {minimum} tokens")
+
+
+def _check_depth(depth: float) -> None:
+    if not 0.0 <= depth <= 1.0:
+        raise ValueError(f"depth must be in [0, 1], got {depth}")
+
+
+class Passkey:
+    """A 5-digit pass key hidden at a chosen depth in repeated filler; chance of a guess: 1e-5."""
+
+    name = "passkey"
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self._intro, self._filler = _ids(tokenizer, PASSKEY_INTRO), _Filler(tokenizer)
+        self._question = _ids(tokenizer, PASSKEY_QUESTION)
+
+    def min_length(self) -> int:
+        """Tokens an example surely fits in (ASCII text never takes more tokens than characters)."""
+        key = "12345"
+        return len(self._intro) + len(PASSKEY_SENTENCE.format(key=key)) + len(self._question) + len(key)
+
+    def example(self, length: int, depth: float, seed: Seed) -> TaskExample:
+        """An example of exactly `length` tokens with the key sentence after `depth` of the filler."""
+        _check_depth(depth)
+        key = str(np.random.default_rng(seed).integers(10_000, 100_000))
+        sentence, answer = _ids(self.tokenizer, PASSKEY_SENTENCE.format(key=key)), _ids(self.tokenizer, key)
+        fixed = len(self._intro) + len(sentence) + len(self._question) + len(answer)
+        n_filler = length - fixed
+        if n_filler < 0:
+            raise _too_short("passkey", length, fixed, "the instruction, key sentence, question and answer")
+        before = self._filler.sentence_start_near(depth * n_filler, n_filler)
+        out = _Pieces()
+        out.add(self._intro)
+        out.add(self._filler.take(0, before))
+        out.add(sentence)
+        out.add(self._filler.take(before, n_filler - before))
+        out.add(self._question)
+        out.add(answer, answer=True)
+        return out.build({"task": self.name, "key": key, "depth": depth, "key_position": len(self._intro) + before})
+
+    def sample(self, length: int, seed: Seed) -> TaskExample:
+        """Training distribution: depth uniform in [0, 1]."""
+        rng = np.random.default_rng(seed)
+        return self.example(length, float(rng.random()), rng.integers(2**63))
+
+
+class Needle:
+    """Several key -> number sentences inside corpus text; one of them is asked for (6-digit answer)."""
+
+    name = "needle"
+
+    def __init__(self, tokenizer: Tokenizer, haystack: np.ndarray, n_needles: int = 4) -> None:
+        if n_needles < 1:
+            raise ValueError(f"n_needles must be >= 1, got {n_needles}")
+        if len(haystack) == 0:
+            raise ValueError("the needle haystack is empty; pass the token array of a corpus split")
+        self.tokenizer = tokenizer
+        self.haystack = haystack
+        self.n_needles = n_needles
+
+    def min_length(self) -> int:
+        """Tokens an example surely fits in (ASCII text never takes more tokens than characters)."""
+        key, value = "abcdef", "123456"
+        needle = len(NEEDLE_SENTENCE.format(key=key, value=value))
+        return self.n_needles * needle + len(NEEDLE_QUESTION.format(key=key)) + len(value)
+
+    def example(self, length: int, seed: Seed, depth: Optional[float] = None) -> TaskExample:
+        """An example of exactly `length` tokens; the asked needle sits at `depth` (random when None)."""
+        rng = np.random.default_rng(seed)
+        keys: list[str] = []
+        while len(keys) < self.n_needles:  # distinct six-letter keys
+            key = "".join(rng.choice(list(string.ascii_lowercase), 6))
+            if key not in keys:
+                keys.append(key)
+        values = [str(v) for v in rng.integers(100_000, 1_000_000, self.n_needles)]
+        asked = int(rng.integers(self.n_needles))
+        depths = rng.random(self.n_needles)
+        if depth is not None:
+            _check_depth(depth)
+            depths[asked] = depth
+        needles = [_ids(self.tokenizer, NEEDLE_SENTENCE.format(key=k, value=v)) for k, v in zip(keys, values)]
+        question = _ids(self.tokenizer, NEEDLE_QUESTION.format(key=keys[asked]))
+        answer = _ids(self.tokenizer, values[asked])
+        fixed = sum(len(n) for n in needles) + len(question) + len(answer)
+        n_hay = length - fixed
+        if n_hay < 0:
+            raise _too_short("needle", length, fixed, f"{self.n_needles} needles, the question and the answer")
+        start = int(rng.integers(len(self.haystack)))
+        hay = _tile(np.asarray(self.haystack, dtype=np.int64), start, n_hay)
+        cuts = np.round(depths * n_hay).astype(np.int64)
+        out, done = _Pieces(), 0
+        for i in np.argsort(cuts, kind="stable"):
+            out.add(hay[done : cuts[i]])
+            out.add(needles[i])
+            done = int(cuts[i])
+        out.add(hay[done:])
+        out.add(question)
+        out.add(answer, answer=True)
+        meta = {"task": self.name, "key": keys[asked], "value": values[asked], "depth": float(depths[asked])}
+        return out.build(meta)
+
+    def sample(self, length: int, seed: Seed) -> TaskExample:
+        """Training distribution: every needle at a uniform random depth."""
+        return self.example(length, seed)
+
+
+class MQAR:
+    """Multi-query associative recall: `n_pairs` " ab=12" pairs, a filler gap, then " ab=" queries.
+
+    Each key is two lowercase letters (distinct within an example), each value two digits, so a
+    guess is right with probability 1/100. Training draws n_pairs uniformly from `train_pairs`.
+    """
+
+    name = "mqar"
+    n_values = 100
+
+    def __init__(self, tokenizer: Tokenizer, train_pairs: tuple[int, int] = (2, 8)) -> None:
+        if not 1 <= train_pairs[0] <= train_pairs[1]:
+            raise ValueError(f"train_pairs must be (min, max) with 1 <= min <= max, got {train_pairs}")
+        self.tokenizer = tokenizer
+        self.train_pairs = train_pairs
+        self._filler = _Filler(tokenizer)
+        self._open, self._close = _ids(tokenizer, MQAR_GAP_OPEN), _ids(tokenizer, MQAR_GAP_CLOSE)
+
+    def example(self, length: int, n_pairs: int, seed: Seed) -> TaskExample:
+        """An example of exactly `length` tokens: the pairs, a gap of filler, then every key once more."""
+        if not 1 <= n_pairs <= 26 * 26:
+            raise ValueError(f"n_pairs must be in [1, 676] (two-letter keys), got {n_pairs}")
+        rng = np.random.default_rng(seed)
+        letters = np.array(list(string.ascii_lowercase))
+        codes = rng.choice(26 * 26, n_pairs, replace=False)
+        keys = [letters[c // 26] + letters[c % 26] for c in codes]
+        values = [f"{v:02d}" for v in rng.integers(0, self.n_values, n_pairs)]
+        order = rng.permutation(n_pairs)
+        pairs = [_ids(self.tokenizer, MQAR_PAIR.format(key=k, value=v)) for k, v in zip(keys, values)]
+        queries = [
+            (_ids(self.tokenizer, MQAR_QUERY.format(key=keys[i])), _ids(self.tokenizer, values[i])) for i in order
+        ]
+        fixed = sum(len(p) for p in pairs) + sum(len(q) + len(a) for q, a in queries)
+        fixed += len(self._open) + len(self._close)
+        gap = length - fixed
+        if gap < 0:
+            raise _too_short("mqar", length, fixed, f"{n_pairs} pairs and their queries")
+        out = _Pieces()
+        for p in pairs:
+            out.add(p)
+        out.add(self._open)
+        out.add(self._filler.take(0, gap))
+        out.add(self._close)
+        for query, answer in queries:
+            out.add(query)
+            out.add(answer, answer=True)
+        return out.build({"task": self.name, "n_pairs": n_pairs, "gap": gap})
+
+    def sample(self, length: int, seed: Seed) -> TaskExample:
+        """Training distribution: n_pairs uniform in train_pairs (capped by what fits in `length`)."""
+        rng = np.random.default_rng(seed)
+        low, high = self.train_pairs
+        n_pairs = min(int(rng.integers(low, high + 1)), max(1, self.max_pairs(length)))
+        return self.example(length, n_pairs, rng.integers(2**63))
+
+    def max_pairs(self, length: int) -> int:
+        """How many pairs surely fit in `length` tokens (ASCII text never takes more tokens than characters)."""
+        per_pair = len(MQAR_PAIR.format(key="ab", value="12")) + len(MQAR_QUERY.format(key="ab")) + 2
+        return min(26 * 26, max(0, (length - len(self._open) - len(self._close)) // per_pair))
+
+    def min_length(self) -> int:
+        """Tokens an example with one pair surely fits in."""
+        return next(n for n in range(1, 10**4) if self.max_pairs(n) >= 1)
+
+
+class TaskBatches:
+    """Endless (inputs, targets) batches [B, seq_len] of one task; targets are IGNORE_INDEX off the answers.
+
+    Row r of global batch t (over all data-parallel ranks) is `task.sample(seq_len + 1, [seed, salt,
+    t, r])`, so batches are deterministic, disjoint across ranks, and resume exactly from state_dict(),
+    like the corpus batches (`experiments.data.batches.ResumableBatches`).
+    """
+
+    def __init__(
+        self, task: Task, seq_len: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1
+    ) -> None:
+        if seq_len < 1 or batch_size < 1:
+            raise ValueError(f"seq_len and batch_size must be >= 1, got {seq_len} and {batch_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world_size {world_size}")
+        self.task = task
+        self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
+        self.rank, self.world_size = rank, world_size
+        self.salt = zlib.crc32(task.name.encode())  # different tasks draw different streams from one seed
+        self.step = 0
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        first = self.rank * self.batch_size
+        pairs = [
+            self.task.sample(self.seq_len + 1, [self.seed, self.salt, self.step, first + i]).training_pair()
+            for i in range(self.batch_size)
+        ]
+        self.step += 1
+        inputs = torch.from_numpy(np.stack([p[0] for p in pairs]))
+        targets = torch.from_numpy(np.stack([p[1] for p in pairs]))
+        return inputs, targets
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "task": self.task.name,
+            "step": self.step,
+            "seed": self.seed,
+            "seq_len": self.seq_len,
+            "global_batch": self.batch_size * self.world_size,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        mine = self.state_dict()
+        for key in ("task", "seed", "seq_len", "global_batch"):
+            if state[key] != mine[key]:
+                raise ValueError(
+                    f"the saved {self.task.name} task position was taken with {key}={state[key]}, but this run "
+                    f"has {key}={mine[key]}; resume with the same data.tasks, train.seed, train.seq_len "
+                    "and train.batch_size"
+                )
+        self.step = int(state["step"])
+
+
+@dataclass
+class TaskMix:
+    """`data.tasks`: the fraction of training batches drawn from each synthetic task.
+
+    The corpus (`data.source`) supplies the remaining 1 - sum of fractions; each batch comes
+    whole from one source. `mqar_pairs` is the [min, max] number of pairs in training examples;
+    `needles` the number of needles per needle example (haystack: the corpus train split).
+    """
+
+    passkey: float = 0.0
+    needle: float = 0.0
+    mqar: float = 0.0
+    mqar_pairs: list[int] = field(default_factory=lambda: [2, 8])
+    needles: int = 4
+
+    def weights(self) -> dict[str, float]:
+        """Task name -> batch fraction, for the tasks in use."""
+        return {name: w for name, w in (("passkey", self.passkey), ("needle", self.needle), ("mqar", self.mqar)) if w}
+
+    @property
+    def corpus_weight(self) -> float:
+        return 1.0 - sum(self.weights().values())
+
+    def validate(self) -> None:
+        for name in ("passkey", "needle", "mqar"):
+            w = getattr(self, name)
+            if not 0.0 <= w <= 1.0:
+                raise ConfigError(f"data.tasks.{name}", f"is a fraction of batches in [0, 1], got {w}")
+        if self.corpus_weight < -1e-9:
+            raise ConfigError(
+                "data.tasks", f"the task fractions sum to {1 - self.corpus_weight:.3g} > 1; lower them"
+            )
+        if len(self.mqar_pairs) != 2 or not 1 <= self.mqar_pairs[0] <= self.mqar_pairs[1]:
+            raise ConfigError(
+                "data.tasks.mqar_pairs", f"must be [min, max] with 1 <= min <= max, got {self.mqar_pairs}"
+            )
+        if self.needles < 1:
+            raise ConfigError("data.tasks.needles", f"must be >= 1, got {self.needles}")
+
+
+def task_sources(
+    mix: TaskMix,
+    tokenizer: Tokenizer,
+    seq_len: int,
+    batch_size: int,
+    seed: int,
+    rank: int = 0,
+    world_size: int = 1,
+    haystack: Optional[np.ndarray] = None,
+) -> list[tuple[TaskBatches, float]]:
+    """(batches, weight) for each task of `mix` in use; the caller adds (corpus batches, mix.corpus_weight)."""
+    mix.validate()
+    sources = []
+    for name, weight in mix.weights().items():
+        task: Task
+        if name == "passkey":
+            task = Passkey(tokenizer)
+        elif name == "mqar":
+            task = MQAR(tokenizer, (mix.mqar_pairs[0], mix.mqar_pairs[1]))
+        else:
+            if haystack is None:
+                raise ConfigError("data.tasks.needle", "needs corpus text as the haystack; none was given")
+            task = Needle(tokenizer, haystack, mix.needles)
+        sources.append((TaskBatches(task, seq_len, batch_size, seed, rank, world_size), weight))
+    return sources

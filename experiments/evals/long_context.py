@@ -1,0 +1,259 @@
+"""The long-context evaluation suite: perplexity vs length, passkey, needle, MQAR, NoPE entropy, temperature.
+
+Public API:
+    evaluate(model, tokenizer, options, *, train_len, heldout=None) -> dict
+        runs the suite on a model (the ablation code calls this after training)
+    write_results(result, out_dir, suite="long_context") -> Path
+        <out_dir>/<suite>.json plus PNG plots
+    cli_main(argv) -> int
+        `llamoe eval RUN_DIR [--suite long_context] [--lengths N ...] [--step S] [key=value ...]`
+
+Result schema (JSON): flat keys for the primary temperature setting,
+    ppl@L, nll@L, passkey@L, needle@L, mqar@L, entropy@L   (one per evaluated length L)
+and the same keys suffixed ":<label>" for every other setting evaluated ("off",
+"fs<floor_scale>_as<attn_scale>"), plus
+    suite, train_len, lengths, temperature (the primary setting and mode),
+    details: {settings: {label: {temperature, ppl, passkey, needle, mqar, entropy}},
+              calibration, nope_layers, options, seconds}.
+entropy@L is the mean attention entropy (nats) of NoPE-layer queries at positions
+[previous length, L); it is present only for models with NoPE layers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+from omegaconf import OmegaConf
+
+from experiments.data.corpus import Corpus
+from experiments.data.tokenizer import Tokenizer
+from experiments.evals.entropy import nope_attention_entropy, nope_layers
+from experiments.evals.options import EVALS, LongContextEvalConfig
+from experiments.evals.perplexity import heldout_windows, perplexity_vs_length
+from experiments.evals.retrieval import mqar_accuracy, needle_accuracy, passkey_grid
+from experiments.evals.temperature import TemperatureSetting, applied, calibrate, grid
+from models.transformer import Transformer
+
+log = logging.getLogger(__name__)
+
+SUITE = "long_context"
+
+
+def _candidates(model: Transformer, options: LongContextEvalConfig) -> list[TemperatureSetting]:
+    """The (floor_scale, attn_scale) grid of sweeps and calibration."""
+    floor_scales = options.floor_scales or [model.cfg.attention.floor_scale * f for f in (0.5, 1, 2, 4)]
+    return grid(floor_scales, options.attn_scales)
+
+
+def _unique(settings: list[TemperatureSetting]) -> list[TemperatureSetting]:
+    """Drop settings whose label repeats an earlier one (same effect), keeping the order."""
+    seen: dict[str, TemperatureSetting] = {}
+    for s in settings:
+        seen.setdefault(s.label, s)
+    return list(seen.values())
+
+
+def _settings(model: Transformer, options: LongContextEvalConfig) -> list[TemperatureSetting]:
+    """The settings to evaluate, primary first (calibration is resolved separately)."""
+    current = TemperatureSetting.of(model)
+    on, off = current.switched(True), current.switched(False)
+    by_mode = {
+        "config": [current],
+        "on": [on],
+        "off": [off],
+        "compare": [on, off],
+        "sweep": [current, *_candidates(model, options), off],
+    }
+    return _unique(by_mode[options.temperature])
+
+
+def _evaluate_setting(
+    model: Transformer,
+    tokenizer: Tokenizer,
+    options: LongContextEvalConfig,
+    lengths: list[int],
+    train_len: int,
+    sequences: Optional[torch.Tensor],
+    haystack: Any,
+    seconds: dict[str, float],
+) -> dict[str, Any]:
+    """Every selected evaluation under the model's current temperature setting, keyed by eval name."""
+    o = options
+    memory = {"block": o.block, "max_batch_tokens": o.max_batch_tokens}
+    runs: dict[str, Callable[[], dict[str, Any]]] = {
+        "ppl": lambda: perplexity_vs_length(
+            model, sequences[: o.sequences], lengths, train_len, window=o.window, stride=o.stride, **memory
+        ),
+        "passkey": lambda: passkey_grid(
+            model, tokenizer, lengths, o.passkey_depths, o.passkey_trials, seed=o.seed, **memory
+        ),
+        "needle": lambda: needle_accuracy(
+            model, tokenizer, haystack, lengths, o.needle_trials, n_needles=o.needles, seed=o.seed, **memory
+        ),
+        "mqar": lambda: mqar_accuracy(model, tokenizer, lengths, o.mqar_pairs, o.mqar_trials, seed=o.seed, **memory),
+        "entropy": lambda: nope_attention_entropy(
+            model, sequences[: o.entropy_sequences], [0, *lengths], queries_per_bucket=o.entropy_queries,
+            block=o.block,
+        ),
+    }
+    label = TemperatureSetting.of(model).label
+    out: dict[str, Any] = {"temperature": TemperatureSetting.of(model).to_dict()}
+    for name in EVALS:
+        if name not in o.evals or (name == "entropy" and not nope_layers(model)):
+            continue
+        start = time.perf_counter()
+        out[name] = runs[name]()
+        took = time.perf_counter() - start
+        seconds[name] = seconds.get(name, 0.0) + took
+        log.info("%s (temperature %s) done in %.1fs", name, label, took)
+    return out
+
+
+def _flat_keys(result: dict[str, Any], suffix: str) -> dict[str, float]:
+    """ppl@L, nll@L, passkey@L, needle@L, mqar@L, entropy@L for one setting."""
+    flat: dict[str, float] = {}
+    if "ppl" in result:
+        ppl = result["ppl"]
+        for length, nll, value in zip(ppl["lengths"], ppl["nll"], ppl["ppl"]):
+            flat[f"ppl@{length}{suffix}"] = value
+            flat[f"nll@{length}{suffix}"] = nll
+    for name in ("passkey", "needle", "mqar"):
+        if name in result:
+            for length, acc in zip(result[name]["lengths"], result[name]["accuracy"]):
+                flat[f"{name}@{length}{suffix}"] = acc
+    if "entropy" in result:
+        for bucket in result["entropy"]["buckets"]:
+            flat[f"entropy@{bucket['end']}{suffix}"] = bucket["entropy"]
+    return flat
+
+
+def evaluate(
+    model: Transformer,
+    tokenizer: Tokenizer,
+    options: Optional[LongContextEvalConfig] = None,
+    *,
+    train_len: int,
+    heldout: Optional[Corpus] = None,
+) -> dict[str, Any]:
+    """Run the long-context suite on `model`; see the module docstring for the result schema.
+
+    `heldout` (a validation split) supplies the perplexity and entropy sequences and the needle
+    haystack; it is required when those evaluations are selected. The model is left with the
+    temperature setting it came with.
+    """
+    options = options or LongContextEvalConfig()
+    options.validate()
+    lengths = options.resolved_lengths(train_len)
+    model.eval()
+    started = time.perf_counter()
+    needs_text = {"ppl", "needle", "entropy"} & set(options.evals)
+    calibrating_nll = options.temperature == "calibrate" and options.calibrate_by == "nll"
+    if (needs_text or calibrating_nll) and heldout is None:
+        raise ValueError(
+            f"the {sorted(needs_text) or ['calibration']} evaluations need held-out text: pass heldout=<val Corpus>"
+        )
+    sequences = calibration_sequences = None
+    if heldout is not None and ({"ppl", "entropy"} & set(options.evals) or calibrating_nll):
+        n_eval = max(options.sequences, options.entropy_sequences)
+        sequences, calibration_sequences = heldout_windows(
+            heldout.tokens, heldout.doc_offsets, lengths[-1] + 1, n_eval, options.calibration_sequences
+        )
+    has_nope = bool(nope_layers(model))
+    calibration: Optional[dict[str, Any]] = None
+    if not has_nope:
+        settings = [TemperatureSetting.of(model)]
+    elif options.temperature == "calibrate":
+        calibration = _calibrate(model, tokenizer, options, lengths[-1], train_len, calibration_sequences)
+        current = TemperatureSetting.of(model)
+        settings = _unique([calibration["best"], current, current.switched(False)])
+    else:
+        settings = _settings(model, options)
+
+    seconds: dict[str, float] = {}
+    per_setting: dict[str, dict[str, Any]] = {}
+    flat: dict[str, float] = {}
+    haystack = heldout.tokens if heldout is not None else None
+    for i, setting in enumerate(settings):
+        with applied(model, setting):
+            result = _evaluate_setting(model, tokenizer, options, lengths, train_len, sequences, haystack, seconds)
+        per_setting[setting.label] = result
+        flat.update(_flat_keys(result, "" if i == 0 else f":{setting.label}"))
+    seconds["total"] = time.perf_counter() - started
+    if calibration is not None:
+        calibration = dict(calibration, best=calibration["best"].to_dict())
+    return {
+        "suite": SUITE,
+        "train_len": train_len,
+        "lengths": lengths,
+        "temperature": dict(settings[0].to_dict(), mode=options.temperature if has_nope else "config"),
+        **flat,
+        "details": {
+            "settings": per_setting,
+            "calibration": calibration,
+            "nope_layers": nope_layers(model),
+            "options": OmegaConf.to_container(OmegaConf.structured(options)),
+            "seconds": seconds,
+        },
+    }
+
+
+def _calibrate(
+    model: Transformer,
+    tokenizer: Tokenizer,
+    options: LongContextEvalConfig,
+    longest: int,
+    train_len: int,
+    sequences: Optional[torch.Tensor],
+) -> dict[str, Any]:
+    """Pick the temperature setting among off + the grid, on data disjoint from the evaluation data."""
+    candidates = _unique([TemperatureSetting.of(model).switched(False), *_candidates(model, options)])
+    memory = dict(block=options.block, max_batch_tokens=options.max_batch_tokens)
+    if options.calibrate_by == "nll":
+        if sequences is None:
+            raise ValueError("calibrate_by=nll needs held-out text: pass heldout=<val Corpus>")
+        result = calibrate(
+            model,
+            candidates,
+            lambda: perplexity_vs_length(
+                model, sequences, [longest], train_len, window=options.window, stride=options.stride, **memory
+            )["nll"][0],
+            maximize=False,
+        )
+    else:
+        result = calibrate(
+            model,
+            candidates,
+            lambda: passkey_grid(
+                model, tokenizer, [longest], options.passkey_depths, options.passkey_trials,
+                seed=options.seed, stream="calibration", **memory,
+            )["accuracy"][0],
+            maximize=True,
+        )
+    log.info("calibration (%s at length %d) picked %s", options.calibrate_by, longest, result["best"].label)
+    return dict(result, criterion=options.calibrate_by, length=longest)
+
+
+def write_results(result: dict[str, Any], out_dir: Path, *, plots: bool = True, suite: str = SUITE) -> Path:
+    """Write <out_dir>/<suite>.json and, when asked, the PNG plots next to it; returns the JSON path."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{suite}.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(result, indent=1))
+    tmp.replace(path)
+    if plots:
+        from experiments.evals.plots import plot_passkey, plot_perplexity, plot_position_nll
+
+        settings = result["details"]["settings"]
+        primary = next(iter(settings.values()))
+        if "ppl" in primary:
+            with_ppl = {label: s["ppl"] for label, s in settings.items() if "ppl" in s}
+            plot_perplexity(with_ppl, result["train_len"], out_dir / f"{suite}_ppl.png")
+            plot_position_nll(primary["ppl"], out_dir / f"{suite}_position_nll.png")
+        if "passkey" in primary:
+            plot_passkey(primary["passkey"], out_dir / f"{suite}_passkey.png")
+    return path

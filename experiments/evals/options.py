@@ -1,0 +1,123 @@
+"""`LongContextEvalConfig`: the options of the long-context evaluation suite (`eval.long_context`).
+
+A structured OmegaConf dataclass, so a run config's `eval.long_context` section and
+`llamoe eval RUN_DIR key=value ...` overrides are type-checked, and `validate()` names
+the offending key and the fix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from models.config import ConfigError
+
+EVALS = ("ppl", "passkey", "needle", "mqar", "entropy")
+TEMPERATURE_MODES = ("config", "on", "off", "compare", "sweep", "calibrate")
+CALIBRATION_CRITERIA = ("nll", "passkey")
+KEY_PREFIX = "eval.long_context"
+
+
+@dataclass
+class LongContextEvalConfig:
+    """Options of the long-context suite (shared/REFERENCE.md, "Long-context evaluation protocols").
+
+    Lengths: `lengths`, or train_len × `multiples` when empty.
+    evals: which of ppl | passkey | needle | mqar | entropy to run.
+    Perplexity: `sequences` held-out windows; `window`/`stride` switch lengths above `window` to a
+      sliding window (null: full context for every length).
+    Memory: `block` tokens per prefill forward; `max_batch_tokens` tokens per batch (rows = this
+      // length, at least 1), so 16x-64x lengths run at batch 1 through the bounded caches.
+    Passkey: `passkey_depths` × lengths grid, `passkey_trials` keys per cell.
+    Needle: `needle_trials` per length with `needles` needles each.
+    MQAR: `mqar_pairs` pairs (more than training's; capped by what fits), `mqar_trials` sequences.
+    Entropy: `entropy_sequences` sequences, `entropy_queries` sampled queries per position bucket.
+    Temperature (NoPE query scaling, applied at eval time):
+      config   the model's own setting
+      on | off that setting switched on / off
+      compare  on, then off
+      sweep    config, then every (floor_scales × attn_scales) point, then off
+      calibrate  pick the best of off + the grid on held-out data disjoint from the evaluation
+                 data (`calibrate_by`: nll = lowest NLL at the longest length on
+                 `calibration_sequences` windows; passkey = highest passkey accuracy at the longest
+                 length on keys of a separate seed stream; ties go to the earlier candidate, off
+                 first), evaluate with it, and compare with config and off.
+      `floor_scales` empty means the model's floor_scale × {0.5, 1, 2, 4}.
+    """
+
+    lengths: list[int] = field(default_factory=list)
+    multiples: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])
+    evals: list[str] = field(default_factory=lambda: list(EVALS))
+    sequences: int = 4
+    window: Optional[int] = None
+    stride: int = 256
+    block: int = 1024
+    max_batch_tokens: int = 32768
+    passkey_depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
+    passkey_trials: int = 4
+    needle_trials: int = 8
+    needles: int = 4
+    mqar_pairs: int = 16
+    mqar_trials: int = 4
+    entropy_sequences: int = 1
+    entropy_queries: int = 32
+    temperature: str = "config"
+    floor_scales: list[float] = field(default_factory=list)
+    attn_scales: list[float] = field(default_factory=lambda: [0.05, 0.1, 0.2, 0.4])
+    calibrate_by: str = "nll"
+    calibration_sequences: int = 2
+    seed: int = 0
+    plots: bool = True
+
+    def resolved_lengths(self, train_len: int) -> list[int]:
+        """The evaluation lengths, sorted."""
+        return sorted(set(self.lengths or [train_len * m for m in self.multiples]))
+
+    def validate(self) -> None:
+        def need(cond: bool, key: str, msg: str) -> None:
+            if not cond:
+                raise ConfigError(f"{KEY_PREFIX}.{key}", msg)
+
+        need(all(n >= 1 for n in self.lengths), "lengths", f"must be positive token counts, got {self.lengths}")
+        need(
+            bool(self.lengths) or (bool(self.multiples) and all(m >= 1 for m in self.multiples)),
+            "multiples",
+            f"must be a non-empty list of positive integers when lengths is empty, got {self.multiples}",
+        )
+        unknown = [e for e in self.evals if e not in EVALS]
+        need(
+            not unknown and bool(self.evals), "evals", f"must be a non-empty subset of {list(EVALS)}, got {self.evals}"
+        )
+        for key in ("sequences", "block", "max_batch_tokens", "passkey_trials", "needle_trials", "needles",
+                    "mqar_pairs", "mqar_trials", "entropy_sequences", "entropy_queries", "stride"):
+            need(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
+        need(self.window is None or self.window >= self.stride, "window",
+             f"must be null or >= stride={self.stride}, got {self.window}")
+        need(all(0.0 <= d <= 1.0 for d in self.passkey_depths) and bool(self.passkey_depths), "passkey_depths",
+             f"must be depths in [0, 1], got {self.passkey_depths}")
+        need(self.temperature in TEMPERATURE_MODES, "temperature",
+             f"must be one of {'|'.join(TEMPERATURE_MODES)}, got {self.temperature!r}")
+        need(all(f > 0 for f in self.floor_scales), "floor_scales", f"must be > 0, got {self.floor_scales}")
+        need(all(a >= 0 for a in self.attn_scales) and bool(self.attn_scales), "attn_scales",
+             f"must be a non-empty list of values >= 0, got {self.attn_scales}")
+        need(self.calibrate_by in CALIBRATION_CRITERIA, "calibrate_by",
+             f"must be one of {'|'.join(CALIBRATION_CRITERIA)}, got {self.calibrate_by!r}")
+        need(self.calibration_sequences >= 1, "calibration_sequences", "must be >= 1")
+        need(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
+
+
+def load_options(base: Any = None, overrides: Sequence[str] = ()) -> LongContextEvalConfig:
+    """Options from a mapping (e.g. a run config's eval.long_context) plus `key=value` overrides, validated."""
+    schema = OmegaConf.structured(LongContextEvalConfig)
+    try:
+        merged = OmegaConf.merge(schema, base or {}, OmegaConf.from_dotlist(list(overrides)))
+    except OmegaConfBaseException as err:  # unknown keys and bad types, reported with the key's name
+        key = getattr(err, "full_key", None) or "?"
+        raise ConfigError(f"{KEY_PREFIX}.{key}", str(err).splitlines()[0]) from None
+    options = OmegaConf.to_object(merged)
+    assert isinstance(options, LongContextEvalConfig)
+    options.validate()
+    return options

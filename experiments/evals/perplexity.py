@@ -1,0 +1,146 @@
+"""Perplexity vs length on held-out text: mean NLL per length and NLL by position bucket.
+
+Protocol (shared/REFERENCE.md, "Long-context evaluation protocols"): evaluate at
+L_train·{1, 2, 4, ...} on held-out long documents and report NLL by position bucket,
+so that length extrapolation shows where it breaks. Lengths that do not fit use a
+sliding window (Press et al. 2022; YaRN uses stride 256): windows of `window` tokens
+start every `stride` tokens, each is evaluated from position 0, and each scores only
+the tokens no earlier window scored, so every token sees at least window - stride
+tokens of context.
+
+Shapes: N sequences, B batch, L sequence.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from experiments.evals.scoring import token_nll
+from models.transformer import Transformer
+
+
+def heldout_windows(
+    tokens: np.ndarray, doc_offsets: np.ndarray, length: int, n_eval: int, n_reserved: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Non-overlapping windows of `length` tokens of a held-out split.
+
+    Windows start at a document start or, inside a longer document, a multiple of `length` after
+    it; a window runs on across the following documents (eos between them) when its document is
+    shorter. Only windows that do not overlap an earlier one are kept. The last `n_reserved`
+    windows are set aside (for calibration); the `n_eval` evaluation windows are spread evenly
+    over the rest. Returns (eval [n_eval, length], reserved [n_reserved, length]), int64.
+    """
+    starts, end = [], 0
+    for doc_start, doc_end in zip(doc_offsets[:-1].tolist(), doc_offsets[1:].tolist()):
+        for start in range(doc_start, min(doc_end, len(tokens) - length + 1), length):
+            if start >= end:
+                starts.append(start)
+                end = start + length
+    if len(starts) < n_eval + n_reserved:
+        raise ValueError(
+            f"the held-out split has {len(tokens)} tokens and room for only {len(starts)} windows of {length} "
+            f"tokens, but {n_eval} evaluation + {n_reserved} calibration windows were asked for; "
+            "ask for fewer sequences or shorter lengths, or use a larger data.source"
+        )
+    usable = len(starts) - n_reserved
+    picks = np.linspace(0, usable - 1, n_eval).round().astype(int) if n_eval else np.zeros(0, dtype=int)
+    chosen = [starts[i] for i in picks] + starts[usable:]
+
+    def stack(offsets: list[int]) -> torch.Tensor:
+        rows = [np.asarray(tokens[s : s + length], dtype=np.int64) for s in offsets]
+        return torch.from_numpy(np.stack(rows)) if rows else torch.zeros(0, length, dtype=torch.long)
+
+    return stack(chosen[:n_eval]), stack(chosen[n_eval:])
+
+
+def sliding_window_nll(
+    model: Transformer, tokens: torch.Tensor, window: int, stride: int, block: int = 1024
+) -> torch.Tensor:
+    """NLL [B, L] of tokens[:, 1:] where each token sees at most `window` and at least window - stride tokens."""
+    if not 1 <= stride <= window:
+        raise ValueError(f"need 1 <= stride <= window, got stride={stride}, window={window}")
+    length = tokens.size(1) - 1
+    out = torch.empty(tokens.size(0), length)
+    begin, scored = 0, 0  # positions [0, scored) have their NLL
+    while scored < length:
+        end = min(begin + window, length)
+        window_nll = token_nll(model, tokens[:, begin : end + 1], block)  # positions begin .. end-1
+        out[:, scored:end] = window_nll[:, scored - begin :]
+        scored, begin = end, begin + stride
+    return out
+
+
+def position_buckets(length: int, train_len: int) -> list[tuple[int, int]]:
+    """[0, T), [T, 2T), [2T, 4T), ... cut at `length`: one bucket per doubling beyond the training length T."""
+    edges = [0, min(train_len, length)]
+    while edges[-1] < length:
+        edges.append(min(2 * edges[-1], length))
+    return list(zip(edges[:-1], edges[1:]))
+
+
+def _batched_nll(
+    model: Transformer,
+    sequences: torch.Tensor,
+    *,
+    block: int,
+    max_batch_tokens: int,
+    window: Optional[int],
+    stride: int,
+) -> torch.Tensor:
+    """NLL [N, L] of sequences [N, L+1], a batch of at most max_batch_tokens tokens at a time."""
+    length = sequences.size(1) - 1
+    rows = max(1, max_batch_tokens // length)
+    parts = []
+    for first in range(0, sequences.size(0), rows):
+        batch = sequences[first : first + rows]
+        if window is None:
+            parts.append(token_nll(model, batch, block))
+        else:
+            parts.append(sliding_window_nll(model, batch, window, stride, block))
+    return torch.cat(parts)
+
+
+def perplexity_vs_length(
+    model: Transformer,
+    sequences: torch.Tensor,
+    lengths: list[int],
+    train_len: int,
+    *,
+    block: int = 1024,
+    max_batch_tokens: int = 32768,
+    window: Optional[int] = None,
+    stride: int = 256,
+) -> dict[str, Any]:
+    """Mean NLL, perplexity and NLL by position bucket at each length, on prefixes of sequences [N, >= L+1].
+
+    A token's NLL depends only on the tokens before it (and, with a sliding window, on where the
+    windows start, which does not depend on the total length), so one pass over the longest
+    prefix gives every shorter length. Lengths above `window` (when set) use the sliding window,
+    the others the full context through chunked prefill.
+    """
+    longest = max(lengths)
+    if sequences.size(1) < longest + 1:
+        raise ValueError(f"length {longest} needs sequences of {longest + 1} tokens, got {sequences.size(1)}")
+    full = [n for n in lengths if window is None or n <= window]
+    kw = dict(block=block, max_batch_tokens=max_batch_tokens, stride=stride)
+    nll_full = _batched_nll(model, sequences[:, : max(full) + 1], window=None, **kw) if full else None
+    slid = [n for n in lengths if n not in full]
+    nll_slid = _batched_nll(model, sequences[:, : max(slid) + 1], window=window, **kw) if slid else None
+    results: dict[str, Any] = {"lengths": [], "nll": [], "ppl": [], "method": [], "buckets": []}
+    for length in lengths:
+        source = nll_full if length in full else nll_slid
+        assert source is not None
+        nll = source[:, :length]  # [N, L]
+        mean = float(nll.mean())
+        results["lengths"].append(length)
+        results["nll"].append(mean)
+        results["ppl"].append(math.exp(mean))
+        results["method"].append("full" if length in full else f"sliding(window={window}, stride={stride})")
+        results["buckets"].append(
+            [{"start": a, "end": b, "nll": float(nll[:, a:b].mean())} for a, b in position_buckets(length, train_len)]
+        )
+    return results

@@ -1,0 +1,175 @@
+"""Retrieval accuracy at long lengths: passkey grid, needle-in-a-haystack, multi-query associative recall.
+
+Passkey and needle are scored by exact match of greedy decoding through the KV cache
+(`models.generate.generate`, chunked prefill); MQAR, as in Zoology, by the teacher-forced
+argmax at the answer positions only (a query counts when all its value tokens are right).
+Every example is drawn from `experiments.data.tasks` with a seed derived from
+(seed, stream, length, cell, trial), so a stream never repeats the training examples
+(those use another seed layout) and the calibration stream never repeats the evaluation one.
+
+Shapes: B batch, P prompt length, L sequence.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from experiments.data.tasks import MQAR, Needle, Passkey, TaskExample
+from experiments.data.tokenizer import Tokenizer
+from experiments.evals.scoring import greedy_predictions
+from models.generate import generate
+from models.transformer import Transformer
+
+STREAMS = {"eval": 1, "calibration": 2}
+
+
+def _split_lengths(lengths: Sequence[int], minimum: int) -> tuple[list[int], list[int]]:
+    """(lengths >= minimum, the others)."""
+    return [n for n in lengths if n >= minimum], [n for n in lengths if n < minimum]
+
+
+def greedy_exact_match(
+    model: Transformer, examples: Sequence[TaskExample], *, block: int = 1024, max_batch_tokens: int = 32768
+) -> list[bool]:
+    """For each example: does greedy decoding after its prompt reproduce its (single) answer exactly?"""
+    groups: dict[int, list[int]] = defaultdict(list)  # prompt length -> example indices, batched together
+    for i, ex in enumerate(examples):
+        groups[len(ex.prompt())].append(i)
+    hits = [False] * len(examples)
+    for prompt_len, members in groups.items():
+        rows = max(1, max_batch_tokens // prompt_len)
+        for first in range(0, len(members), rows):
+            batch = members[first : first + rows]
+            answers = [examples[i].answers()[0] for i in batch]
+            prompts = torch.from_numpy(np.stack([examples[i].prompt() for i in batch]))  # [B, P]
+            new = generate(model, prompts, max(len(a) for a in answers), prefill_chunk=block)
+            for row, (i, answer) in enumerate(zip(batch, answers)):
+                hits[i] = bool(np.array_equal(new[row, : len(answer)].numpy(), answer))
+    return hits
+
+
+def passkey_grid(
+    model: Transformer,
+    tokenizer: Tokenizer,
+    lengths: Sequence[int],
+    depths: Sequence[float],
+    trials: int,
+    *,
+    seed: int = 0,
+    stream: str = "eval",
+    block: int = 1024,
+    max_batch_tokens: int = 32768,
+) -> dict[str, Any]:
+    """Passkey accuracy per (length, depth) cell over `trials` keys, and per length (mean over depths).
+
+    Lengths too short to hold an example are left out and listed under "skipped".
+    """
+    task = Passkey(tokenizer)
+    fit, skipped = _split_lengths(lengths, task.min_length())
+    grid = []
+    for length in fit:
+        examples = [
+            task.example(length, depth, [seed, STREAMS[stream], length, j, t])
+            for j, depth in enumerate(depths)
+            for t in range(trials)
+        ]
+        hits = np.array(greedy_exact_match(model, examples, block=block, max_batch_tokens=max_batch_tokens))
+        grid.append(hits.reshape(len(depths), trials).mean(axis=1).tolist())
+    return {
+        "lengths": fit,
+        "skipped": skipped,
+        "depths": list(depths),
+        "trials": trials,
+        "grid": grid,
+        "accuracy": [float(np.mean(row)) for row in grid],
+        "chance": 1 / 90_000,
+    }
+
+
+def needle_accuracy(
+    model: Transformer,
+    tokenizer: Tokenizer,
+    haystack: np.ndarray,
+    lengths: Sequence[int],
+    trials: int,
+    *,
+    n_needles: int = 4,
+    seed: int = 0,
+    stream: str = "eval",
+    block: int = 1024,
+    max_batch_tokens: int = 32768,
+) -> dict[str, Any]:
+    """Needle accuracy per length; trial t asks for the needle at depth (t + 0.5) / trials.
+
+    Lengths too short to hold an example are left out and listed under "skipped".
+    """
+    task = Needle(tokenizer, haystack, n_needles)
+    fit, skipped = _split_lengths(lengths, task.min_length())
+    accuracy = []
+    for length in fit:
+        examples = [
+            task.example(length, [seed, STREAMS[stream], length, t], depth=(t + 0.5) / trials) for t in range(trials)
+        ]
+        hits = greedy_exact_match(model, examples, block=block, max_batch_tokens=max_batch_tokens)
+        accuracy.append(float(np.mean(hits)))
+    return {
+        "lengths": fit,
+        "skipped": skipped,
+        "trials": trials,
+        "n_needles": n_needles,
+        "accuracy": accuracy,
+        "chance": 1 / 900_000,
+    }
+
+
+def mqar_accuracy(
+    model: Transformer,
+    tokenizer: Tokenizer,
+    lengths: Sequence[int],
+    n_pairs: int,
+    trials: int,
+    *,
+    seed: int = 0,
+    stream: str = "eval",
+    block: int = 1024,
+    max_batch_tokens: int = 32768,
+) -> dict[str, Any]:
+    """Fraction of MQAR queries whose value tokens are all predicted (teacher-forced argmax), per length.
+
+    Each length uses n_pairs pairs, or as many as fit when fewer do (reported as "pairs"); lengths
+    too short for one pair are left out and listed under "skipped".
+    """
+    task = MQAR(tokenizer)
+    fit, skipped = _split_lengths(lengths, task.min_length())
+    accuracy, token_accuracy, pairs = [], [], []
+    for length in fit:
+        n = min(n_pairs, task.max_pairs(length))
+        pairs.append(n)
+        examples = [task.example(length, n, [seed, STREAMS[stream], length, t]) for t in range(trials)]
+        rows = max(1, max_batch_tokens // length)
+        correct, tokens_right, tokens_total = [], 0, 0
+        for first in range(0, trials, rows):
+            batch = examples[first : first + rows]
+            tokens = torch.from_numpy(np.stack([ex.tokens for ex in batch]))  # [B, L]
+            predicted = greedy_predictions(model, tokens, block).numpy()  # [B, L-1]: prediction of token i+1
+            for row, ex in enumerate(batch):
+                for start, end in ex.answer_spans:
+                    right = predicted[row, start - 1 : end - 1] == ex.tokens[start:end]
+                    correct.append(bool(right.all()))
+                    tokens_right += int(right.sum())
+                    tokens_total += end - start
+        accuracy.append(float(np.mean(correct)))
+        token_accuracy.append(tokens_right / tokens_total)
+    return {
+        "lengths": fit,
+        "skipped": skipped,
+        "trials": trials,
+        "pairs": pairs,
+        "accuracy": accuracy,
+        "token_accuracy": token_accuracy,
+        "chance": 1 / MQAR.n_values,
+    }

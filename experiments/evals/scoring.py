@@ -1,0 +1,56 @@
+"""Per-token scores of long sequences, computed block by block through the KV cache.
+
+A sequence of any length is fed to the model in blocks of `block` tokens (chunked
+prefill), so memory holds one block of activations and logits plus the KV cache,
+which is bounded by chunk_size on chunked layers. Only a per-token reduction of
+each block's logits (NLL, argmax) is kept, never the [B, L, V] logits.
+
+Shapes: B batch, L sequence, V vocab.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from models.transformer import Transformer
+
+Reduce = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits [B, l, V], targets [B, l]) -> [B, l]
+
+
+@torch.inference_mode()
+def score_tokens(model: Transformer, tokens: torch.Tensor, reduce: Reduce, block: int = 1024) -> torch.Tensor:
+    """reduce(logits, next tokens) at every position of tokens [B, L+1] -> [B, L], prefilling `block` at a time."""
+    if block < 1:
+        raise ValueError(f"block must be >= 1, got {block}")
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    batch, length = inputs.shape
+    cache = model.make_cache(batch, length)
+    parts = []
+    for start in range(0, length, block):
+        end = min(start + block, length)
+        logits = model(inputs[:, start:end], start_pos=start, cache=cache).logits
+        parts.append(reduce(logits, targets[:, start:end]))
+    return torch.cat(parts, dim=1)
+
+
+def nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Negative log-likelihood of each target, in fp32 nats."""
+    return F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")  # [B, V, l] layout
+
+
+def argmax(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The greedy prediction at each position (targets unused)."""
+    return logits.argmax(dim=-1)
+
+
+def token_nll(model: Transformer, tokens: torch.Tensor, block: int = 1024) -> torch.Tensor:
+    """NLL [B, L] of tokens[:, 1:] given everything before them (full context)."""
+    return score_tokens(model, tokens, nll, block)
+
+
+def greedy_predictions(model: Transformer, tokens: torch.Tensor, block: int = 1024) -> torch.Tensor:
+    """Teacher-forced argmax predictions [B, L] for tokens[:, 1:]."""
+    return score_tokens(model, tokens, argmax, block)

@@ -1,0 +1,324 @@
+"""Long-context evaluation: scoring of the tasks, perplexity (full, blockwise, sliding), temperature, entropy, suite."""
+
+import json
+import math
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from experiments.data.corpus import load_corpus
+from experiments.data.tokenizer import Tokenizer
+from experiments.evals.entropy import nope_attention_entropy, nope_layers, nope_queries_keys, query_entropy
+from experiments.evals.long_context import evaluate, write_results
+from experiments.evals.options import load_options
+from experiments.evals.perplexity import heldout_windows, perplexity_vs_length, position_buckets, sliding_window_nll
+from experiments.evals.retrieval import mqar_accuracy, needle_accuracy, passkey_grid
+from experiments.evals.scoring import token_nll
+from experiments.evals.temperature import TemperatureSetting, applied, calibrate, grid
+from models.config import AttentionConfig, ConfigError, ModelConfig, RopeConfig
+from models.transformer import ModelOutput, Transformer
+
+BYTES = Tokenizer.byte_level()
+DIGITS = [ord(c) for c in "0123456789"]
+HAYSTACK = np.frombuffer(b"for item in items:\n    total += item\n" * 60, dtype=np.uint8).astype(np.int64)
+
+
+def tiny_model(nope_every: int | None = 2, chunk: int | None = 16, floor_scale: float = 16.0) -> Transformer:
+    """A 4-layer byte-level iRoPE model (NoPE layers 1 and 3, chunk 16) with temperature tuning on."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(
+        dim=32, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=BYTES.vocab_size, multiple_of=32, max_seq_len=4096,
+        rope=RopeConfig(theta=10000.0),
+        attention=AttentionConfig(nope_layer_interval=nope_every, chunk_size=chunk, temperature_tuning=True,
+                                  floor_scale=floor_scale, attn_scale=0.5),
+    )
+    return Transformer(cfg).eval()
+
+
+class _History:
+    """The oracle's 'KV cache': every token so far and the suffix-match lengths of the newest one."""
+
+    def __init__(self, batch: int, max_len: int) -> None:
+        self.tokens = torch.zeros(batch, max_len, dtype=torch.long)
+        self.match = torch.zeros(batch, max_len, dtype=torch.long)
+
+
+class CopyOracle(nn.Module):
+    """An ideal induction head: predicts the token that followed the longest earlier match of the current
+    suffix (the latest on ties). It reads the answer from the prompt, as a model that solved the task would."""
+
+    def __init__(self, vocab_size: int) -> None:
+        super().__init__()
+        self.vocab_size = vocab_size
+
+    def make_cache(self, batch_size: int, max_seq_len: int) -> _History:
+        return _History(batch_size, max_seq_len)
+
+    def forward(self, tokens: torch.Tensor, *, start_pos: int = 0, cache: _History | None = None) -> ModelOutput:
+        b, length = tokens.shape
+        hist = cache if cache is not None else _History(b, start_pos + length)
+        logits = torch.zeros(b, length, self.vocab_size)
+        rows = torch.arange(b)
+        for i in range(length):
+            p = start_pos + i
+            hist.tokens[:, p] = tokens[:, i]
+            extended = torch.zeros_like(hist.match)
+            extended[:, 1 : p + 1] = hist.match[:, :p] + 1  # match ending at j extends the one ending at j-1
+            hist.match = torch.where(hist.tokens == tokens[:, i : i + 1], extended, 0)
+            hist.match[:, p:] = 0
+            earlier = torch.arange(hist.tokens.size(1))
+            score = torch.where(earlier < p, hist.match * hist.tokens.size(1) + earlier, -1)  # longest, then latest
+            best = score.argmax(dim=1)
+            logits[rows, i, hist.tokens[rows, best + 1]] = 10.0
+        return ModelOutput(logits=logits, aux_loss=torch.zeros(()))
+
+
+class DigitGuesser(nn.Module):
+    """Knows answers are digits but not which: uniform random logits over the ten digit tokens."""
+
+    def __init__(self, vocab_size: int, seed: int = 0) -> None:
+        super().__init__()
+        self.vocab_size = vocab_size
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def make_cache(self, batch_size: int, max_seq_len: int) -> None:
+        return None
+
+    def forward(self, tokens: torch.Tensor, *, start_pos: int = 0, cache: None = None) -> ModelOutput:
+        logits = torch.full((*tokens.shape, self.vocab_size), -1e4)
+        logits[..., DIGITS] = torch.rand(*tokens.shape, len(DIGITS), generator=self.generator)
+        return ModelOutput(logits=logits, aux_loss=torch.zeros(()))
+
+
+@pytest.fixture(scope="module")
+def heldout(tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("corpus")
+    rng = random.Random(0)
+    words = "alpha beta gamma delta def return class import self value key print".split()
+    lines = [" ".join(rng.choice(words) for _ in range(10)) for _ in range(3000)]
+    (root / "text.txt").write_text("\n".join(lines))
+    return load_corpus(str(root / "text.txt"), BYTES, "val", root / "cache", val_fraction=0.5)
+
+
+# ----------------------------------------------------------------------------- task scoring
+
+
+def test_a_model_that_copies_the_answer_scores_one() -> None:
+    oracle = CopyOracle(BYTES.vocab_size)
+    passkey = passkey_grid(oracle, BYTES, [200, 400], [0.0, 0.5, 1.0], trials=2)
+    assert passkey["grid"] == [[1.0, 1.0, 1.0], [1.0, 1.0, 1.0]] and passkey["accuracy"] == [1.0, 1.0]
+    needle = needle_accuracy(oracle, BYTES, HAYSTACK, [400, 800], trials=3, n_needles=3)
+    assert needle["accuracy"] == [1.0, 1.0]
+    mqar = mqar_accuracy(oracle, BYTES, [300, 600], n_pairs=16, trials=2)
+    assert mqar["accuracy"] == [1.0, 1.0] and mqar["token_accuracy"] == [1.0, 1.0] and mqar["pairs"] == [16, 16]
+
+
+def test_a_random_guesser_scores_at_chance() -> None:
+    guesser = DigitGuesser(BYTES.vocab_size)
+    assert passkey_grid(guesser, BYTES, [200], [0.0, 0.5, 1.0], trials=4)["accuracy"] == [0.0]  # chance 1/90000
+    assert needle_accuracy(guesser, BYTES, HAYSTACK, [400], trials=4, n_needles=2)["accuracy"] == [0.0]
+    mqar = mqar_accuracy(guesser, BYTES, [1000], n_pairs=64, trials=4)  # 256 queries, 512 digit tokens
+    assert mqar["chance"] == 0.01 and mqar["accuracy"][0] < 0.04
+    assert 0.06 < mqar["token_accuracy"][0] < 0.14  # one digit right with probability 0.1 (3.5 sd band)
+
+
+def test_lengths_too_short_for_a_task_are_skipped() -> None:
+    result = passkey_grid(CopyOracle(BYTES.vocab_size), BYTES, [100, 200], [0.5], trials=1)
+    assert result["lengths"] == [200] and result["skipped"] == [100]
+
+
+# ----------------------------------------------------------------------------- perplexity
+
+
+def test_blockwise_prefill_nll_matches_one_full_forward() -> None:
+    model = tiny_model()
+    tokens = torch.randint(0, 256, (2, 101))
+    logits = model(tokens[:, :-1]).logits
+    full = F.cross_entropy(logits.transpose(1, 2), tokens[:, 1:], reduction="none")
+    for block in (7, 16, 100):
+        assert (token_nll(model, tokens, block=block) - full).abs().max() < 1e-5
+
+
+def test_sliding_window_equals_full_context_when_the_window_covers_the_sequence() -> None:
+    model = tiny_model()
+    tokens = torch.randint(0, 256, (2, 97))
+    full = token_nll(model, tokens, block=32)
+    for stride in (1, 40, 96):
+        assert (sliding_window_nll(model, tokens, window=96, stride=stride, block=32) - full).abs().max() < 1e-5
+    assert (sliding_window_nll(model, tokens, window=200, stride=50) - full).abs().max() < 1e-5
+
+
+def test_sliding_window_scores_each_token_in_its_own_window() -> None:
+    model = tiny_model()
+    tokens = torch.randint(0, 256, (1, 81))
+    window, stride = 32, 12
+    nll = sliding_window_nll(model, tokens, window, stride, block=10)
+    expected = torch.empty(80)
+    begin, scored = 0, 0
+    while scored < 80:  # brute force: one independent forward per window
+        end = min(begin + window, 80)
+        logits = model(tokens[:, begin:end]).logits[0]
+        window_nll = F.cross_entropy(logits, tokens[0, begin + 1 : end + 1], reduction="none")
+        expected[scored:end] = window_nll[scored - begin :]
+        scored, begin = end, begin + stride
+    assert (nll[0] - expected).abs().max() < 1e-5
+    assert (nll[0, :window] - token_nll(model, tokens[:, : window + 1])[0]).abs().max() < 1e-5
+
+
+def test_perplexity_vs_length_reports_prefixes_and_position_buckets() -> None:
+    model = tiny_model()
+    seqs = torch.randint(0, 256, (3, 129))
+    result = perplexity_vs_length(model, seqs, [32, 64, 128], train_len=32, block=20, max_batch_tokens=64)
+    for length, nll, ppl in zip(result["lengths"], result["nll"], result["ppl"]):
+        direct = token_nll(model, seqs[:, : length + 1]).mean().item()
+        assert nll == pytest.approx(direct, abs=1e-5) and ppl == pytest.approx(math.exp(direct), rel=1e-5)
+    buckets = result["buckets"][-1]
+    assert [(b["start"], b["end"]) for b in buckets] == [(0, 32), (32, 64), (64, 128)]
+    assert sum(b["nll"] * (b["end"] - b["start"]) for b in buckets) / 128 == pytest.approx(result["nll"][-1], abs=1e-5)
+    assert position_buckets(100, 32) == [(0, 32), (32, 64), (64, 100)]
+    slid = perplexity_vs_length(model, seqs, [32, 128], train_len=32, window=32, stride=16)
+    assert slid["method"] == ["full", "sliding(window=32, stride=16)"]
+    assert slid["nll"][0] == pytest.approx(result["nll"][0])
+
+
+def test_heldout_windows_do_not_overlap_and_keep_calibration_apart(heldout) -> None:
+    evaluation, reserved = heldout_windows(heldout.tokens, heldout.doc_offsets, 1000, 4, 2)
+    assert evaluation.shape == (4, 1000) and reserved.shape == (2, 1000)
+    text = np.asarray(heldout.tokens, dtype=np.int64)
+    starts = [int(np.flatnonzero(np.all(np.lib.stride_tricks.sliding_window_view(text, 1000) == w.numpy(), axis=1))[0])
+              for w in torch.cat([evaluation, reserved])]
+    assert all(s % 1000 == 0 for s in starts)  # one long document: windows at multiples of the length
+    assert len(set(starts)) == 6 and max(starts[:4]) < min(starts[4:])
+    with pytest.raises(ValueError, match="room for only"):
+        heldout_windows(heldout.tokens, heldout.doc_offsets, len(heldout.tokens) // 2, 4, 2)
+
+
+# ----------------------------------------------------------------------------- temperature
+
+
+def test_temperature_changes_logits_only_from_floor_scale_minus_one() -> None:
+    floor = 16
+    model = tiny_model(floor_scale=float(floor))
+    tokens = torch.randint(0, 256, (2, 48))
+    on = TemperatureSetting.of(model)
+    with applied(model, on.switched(False)):
+        off_logits = model(tokens).logits
+    on_logits = model(tokens).logits
+    assert torch.equal(on_logits[:, : floor - 1], off_logits[:, : floor - 1])  # s(p) = 1 for p <= floor - 2
+    assert (on_logits[:, floor - 1] - off_logits[:, floor - 1]).abs().max() > 1e-4
+    assert TemperatureSetting.of(model) == on  # applied() restored the setting
+
+
+def test_calibrate_applies_each_candidate_and_returns_a_grid_point() -> None:
+    model = tiny_model()
+    candidates = grid([8.0, 16.0], [0.1, 0.3])
+    seen = []
+
+    def score() -> float:
+        att = model.cfg.attention
+        seen.append((att.floor_scale, att.attn_scale))
+        return -abs(att.attn_scale - 0.3) - abs(att.floor_scale - 8.0)
+
+    result = calibrate(model, candidates, score, maximize=True)
+    assert seen == [(8.0, 0.1), (8.0, 0.3), (16.0, 0.1), (16.0, 0.3)]
+    assert result["best"] == TemperatureSetting(True, 8.0, 0.3) and result["best"] in candidates
+    assert TemperatureSetting.of(model) == TemperatureSetting(True, 16.0, 0.5)
+    tokens = torch.randint(0, 256, (1, 65))
+    by_nll = calibrate(model, candidates, lambda: token_nll(model, tokens).mean().item(), maximize=False)
+    assert by_nll["best"] in candidates
+    assert by_nll["best"].to_dict()["attn_scale"] == min(by_nll["scores"], key=lambda r: r["score"])["attn_scale"]
+
+
+# ----------------------------------------------------------------------------- NoPE entropy
+
+
+def test_nope_queries_keys_reproduce_the_layer_output() -> None:
+    model = tiny_model(floor_scale=4.0)
+    (layer_id,) = [i for i in nope_layers(model) if i == 1]
+    attn = model.layers[layer_id].attention
+    x = torch.randn(2, 12, 32)
+    start = 9  # positions 9..20: past floor_scale, so the temperature scaling is exercised
+    q, k = nope_queries_keys(attn, x, start)
+    v = attn.wv(x).view(2, 12, 2, 8).transpose(1, 2).repeat_interleave(2, dim=1)  # [B, H, L, Dh]
+    scores = (q @ k.repeat_interleave(2, dim=1).transpose(-1, -2)) / math.sqrt(8)
+    scores = scores.masked_fill(torch.ones(12, 12, dtype=torch.bool).triu(1), float("-inf"))
+    expected = attn.wo((scores.softmax(-1) @ v).transpose(1, 2).reshape(2, 12, 32))
+    actual = attn(x, (torch.zeros(12, 4), torch.zeros(12, 4)), start, None)
+    assert (actual - expected).abs().max() < 1e-5
+
+
+def test_uniform_attention_has_entropy_log_of_visible_keys() -> None:
+    positions = torch.tensor([0, 5, 99])
+    entropy = query_entropy(torch.zeros(1, 4, 3, 8), positions, torch.randn(1, 2, 100, 8))
+    assert torch.allclose(entropy, torch.log(positions.float() + 1).expand(1, 4, 3), atol=1e-5)
+
+
+def test_nope_entropy_is_blocking_independent_and_below_uniform() -> None:
+    model = tiny_model()
+    seqs = torch.randint(0, 256, (1, 128))
+    a = nope_attention_entropy(model, seqs, [0, 32, 128], queries_per_bucket=8, block=1024)
+    b = nope_attention_entropy(model, seqs, [0, 32, 128], queries_per_bucket=8, block=13)
+    assert a["layers"] == [1, 3]
+    for x, y in zip(a["buckets"], b["buckets"]):
+        assert x["entropy"] == pytest.approx(y["entropy"], abs=1e-5) and x["entropy"] <= x["uniform"] + 1e-5
+    assert a["buckets"][1]["entropy"] > a["buckets"][0]["entropy"]  # more keys, more spread
+    assert nope_attention_entropy(tiny_model(nope_every=None), seqs, [0, 128])["layers"] == []
+
+
+# ----------------------------------------------------------------------------- the suite
+
+
+def test_evaluate_reports_flat_keys_and_temperature_only_matters_past_floor_scale(heldout, tmp_path: Path) -> None:
+    model = tiny_model(floor_scale=64.0)
+    options = load_options(None, ["lengths=[48,200]", "temperature=compare", "passkey_trials=1",
+                                  "passkey_depths=[0.5]", "needle_trials=1", "needles=1", "mqar_trials=1",
+                                  "sequences=2", "entropy_queries=4"])
+    result = evaluate(model, BYTES, options, train_len=48, heldout=heldout)
+    assert result["lengths"] == [48, 200] and result["temperature"]["label"] == "fs64_as0.5"
+    for key in ("ppl@48", "ppl@200", "nll@200", "passkey@200", "needle@200", "mqar@48", "mqar@200",
+                "entropy@48", "entropy@200", "ppl@200:off", "passkey@200:off"):
+        assert isinstance(result[key], float), key
+    assert "passkey@48" not in result  # too short for a passkey example
+    assert result["ppl@48"] == result["ppl@48:off"] and result["entropy@48"] == result["entropy@48:off"]
+    assert result["ppl@200"] != result["ppl@200:off"]
+    assert TemperatureSetting.of(model).temperature_tuning
+    path = write_results(result, tmp_path / "eval")
+    assert json.loads(path.read_text())["ppl@200"] == result["ppl@200"]
+    assert sorted(p.name for p in (tmp_path / "eval").glob("*.png")) == [
+        "long_context_passkey.png", "long_context_position_nll.png", "long_context_ppl.png"]
+
+
+def test_evaluate_calibrates_on_held_out_data_and_evaluates_the_best(heldout) -> None:
+    model = tiny_model(floor_scale=16.0)
+    options = load_options(None, ["lengths=[64]", "evals=[ppl]", "temperature=calibrate", "floor_scales=[8,16]",
+                                  "attn_scales=[0.1,1.0]", "sequences=1", "calibration_sequences=1"])
+    result = evaluate(model, BYTES, options, train_len=32, heldout=heldout)
+    calibration = result["details"]["calibration"]
+    labels = [row["label"] for row in calibration["scores"]]
+    assert labels == ["off", "fs8_as0.1", "fs8_as1", "fs16_as0.1", "fs16_as1"]
+    assert result["temperature"]["label"] == calibration["best"]["label"] in labels
+    best_score = min(row["score"] for row in calibration["scores"])
+    assert next(r for r in calibration["scores"] if r["label"] == calibration["best"]["label"])["score"] == best_score
+
+
+def test_models_without_nope_layers_skip_temperature_and_entropy(heldout) -> None:
+    model = tiny_model(nope_every=None, chunk=None)
+    options = load_options(None, ["lengths=[64]", "evals=[ppl,entropy]", "temperature=sweep", "sequences=1"])
+    result = evaluate(model, BYTES, options, train_len=64, heldout=heldout)
+    assert list(result["details"]["settings"]) == [TemperatureSetting.of(model).label]
+    assert "entropy@64" not in result and result["details"]["nope_layers"] == []
+
+
+def test_options_name_the_bad_key() -> None:
+    with pytest.raises(ConfigError, match="eval.long_context.temperature"):
+        load_options(None, ["temperature=hot"])
+    with pytest.raises(ConfigError, match="eval.long_context.passkey_trails"):
+        load_options(None, ["passkey_trails=3"])
+    with pytest.raises(ConfigError, match="eval.long_context.evals"):
+        load_options(None, ["evals=[ppl,bleu]"])
+    assert load_options({"seed": 3}, ["window=512"]).resolved_lengths(100) == [100, 200, 400, 800, 1600]
