@@ -1,0 +1,60 @@
+"""The expert interface that every backend implements.
+
+Shapes: N expert-sorted token-slots, D model dim, F expert hidden dim, E experts held here.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class Experts(nn.Module):
+    """E independent SwiGLU experts, w2(silu(x·w1) ⊙ x·w3), over tokens sorted by expert.
+
+    Parameters (names are part of the checkpoint layout; `models/hf.py` maps them):
+      w1 [E, D, F] gate, w3 [E, D, F] up, w2 [E, F, D] down.
+    `forward(x, tokens_per_expert)` takes x [N, D] whose first tokens_per_expert[0] rows go
+    to expert 0, the next tokens_per_expert[1] rows to expert 1, and so on, and returns
+    [N, D] in the same order. Backends differ only in how they compute this.
+    """
+
+    def __init__(
+        self,
+        num_experts: int,
+        dim: int,
+        hidden_dim: int,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.num_experts = num_experts
+        self.dim = dim
+        self.hidden_dim = hidden_dim
+        kw = {"device": device, "dtype": dtype}
+        self.w1 = nn.Parameter(torch.empty(num_experts, dim, hidden_dim, **kw))
+        self.w3 = nn.Parameter(torch.empty(num_experts, dim, hidden_dim, **kw))
+        self.w2 = nn.Parameter(torch.empty(num_experts, hidden_dim, dim, **kw))
+
+    @classmethod
+    def check_available(cls, hidden_dim: int) -> None:
+        """Raise ConfigError naming `moe.backend` if this backend cannot run here."""
+
+    def init_weights(self, init_std: float, out_std: float) -> None:
+        """w1, w3 ~ N(0, init_std); the residual-facing w2 ~ N(0, out_std), truncated at 3σ."""
+        for w, std in ((self.w1, init_std), (self.w3, init_std), (self.w2, out_std)):
+            nn.init.trunc_normal_(w, std=std, a=-3 * std, b=3 * std)
+
+    def local_slice(self, start: int, count: int) -> Experts:
+        """A copy of the same backend holding experts [start, start + count) only (expert parallelism)."""
+        part = type(self)(count, self.dim, self.hidden_dim, device=self.w1.device, dtype=self.w1.dtype)
+        with torch.no_grad():
+            for name in ("w1", "w3", "w2"):
+                getattr(part, name).copy_(getattr(self, name)[start : start + count])
+        return part
+
+    def forward(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} must implement forward")
+
+    def extra_repr(self) -> str:
+        return f"num_experts={self.num_experts}, dim={self.dim}, hidden_dim={self.hidden_dim}"

@@ -1,0 +1,94 @@
+"""Expert backend on MegaBlocks' dropless-MoE block-sparse kernels (Gale et al., 2022).
+
+Shapes: N expert-sorted token-slots, P = N padded per expert to multiples of the block
+size Bk (128), D model dim, F expert hidden dim, E experts.
+
+MegaBlocks expresses all experts' first layer as one block-sparse product: the [P, E·F]
+hidden matrix has, for each block of 128 token rows, only the F/128 column blocks of
+that rows' expert. Each expert's group is padded to a multiple of 128 rows, the
+"topology" (which column blocks each row block holds) is built by `megablocks.ops.topology`,
+and `stk.ops.sdd` (dense × dense → sparse) / `stk.ops.dsd` (sparse × dense → dense)
+compute the SwiGLU. CUDA only; `megablocks` and `stk` are imported when the backend is
+built, so CPU machines never import them. Requirements are in `moe/experts/__init__.py`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from models.config import ConfigError
+from moe.experts.base import Experts
+
+BLOCK = 128  # MegaBlocks' block size; token groups and F are tiled by it
+
+
+def _import_kernels() -> tuple[Any, Any]:
+    return importlib.import_module("megablocks.ops"), importlib.import_module("stk")
+
+
+class MegaBlocksExperts(Experts):
+    """Block-sparse dMoE: pad groups to 128 rows, SwiGLU through stk sdd/dsd, unpad."""
+
+    @classmethod
+    def check_available(cls, hidden_dim: int) -> None:
+        fix = "install megablocks on a CUDA machine (see moe/experts/__init__.py) or set moe.backend=torch"
+        if not torch.cuda.is_available():
+            raise ConfigError("moe.backend", f"'megablocks' runs on CUDA only and no GPU is visible; {fix}")
+        try:
+            _import_kernels()
+        except ImportError as err:
+            raise ConfigError("moe.backend", f"'megablocks' could not be imported ({err}); {fix}") from err
+        if hidden_dim % BLOCK != 0:
+            raise ConfigError(
+                "moe.expert_hidden_dim",
+                f"the megablocks backend tiles F by {BLOCK}; {hidden_dim} is not a multiple of it",
+            )
+
+    def _topology(self, padded_bins: torch.Tensor, padded_rows: int) -> Any:
+        """stk.Matrix [P, E·F] whose row block i holds the F/128 column blocks of its expert."""
+        mops, stk = _import_kernels()
+        block_rows = padded_rows // BLOCK
+        blocks_per_row = self.hidden_dim // BLOCK
+        device = padded_bins.device
+        offsets = torch.arange(0, block_rows * blocks_per_row + 1, blocks_per_row, dtype=torch.int32, device=device)
+        column_indices = mops.topology(padded_bins, BLOCK, block_rows, blocks_per_row)  # [nnz] int16
+        data = torch.empty(column_indices.numel(), BLOCK, BLOCK, dtype=self.w1.dtype, device="meta")  # shape only
+        shape = (padded_rows, self.num_experts * self.hidden_dim)
+        row_indices = stk.ops.row_indices(shape, data, offsets, column_indices)
+        # Transposed metadata (for the backward products): blocks ordered by column, then row.
+        block_order = torch.sort(column_indices.int(), stable=True).indices  # [nnz]
+        column_indices_t = row_indices.gather(0, block_order)
+        per_column = torch.bincount(column_indices.long(), minlength=shape[1] // BLOCK)
+        offsets_t = torch.cat([offsets.new_zeros(1), torch.cumsum(per_column, 0).to(torch.int32)])
+        return stk.Matrix(
+            shape, data, row_indices, column_indices, offsets, column_indices_t, offsets_t, block_order.int()
+        )
+
+    def forward(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:  # [N, D] -> [N, D]
+        _, stk = _import_kernels()
+        counts = tokens_per_expert.to(x.device)
+        padded = (counts + BLOCK - 1) // BLOCK * BLOCK  # [E] group sizes rounded up to the block
+        starts = torch.cumsum(counts, 0) - counts
+        padded_starts = torch.cumsum(padded, 0) - padded
+        expert_of_row = torch.repeat_interleave(torch.arange(self.num_experts, device=x.device), counts)  # [N]
+        rows = torch.arange(x.shape[0], device=x.device)
+        dest = rows - starts[expert_of_row] + padded_starts[expert_of_row]  # [N] row in the padded layout
+        padded_rows = int(padded.sum())
+        xp = x.new_zeros(padded_rows, self.dim).index_copy(0, dest, x)  # [P, D], pad rows are zero
+
+        topo = self._topology(torch.cumsum(padded, 0).to(torch.int32), padded_rows)
+        w1 = self.w1.to(x.dtype).permute(1, 0, 2).reshape(self.dim, -1)  # [D, E·F], column e·F+f = w1[e, :, f]
+        w3 = self.w3.to(x.dtype).permute(1, 0, 2).reshape(self.dim, -1)  # [D, E·F]
+        w2 = self.w2.to(x.dtype).reshape(-1, self.dim)  # [E·F, D]
+        gate = stk.ops.sdd(xp, w1, topo)  # sparse [P, E·F]
+        up = stk.ops.sdd(xp, w3, topo)
+        act = stk.Matrix(
+            gate.size(), F.silu(gate.data), gate.row_indices, gate.column_indices, gate.offsets,
+            gate.column_indices_t, gate.offsets_t, gate.block_offsets_t,
+        )
+        out = stk.ops.dsd(stk.ops.mul(act, up), w2)  # [P, D]
+        return out.index_select(0, dest)  # [N, D], padding dropped

@@ -1,0 +1,144 @@
+"""The MoE feed-forward layer: router + routed experts + shared expert (Llama 4).
+
+Shapes: B batch, L sequence, N = B·L tokens, D model dim, E experts, k experts per token,
+M kept token-slots.
+
+    out = shared_expert(x) + Σ_{e chosen for x} routed_e
+    routed_e = expert_e(x · s_e)   score_on="input"  (Llama 4)
+             = s_e · expert_e(x)   score_on="output" (Switch, Mixtral, DeepSeek)
+
+Only routed token-slots are computed (dropless by default; `capacity_factor` drops each
+expert's overflow and counts it). The references instead run every expert on every token.
+
+Expert parallelism: `MoE.set_expert_parallel(group, ep_rank, ep_size)` keeps only this
+rank's slice of the routed experts (global experts [ep_rank·E/ep_size, (ep_rank+1)·E/ep_size))
+and routes token-slots to their owners through an all-to-all over `group` (see
+moe/dispatch.py). Call it after building the model (on the meta device or not) and before
+creating the optimizer; router and shared expert stay replicated.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from models.config import ConfigError, ModelConfig
+from models.layers import FeedForward
+from moe.dispatch import AllToAllExchange, LocalExchange, expert_capacity, permute, plan_dispatch, unpermute
+from moe.experts import build_experts
+from moe.router import Router, Routing
+
+
+@dataclass
+class MoEOutput:
+    """out [B, L, D]; aux_loss = aux_loss_weight·aux + z_loss_weight·z (scalar); stats detached."""
+
+    out: torch.Tensor
+    aux_loss: torch.Tensor
+    stats: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class MoE(nn.Module):
+    """Routed SwiGLU experts plus an optional always-on shared SwiGLU expert."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        if cfg.moe is None:
+            raise ConfigError("moe", "an MoE layer needs a moe config; set model.moe")
+        moe = cfg.moe
+        self.num_experts = moe.num_experts
+        self.top_k = moe.top_k
+        self.score_on = moe.score_on
+        self.capacity_factor = moe.capacity_factor
+        self.aux_loss_weight = moe.aux_loss_weight
+        self.z_loss_weight = moe.z_loss_weight
+        self.router = Router(cfg.dim, moe)
+        self.experts = build_experts(moe.backend, moe.num_experts, cfg.dim, moe.expert_hidden_dim)
+        self.shared_expert = FeedForward(cfg.dim, cfg.shared_expert_hidden) if cfg.shared_expert_hidden > 0 else None
+        self.exchange: LocalExchange = LocalExchange()
+
+    def init_weights(self, init_std: float, out_std: float) -> None:
+        """Router and expert inputs ~ N(0, init_std); residual-facing projections ~ N(0, out_std)."""
+        self.router.init_weights(init_std)
+        self.experts.init_weights(init_std, out_std)
+        if self.shared_expert is not None:
+            self.shared_expert.init_weights(init_std, out_std)
+
+    def set_expert_parallel(self, group: Any, ep_rank: int, ep_size: int) -> None:
+        """Keep routed experts [ep_rank·E_l, (ep_rank+1)·E_l) only (E_l = E / ep_size) and exchange
+        token-slots with the other ranks of `group` (an expert-parallel process group of ep_size ranks)."""
+        if self.num_experts % ep_size != 0:
+            raise ConfigError(
+                "distributed.ep_size",
+                f"moe.num_experts={self.num_experts} must be divisible by ep_size={ep_size}",
+            )
+        local = self.num_experts // ep_size
+        self.experts = self.experts.local_slice(ep_rank * local, local)
+        self.exchange = AllToAllExchange(group, ep_size, local)
+
+    def forward(self, x: torch.Tensor) -> MoEOutput:  # x [B, L, D]
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])  # [N, D]
+        num_tokens = flat.shape[0]
+        routing = self.router(flat)
+        capacity = None
+        if self.capacity_factor is not None:
+            capacity = expert_capacity(num_tokens, self.top_k, self.num_experts, self.capacity_factor)
+        plan = plan_dispatch(routing.expert_ids, self.num_experts, capacity)
+        weights = routing.weights.reshape(-1)[plan.slot_index].to(x.dtype).unsqueeze(-1)  # [M, 1]
+
+        slots = permute(flat, plan)  # [M, D] grouped by expert
+        if self.score_on == "input":
+            slots = slots * weights
+        local, local_counts, handle = self.exchange.dispatch(slots, plan.tokens_per_expert)
+        routed = self.exchange.combine(self.experts(local, local_counts), handle)  # [M, D]
+        if self.score_on == "output":
+            routed = routed * weights
+        out = unpermute(routed, plan, num_tokens)  # [N, D]
+        if self.shared_expert is not None:
+            out = out + self.shared_expert(flat)
+
+        aux_loss = torch.zeros((), device=x.device)
+        if self.aux_loss_weight > 0:
+            aux_loss = aux_loss + self.aux_loss_weight * routing.aux_loss
+        if self.z_loss_weight > 0:
+            aux_loss = aux_loss + self.z_loss_weight * routing.z_loss
+        stats = self._stats(routing, plan.dropped, num_tokens * self.top_k)
+        return MoEOutput(out=out.reshape(shape), aux_loss=aux_loss, stats=stats)
+
+    @torch.no_grad()
+    def _stats(self, routing: Routing, dropped: torch.Tensor, num_slots: int) -> dict[str, torch.Tensor]:
+        """Load and router health for logging; all detached, computed on device without syncs."""
+        tokens_per_expert = routing.tokens_per_expert
+        load = tokens_per_expert.float()  # [E] routed slots, before any capacity drop
+        mean = load.mean().clamp_min(1e-9)
+        stats = {
+            "tokens_per_expert": tokens_per_expert,
+            "load_imbalance": load.max() / mean,
+            "cv": load.std(unbiased=False) / mean,
+            "frac_empty_experts": (load == 0).float().mean(),
+            "dropped_frac": dropped.float() / max(num_slots, 1),
+            "router_entropy": routing.entropy,
+            "aux_loss": routing.aux_loss.detach(),
+            "z_loss": routing.z_loss.detach(),
+        }
+        if self.router.bias_balancing:
+            stats["expert_bias_norm"] = self.router.expert_bias.norm()
+        return stats
+
+
+def update_expert_biases(model: nn.Module) -> None:
+    """Apply the aux-loss-free bias update to every router in `model` (call after optimizer.step()).
+
+    Each router's accumulated load is used and cleared; routers without bias balancing are
+    left alone. Under data parallelism, all-reduce each router's `expert_load` buffer first.
+    """
+    for module in model.modules():
+        if isinstance(module, Router):
+            module.update_bias()
+
+
+__all__ = ["MoE", "MoEOutput", "update_expert_biases"]
