@@ -17,7 +17,6 @@ from torch import nn
 
 from attention.backends import get_backend
 from attention.cache import LayerKVCache
-from attention.chunked import chunked_attention
 from attention.irope import layer_attention_kind, qk_norm, temperature_scale
 from attention.rope import apply_rope
 from models.config import AttentionConfig, ModelConfig
@@ -66,13 +65,11 @@ class Attention(nn.Module):
             k, v, k_start = cache.update(k, v, start_pos)
         else:
             k_start = start_pos
-        attend = get_backend(self.settings.backend)
+        backend = get_backend(self.settings.backend, x.device)
         if self.kind.chunk_size is None:
-            out = attend(q, k, v)
+            out = backend.causal(q, k, v)
         else:
-            out = chunked_attention(
-                q, k, v, q_start=start_pos, k_start=k_start, chunk_size=self.kind.chunk_size, attend=attend
-            )
+            out = backend.chunked(q, k, v, q_start=start_pos, k_start=k_start, chunk_size=self.kind.chunk_size)
         out = out.transpose(1, 2).reshape(b, length, self.n_heads * self.head_dim)  # [B, L, H·Dh]
         return self.wo(out)
 

@@ -1,20 +1,27 @@
 """Chunked causal attention (Llama 4 local attention on RoPE layers).
 
 Query at absolute position i sees key j iff j <= i and floor(j/C) == floor(i/C):
-chunks start at absolute positions 0, C, 2C, ... The kernel splits the queries into
-the (possibly partial) first chunk and a chunk-aligned remainder, which is reshaped
-into a batch of independent C-long causal problems. Cost and memory are O(L·C);
-no L×L mask is ever built.
+chunks start at absolute positions 0, C, 2C, ... `visible` states that rule once;
+the brute-force mask and the flex backend's mask_mod both use it.
+
+The generic kernel splits the queries into the (possibly partial) first chunk and a
+chunk-aligned remainder, which is reshaped into a batch of independent C-long causal
+problems for any backend's bottom-right causal attention. Cost and memory are O(L·C);
+no L×L mask is ever built. Backends that can skip masked blocks natively (flex)
+replace the kernel, not the semantics.
 
 Shapes: B batch, H query heads, K kv heads, L sequence, C chunk, Dh head dim, N chunks.
 """
 
 from __future__ import annotations
 
+from typing import Callable, Optional
+
 import torch
 import torch.nn.functional as F
 
-from attention.backends import AttendFn
+# Bottom-right aligned causal attention of q [B, H, Lq, Dh] over k, v [B, K, Lk, Dh] (see attention/backends.py).
+AttendFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def chunk_start(pos: int, chunk_size: int) -> int:
@@ -22,13 +29,17 @@ def chunk_start(pos: int, chunk_size: int) -> int:
     return (pos // chunk_size) * chunk_size
 
 
-def chunked_causal_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, chunk_size: int | None) -> torch.Tensor:
-    """Brute-force boolean mask [Lq, Lk] of the semantics above (None: plain causal). For tests and small L."""
-    qi, kj = q_pos[:, None], k_pos[None, :]
-    mask = kj <= qi
+def visible(q_pos: torch.Tensor, k_pos: torch.Tensor, chunk_size: Optional[int]) -> torch.Tensor:
+    """Elementwise rule: may a query at absolute position q_pos see the key at k_pos? (None: plain causal)."""
+    mask = k_pos <= q_pos
     if chunk_size is not None:
-        mask &= torch.div(kj, chunk_size, rounding_mode="floor") == torch.div(qi, chunk_size, rounding_mode="floor")
+        mask = mask & (k_pos // chunk_size == q_pos // chunk_size)
     return mask
+
+
+def chunked_causal_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, chunk_size: Optional[int]) -> torch.Tensor:
+    """Brute-force boolean mask [Lq, Lk] of `visible` for 1-D positions. For tests and small L."""
+    return visible(q_pos[:, None], k_pos[None, :], chunk_size)
 
 
 def _aligned_chunks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c: int, attend: AttendFn) -> torch.Tensor:
@@ -65,11 +76,7 @@ def chunked_attention(
     """
     lq = q.size(2)
     q_end = q_start + lq
-    if k_start > q_start or k_start + k.size(2) != q_end:
-        raise ValueError(
-            f"keys must cover positions [k_start, q_end) = [{k_start}, {q_end}) with k_start <= q_start={q_start}; "
-            f"got {k.size(2)} keys from {k_start}"
-        )
+    check_key_range(q_start, lq, k_start, k.size(2))
     first_end = min(q_end, chunk_start(q_start, chunk_size) + chunk_size)
     n_first = first_end - q_start  # queries in the first (maybe partial) chunk
     k_first = max(k_start, chunk_start(q_start, chunk_size)) - k_start
@@ -79,3 +86,13 @@ def chunked_attention(
         return out_first
     out_rest = _aligned_chunks(q[:, :, n_first:], k[:, :, k_split:], v[:, :, k_split:], chunk_size, attend)
     return torch.cat((out_first, out_rest), dim=2)
+
+
+def check_key_range(q_start: int, lq: int, k_start: int, lk: int) -> None:
+    """Keys must cover [k_start, q_start + Lq) with k_start <= q_start: they end with the queries."""
+    q_end = q_start + lq
+    if k_start > q_start or k_start + lk != q_end:
+        raise ValueError(
+            f"keys must cover positions [k_start, q_end) = [{k_start}, {q_end}) with k_start <= q_start={q_start}; "
+            f"got {lk} keys from {k_start}"
+        )

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from attention.attention import Attention
+from attention.backends import get_backend
 from attention.cache import KVCache, LayerKVCache
 from attention.rope import rope_angles, rope_frequencies
 from models.config import ModelConfig
@@ -147,6 +148,8 @@ class Transformer(nn.Module):
         backend: Optional[str] = None,
     ) -> None:
         """Change eval-time attention settings (temperature tuning, backend) on every layer without retraining."""
+        if backend is not None:  # fail now, before changing anything, not at the next forward
+            get_backend(backend, self.tok_embeddings.weight.device)
         att = self.cfg.attention
         for name, value in (
             ("temperature_tuning", temperature_tuning),

@@ -5,7 +5,9 @@ import torch
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    # One thread: the test models are tiny, and on a small shared machine a second OpenMP thread
+    # spins at every op's barrier (measured: token-by-token decode 10-40x slower with 2 threads).
+    torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
