@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import nn
@@ -23,6 +23,7 @@ from attention.cache import KVCache, LayerKVCache
 from attention.rope import rope_angles, rope_frequencies
 from models.config import ModelConfig
 from models.layers import FeedForward, RMSNorm
+from moe.layer import MoE
 
 
 @dataclass
@@ -44,13 +45,9 @@ class Block(nn.Module):
         self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.attention = Attention(cfg, layer_id)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.feed_forward: nn.Module
-        if self.is_moe:
-            from moe.layer import MoE
-
-            self.feed_forward = MoE(cfg)
-        else:
-            self.feed_forward = FeedForward(cfg.dim, cfg.ffn_hidden)
+        self.feed_forward: Union[MoE, FeedForward] = (
+            MoE(cfg) if self.is_moe else FeedForward(cfg.dim, cfg.ffn_hidden)
+        )
 
     def forward(
         self,
