@@ -88,7 +88,7 @@ def test_from_hf_logits_match(shape: str) -> None:
     hf = _hf_model(shape)
     ours = from_hf(hf).eval()
     tokens = torch.randint(0, 101, (2, SEQ))
-    assert _max_diff(hf, ours, tokens) < 1e-4  # observed <= 1e-6
+    assert _max_diff(hf, ours, tokens) < 1e-4  # observed <= 6e-6 (logits up to ~1.5)
 
 
 @pytest.mark.parametrize("shape", sorted(SHAPES))

@@ -14,6 +14,9 @@ What HF Llama 4 (transformers 5.23) does, checked against shared/REFERENCE.md:
   there for such models (`test_model_without_chunking`).
 - Divergence: HF's `router_jitter_noise` and `router_aux_loss_coef` are config
   fields that its model never reads; the adapter ignores them as well.
+- MoE: HF runs every expert on every token, with score sigmoid(-inf) = 0 for the
+  experts not picked, whose bias-free SwiGLU then gives exactly 0; we run only the
+  picked ones. Same sum: expert_e(x * sigmoid(logit_e)) over the top-k, no renormalising.
 - At fp32 the router (HF: model dtype, ours: fp32) and the softmax (HF eager:
   model dtype) agree; they would differ at bf16, which these tests do not claim.
 """
@@ -117,7 +120,7 @@ def _max_diff(hf: torch.nn.Module, ours: Transformer, tokens: torch.Tensor) -> f
 def test_dense_irope_logits_and_round_trips(name: str) -> None:
     hf = _hf_model(DENSE[name])
     ours = from_hf(hf).eval()
-    assert _max_diff(hf, ours, torch.randint(0, VOCAB, (2, SEQ))) < 1e-4  # observed <= 2e-5, logits up to ~7
+    assert _max_diff(hf, ours, torch.randint(0, VOCAB, (2, SEQ))) < 1e-4  # observed <= 8e-6, logits up to ~5.5
     _assert_same_state(to_hf(ours).state_dict(), hf.state_dict())
     _assert_same_state(from_hf(to_hf(ours)).state_dict(), ours.state_dict())
 
@@ -244,3 +247,53 @@ def test_fractional_floor_scale_is_refused() -> None:
     cfg.attention.floor_scale = 16.5
     with pytest.raises(ConfigError, match="attention.floor_scale"):
         config_to_hf(cfg)
+
+
+MOE = {
+    # interleave step 1: every layer MoE; QK-norm on; top-1 (Scout-like)
+    "step1-top1-qknorm": _text_config(moe_layers=[0, 1, 2, 3], interleave_moe_layer_step=1, num_local_experts=4),
+    # interleave step 2: layers 1, 3 MoE; QK-norm off (Maverick-like); tied head
+    "step2-top1-tied": _text_config(
+        moe_layers=[1, 3], interleave_moe_layer_step=2, num_local_experts=8, use_qk_norm=False, tie_word_embeddings=True
+    ),
+    # top-2: HF sums expert(x * sigmoid(logit)) over both picks, without renormalising
+    "step2-top2-gqa4": _text_config(
+        moe_layers=[1, 3], num_local_experts=4, num_experts_per_tok=2, num_attention_heads=8, head_dim=8, nope_every=4
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MOE))
+def test_moe_logits_and_round_trips(name: str) -> None:
+    hf = _hf_model(MOE[name])
+    ours = from_hf(hf).eval()
+    moe = ours.cfg.moe
+    assert moe is not None and moe.interleave_step == MOE[name].get("interleave_moe_layer_step", 2)
+    tokens = torch.randint(0, VOCAB, (2, SEQ))
+    assert _max_diff(hf, ours, tokens) < 1e-4  # observed <= 1e-5
+    _assert_same_state(to_hf(ours).state_dict(), hf.state_dict())
+    _assert_same_state(from_hf(to_hf(ours)).state_dict(), ours.state_dict())
+
+
+def test_moe_experts_are_fused_gate_then_up() -> None:
+    """HF gate_up_proj [E, D, 2F] holds w1 (gate) in its first F columns and w3 (up) in the last F."""
+    hf = _hf_model(MOE["step2-top1-tied"])
+    ours = from_hf(hf)
+    fused = hf.model.layers[1].feed_forward.experts.gate_up_proj
+    experts = ours.layers[1].feed_forward.experts
+    assert torch.equal(fused[..., :32], experts.w1) and torch.equal(fused[..., 32:], experts.w3)
+    assert torch.equal(hf.model.layers[1].feed_forward.experts.down_proj, experts.w2)
+
+
+def test_native_moe_model_exports() -> None:
+    """From our side: a llamoe MoE + iRoPE model exports to HF with the same logits."""
+    cfg = presets.get("llama4-tiny")
+    cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.vocab_size = 64, 4, 2, VOCAB
+    cfg.attention.chunk_size, cfg.attention.floor_scale, cfg.attention.attn_scale = 8, 16.0, 0.5
+    assert cfg.moe is not None
+    cfg.moe.expert_hidden_dim = 32
+    ours = Transformer(cfg).eval()
+    _randomize(ours)
+    hf = to_hf(ours)
+    assert isinstance(hf, Llama4ForCausalLM) and hf.config.moe_layers == [1, 3]
+    assert _max_diff(hf, ours, torch.randint(0, VOCAB, (2, SEQ))) < 1e-4
