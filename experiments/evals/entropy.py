@@ -67,9 +67,10 @@ class _EntropyRecorder:
 
     def __init__(self, attn: Attention, batch: int, total: int, sample: torch.Tensor) -> None:
         self.attn = attn
-        self.keys = torch.zeros(batch, attn.n_kv_heads, total, attn.head_dim)
-        self.sample = sample
-        self.entropy = torch.zeros(batch, attn.n_heads, len(sample))  # [B, H, S]
+        device = attn.wk.weight.device
+        self.keys = torch.zeros(batch, attn.n_kv_heads, total, attn.head_dim, device=device)
+        self.sample = sample.to(device)
+        self.entropy = torch.zeros(batch, attn.n_heads, len(sample), device=device)  # [B, H, S]
 
     def __call__(self, module: Attention, args: tuple, kwargs: dict) -> None:
         x = args[0]
@@ -107,7 +108,7 @@ def nope_attention_entropy(
         raise ValueError(f"entropy up to position {total} needs sequences of {total} tokens, got {sequences.size(1)}")
     picks = [np.unique(np.linspace(a, b - 1, queries_per_bucket).round().astype(np.int64)) for a, b in buckets]
     sample = torch.from_numpy(np.concatenate(picks))
-    tokens = sequences[:, :total]
+    tokens = sequences[:, :total].to(model.tok_embeddings.weight.device)
     recorders = {i: _EntropyRecorder(model.layers[i].attention, tokens.size(0), total, sample) for i in layers}
     handles = [
         model.layers[i].attention.register_forward_pre_hook(rec, with_kwargs=True) for i, rec in recorders.items()
@@ -119,7 +120,7 @@ def nope_attention_entropy(
     finally:
         for handle in handles:
             handle.remove()
-    per_layer = torch.stack([rec.entropy.mean(dim=(0, 1)) for rec in recorders.values()])  # [layers, S]
+    per_layer = torch.stack([rec.entropy.mean(dim=(0, 1)).cpu() for rec in recorders.values()])  # [layers, S]
     uniform = torch.log(sample.float() + 1.0)
     rows, first = [], 0
     for (a, b), pick in zip(buckets, picks):

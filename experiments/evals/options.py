@@ -57,7 +57,7 @@ class LongContextEvalConfig:
     block: int = 1024
     max_batch_tokens: int = 32768
     passkey_depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
-    passkey_trials: int = 4
+    passkey_trials: int = 2
     needle_trials: int = 8
     needles: int = 4
     mqar_pairs: int = 16

@@ -20,7 +20,7 @@ import torch
 
 from experiments.data.tasks import MQAR, Needle, Passkey, TaskExample
 from experiments.data.tokenizer import Tokenizer
-from experiments.evals.scoring import greedy_predictions
+from experiments.evals.scoring import greedy_predictions, model_device
 from models.generate import generate
 from models.transformer import Transformer
 
@@ -40,13 +40,14 @@ def greedy_exact_match(
     for i, ex in enumerate(examples):
         groups[len(ex.prompt())].append(i)
     hits = [False] * len(examples)
+    device = model_device(model)
     for prompt_len, members in groups.items():
         rows = max(1, max_batch_tokens // prompt_len)
         for first in range(0, len(members), rows):
             batch = members[first : first + rows]
             answers = [examples[i].answers()[0] for i in batch]
-            prompts = torch.from_numpy(np.stack([examples[i].prompt() for i in batch]))  # [B, P]
-            new = generate(model, prompts, max(len(a) for a in answers), prefill_chunk=block)
+            prompts = torch.from_numpy(np.stack([examples[i].prompt() for i in batch])).to(device)  # [B, P]
+            new = generate(model, prompts, max(len(a) for a in answers), prefill_chunk=block).cpu()
             for row, (i, answer) in enumerate(zip(batch, answers)):
                 hits[i] = bool(np.array_equal(new[row, : len(answer)].numpy(), answer))
     return hits

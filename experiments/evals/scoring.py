@@ -3,7 +3,8 @@
 A sequence of any length is fed to the model in blocks of `block` tokens (chunked
 prefill), so memory holds one block of activations and logits plus the KV cache,
 which is bounded by chunk_size on chunked layers. Only a per-token reduction of
-each block's logits (NLL, argmax) is kept, never the [B, L, V] logits.
+each block's logits (NLL, argmax) is kept, never the [B, L, V] logits. Inputs move
+to the model's device; scores come back on the CPU.
 
 Shapes: B batch, L sequence, V vocab.
 """
@@ -17,6 +18,12 @@ import torch.nn.functional as F
 
 from models.transformer import Transformer
 
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Where the model's parameters live (CPU for a parameter-free module)."""
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
 Reduce = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits [B, l, V], targets [B, l]) -> [B, l]
 
 
@@ -25,6 +32,7 @@ def score_tokens(model: Transformer, tokens: torch.Tensor, reduce: Reduce, block
     """reduce(logits, next tokens) at every position of tokens [B, L+1] -> [B, L], prefilling `block` at a time."""
     if block < 1:
         raise ValueError(f"block must be >= 1, got {block}")
+    tokens = tokens.to(model_device(model))
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
     batch, length = inputs.shape
     cache = model.make_cache(batch, length)
@@ -33,7 +41,7 @@ def score_tokens(model: Transformer, tokens: torch.Tensor, reduce: Reduce, block
         end = min(start + block, length)
         logits = model(inputs[:, start:end], start_pos=start, cache=cache).logits
         parts.append(reduce(logits, targets[:, start:end]))
-    return torch.cat(parts, dim=1)
+    return torch.cat(parts, dim=1).cpu()
 
 
 def nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
