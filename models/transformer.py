@@ -85,6 +85,13 @@ class Transformer(nn.Module):
         if self.rope_freqs.device.type != "meta":
             self.init_weights()
 
+    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+        """After any move or cast (to, cuda, bfloat16, to_empty), rebuild the RoPE table in fp32 on the
+        new device: a bf16 copy would round every frequency and rotate far positions by wrong angles."""
+        super()._apply(fn, recurse)
+        self.rope_freqs = rope_frequencies(self.cfg.head_size, self.cfg.rope, device=self.rope_freqs.device)
+        return self
+
     @torch.no_grad()
     def init_weights(self) -> None:
         """Llama-style init: inputs N(0, init_std) truncated at 3σ; residual-stream outputs (wo, w2)

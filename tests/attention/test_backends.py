@@ -5,6 +5,8 @@ computes fp32 inputs in bf16): the backend's max abs error against the fp32 refe
 twice SDPA's own bf16 error plus 1e-3, so a backend may round like SDPA but not worse.
 """
 
+import copy
+
 import pytest
 import torch
 
@@ -131,3 +133,40 @@ def test_flex_gradients_on_cuda_match_sdpa() -> None:
         grads.append([t.grad for t in (q, k, v)])
     for want, got in zip(*grads):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["flex", "flash"])
+def test_model_on_cuda_gives_sdpa_logits_with_every_backend(name: str) -> None:
+    """A dense iRoPE model (chunk 64, NoPE every 2nd layer, temperature on): full forward and
+    prefill + decode through the cache with `name` against the SDPA model. fp32 for flex; flash
+    runs in bf16, so its bound is set by the SDPA model run in bf16 (as above)."""
+    if name == "flash":
+        pytest.importorskip("flash_attn", reason="flash-attn is not installed")
+    from models import AttentionConfig, ModelConfig, Transformer
+
+    cfg = ModelConfig(
+        dim=128, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=97, ffn_hidden_dim=256,
+        attention=AttentionConfig(
+            nope_layer_interval=2, chunk_size=64, qk_norm=True, temperature_tuning=True, floor_scale=64.0
+        ),
+    )
+    model = Transformer(cfg).cuda().eval()
+    tokens = torch.randint(0, 97, (2, 300), device="cuda")
+
+    def logits(backend: str, dtype: torch.dtype) -> torch.Tensor:
+        m = copy.deepcopy(model).to(dtype)  # a copy: casting in place would round the fp32 weights
+        m.set_attention(backend=backend)
+        with torch.no_grad():
+            full = m(tokens).logits.float()
+            cache = m.make_cache(2, 300)
+            blocks = [m(tokens[:, :250], cache=cache).logits]
+            blocks += [m(tokens[:, i : i + 1], start_pos=i, cache=cache).logits for i in range(250, 300)]
+        return torch.stack((full, torch.cat(blocks, 1).float()))
+
+    reference = logits("sdpa", torch.float32)
+    if name == "flex":
+        torch.testing.assert_close(logits("flex", torch.float32), reference, atol=1e-4, rtol=0)
+    else:
+        sdpa_err = (logits("sdpa", torch.bfloat16) - reference).abs().max()
+        assert (logits("flash", torch.float32) - reference).abs().max() <= 2 * sdpa_err + 1e-3

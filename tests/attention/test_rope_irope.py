@@ -50,3 +50,16 @@ def test_temperature_values_from_reference() -> None:
     assert s[2].item() == pytest.approx(1.0693, abs=1e-4)
     assert s[3].item() == pytest.approx(1.283, abs=1e-3)
     assert s[4].item() == pytest.approx(1.716, abs=1e-3)
+
+
+def test_rope_table_stays_fp32_when_the_model_is_cast() -> None:
+    from models import Transformer, presets
+
+    cfg = presets.get("llama3.1-tiny")
+    exact = rope_frequencies(cfg.head_size, cfg.rope)
+    model = Transformer(cfg).to(torch.bfloat16)
+    assert model.rope_freqs.dtype == torch.float32 and torch.equal(model.rope_freqs, exact)
+    with torch.device("meta"):
+        meta = Transformer(cfg)
+    meta.to_empty(device="cpu")  # uninitialised memory everywhere, but the RoPE table is rebuilt
+    assert torch.equal(meta.rope_freqs, exact)
