@@ -1,0 +1,296 @@
+"""Checkpoints: atomic saves with a `latest` pointer, exact resume, and loading a trained model.
+
+Layout of `run_dir/checkpoints/`:
+
+    step_<N>/
+        meta.json      step, tokens seen, the process layout (world size, ep_size, ZeRO stage)
+        config.yaml    the resolved run config at save time
+        model.pt       the whole model's state dict (experts of every rank gathered)
+        rank<r>.pt     per rank: optimizer state (its ZeRO partition / its experts' moments),
+                       data position (the batch iterator's state_dict), RNG states
+                       (python, numpy, torch, cuda)
+    latest             one line: the name of the newest complete step_<N> directory
+
+The learning-rate schedule is a pure function of the step, so the step restores it.
+
+Atomicity: all files are written into `.tmp-step_<N>/` and fsynced; then rank 0 renames
+the directory to `step_<N>` (one rename(2)), fsyncs `checkpoints/`, and replaces
+`latest` by writing `latest.tmp`, fsyncing it and renaming it over `latest`. A crash
+(kill -9) at any moment leaves `latest` naming a complete directory: either the previous
+one or the new one. Older `step_<N>` directories beyond `keep` are removed only after
+`latest` moved on (renamed to `.trash-*` first, so a half-deleted one never looks valid).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import random
+import re
+import shutil
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional, Union
+
+import numpy as np
+import torch
+
+from experiments.config import RunConfig, load_run_config
+from experiments.data.tokenizer import Tokenizer
+from models.config import ConfigError
+from models.transformer import Transformer
+
+CHECKPOINTS = "checkpoints"
+LATEST = "latest"
+FORMAT_VERSION = 1
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message names the path and what to do."""
+
+
+@dataclass
+class Checkpoint:
+    """One loaded checkpoint: where it is, its metadata, the full model state and this rank's state."""
+
+    path: Path
+    step: int
+    meta: dict[str, Any]
+    model: dict[str, torch.Tensor]
+    rank_state: dict[str, Any]
+
+
+# ---------------------------------------------------------------------- RNG state
+def rng_state() -> dict[str, Any]:
+    """Python, numpy and torch (CPU and CUDA) generator states of this process."""
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---------------------------------------------------------------------- file helpers
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_file(path: Path, write: Callable[[Any], None]) -> None:
+    with open(path, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _write_text(path: Path, text: str) -> None:
+    _write_file(path, lambda f: f.write(text.encode()))
+
+
+def _step_dirs(root: Path) -> list[tuple[int, Path]]:
+    """(step, path) of the step_<N> directories under checkpoints/, oldest first."""
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
+    return sorted(found)
+
+
+def _remove(path: Path) -> None:
+    """Delete a directory by renaming it out of the way first, so it never looks half-complete."""
+    trash = path.with_name(f".trash-{path.name}-{os.getpid()}")
+    os.rename(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------- save
+def save_checkpoint(
+    run_dir: Union[str, Path],
+    step: int,
+    *,
+    model_state: Optional[dict[str, torch.Tensor]],
+    rank_state: dict[str, Any],
+    meta: dict[str, Any],
+    config_yaml: str,
+    rank: int = 0,
+    barrier: Callable[[], None] = lambda: None,
+    keep: int = 2,
+) -> Path:
+    """Save step `step` atomically (see the module docstring); every rank calls this.
+
+    `model_state` (the full model) is needed on rank 0 only; `rank_state` is this rank's
+    own; `config_yaml` is the resolved run config (`RunConfig.to_yaml()`); `barrier`
+    synchronises the ranks (a no-op in one process). Returns the new path.
+    """
+    root = Path(run_dir) / CHECKPOINTS
+    name = f"step_{step}"
+    tmp = root / f".tmp-{name}"
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    barrier()
+    _write_file(tmp / f"rank{rank}.pt", lambda f: torch.save(rank_state, f))
+    if rank == 0:
+        assert model_state is not None, "rank 0 must pass the full model state"
+        _write_file(tmp / "model.pt", lambda f: torch.save(model_state, f))
+        _write_text(tmp / "config.yaml", config_yaml)
+        _write_text(tmp / "meta.json", json.dumps({**meta, "step": step, "format": FORMAT_VERSION}, indent=1) + "\n")
+    barrier()
+    final = root / name
+    if rank == 0:
+        _fsync_dir(tmp)
+        if final.exists():
+            _remove(final)  # a leftover of an earlier attempt at this step; `latest` never names it here
+        os.rename(tmp, final)
+        _fsync_dir(root)
+        pointer = root / f"{LATEST}.tmp"
+        _write_text(pointer, name + "\n")
+        os.replace(pointer, root / LATEST)
+        _fsync_dir(root)
+        _prune(root, keep, current=final)
+    barrier()
+    return final
+
+
+def _prune(root: Path, keep: int, current: Path) -> None:
+    """Remove all but the newest `keep` step directories (never `current`), and stale temporaries."""
+    for _, path in _step_dirs(root)[:-keep]:
+        if path != current:
+            _remove(path)
+    for path in root.iterdir():
+        if path.name.startswith(".trash-") or (path.name.startswith(".tmp-") and path != current):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------- load
+def latest_checkpoint(run_dir: Union[str, Path]) -> Optional[Path]:
+    """The directory `checkpoints/latest` names, or None when the run has no checkpoint yet."""
+    root = Path(run_dir) / CHECKPOINTS
+    pointer = root / LATEST
+    if not pointer.exists():
+        return None
+    name = pointer.read_text().strip()
+    if not _STEP_DIR.match(name):
+        raise CheckpointError(f"{pointer} should name a step_<N> directory but holds {name[:80]!r}; fix or delete it")
+    path = root / name
+    if not path.is_dir():
+        raise CheckpointError(f"{pointer} names {path}, which does not exist; point it at an existing step_<N>")
+    return path
+
+
+def checkpoint_path(run_dir: Union[str, Path], step: Optional[int] = None) -> Path:
+    """The checkpoint of `step`, or the latest one; CheckpointError if there is none."""
+    if step is None:
+        path = latest_checkpoint(run_dir)
+        if path is None:
+            raise CheckpointError(f"{run_dir} has no checkpoint ({Path(run_dir) / CHECKPOINTS / LATEST} is missing)")
+        return path
+    path = Path(run_dir) / CHECKPOINTS / f"step_{step}"
+    if not path.is_dir():
+        have = [s for s, _ in _step_dirs(Path(run_dir) / CHECKPOINTS)]
+        raise CheckpointError(f"{path} does not exist; this run has checkpoints at steps {have}")
+    return path
+
+
+def _load_file(path: Path, weights_only: bool) -> Any:
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file {path} is missing; the checkpoint is incomplete")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=weights_only)
+    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as e:
+        raise CheckpointError(
+            f"checkpoint file {path} is unreadable ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+            "delete that checkpoint directory and point checkpoints/latest at an earlier step_<N>"
+        ) from None
+
+
+def read_meta(path: Path) -> dict[str, Any]:
+    """meta.json of a checkpoint directory."""
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path / 'meta.json'} is missing or corrupt ({e}); the checkpoint is unusable") from None
+    if meta.get("format") != FORMAT_VERSION:
+        raise CheckpointError(f"{path} has checkpoint format {meta.get('format')}, this code reads {FORMAT_VERSION}")
+    return meta
+
+
+def load_checkpoint(path: Path, rank: int = 0) -> Checkpoint:
+    """Read a checkpoint directory: metadata, full model state and rank `rank`'s state.
+
+    The rank file holds optimizer objects (DeepSpeed's ZeRO state among them), so it is
+    read with full unpickling: load only checkpoints you wrote.
+    """
+    meta = read_meta(path)
+    model = _load_file(path / "model.pt", weights_only=True)
+    rank_state = _load_file(path / f"rank{rank}.pt", weights_only=False)
+    return Checkpoint(path=path, step=int(meta["step"]), meta=meta, model=model, rank_state=rank_state)
+
+
+def load_config(path: Path) -> RunConfig:
+    """The resolved run config stored with a checkpoint."""
+    try:
+        return load_run_config(path / "config.yaml", check_paths=False)
+    except ConfigError as e:
+        raise CheckpointError(f"{path / 'config.yaml'} cannot be loaded: {e}") from None
+
+
+def load_model(
+    run_dir: Union[str, Path], step: Optional[int] = None, device: Union[str, torch.device] = "cpu"
+) -> tuple[Transformer, RunConfig]:
+    """The trained model of a run (latest checkpoint, or `step`) in eval mode, with its run config.
+
+    Works for runs trained with any number of processes: the checkpoint holds the whole model.
+    """
+    path = checkpoint_path(run_dir, step)
+    cfg = load_config(path)
+    read_meta(path)
+    state = _load_file(path / "model.pt", weights_only=True)
+    with torch.device("meta"):
+        model = Transformer(cfg.model)
+    model.to_empty(device=device)
+    model.init_weights()  # fills the non-persistent buffers (RoPE frequencies)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise CheckpointError(f"{path / 'model.pt'} does not match its config.yaml: {str(e)[:300]}") from None
+    return model.eval(), cfg
+
+
+def load_tokenizer(run_dir: Union[str, Path], step: Optional[int] = None) -> Tokenizer:
+    """The tokenizer a run was trained with."""
+    return load_config(checkpoint_path(run_dir, step)).tokenizer.build()
+
+
+__all__ = [
+    "Checkpoint",
+    "CheckpointError",
+    "checkpoint_path",
+    "latest_checkpoint",
+    "load_checkpoint",
+    "load_config",
+    "load_model",
+    "load_tokenizer",
+    "read_meta",
+    "rng_state",
+    "save_checkpoint",
+    "set_rng_state",
+]

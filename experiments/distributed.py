@@ -1,0 +1,352 @@
+"""Multi-process training: the launcher, process groups, expert parallelism and the DeepSpeed engine.
+
+The model is built as plain single-device PyTorch; everything distributed is applied
+afterwards, here, in this order:
+
+1. `launch(nproc, argv)` starts `llamoe train argv` in nproc local processes through
+   DeepSpeed's launcher (`deepspeed.launcher.runner`), which sets RANK / WORLD_SIZE /
+   LOCAL_RANK / MASTER_ADDR / MASTER_PORT for every worker. On several nodes run
+   DeepSpeed's launcher yourself with a hostfile (see the README).
+2. `init_world(cfg)` in each worker joins the process group through DeepSpeed
+   (gloo on CPU, NCCL on GPU) and, for `distributed.ep_size` > 1, creates DeepSpeed's
+   expert-parallel and expert-data-parallel groups (`deepspeed.utils.groups`,
+   group name "ep_size_<n>": ranks [0..n), [n..2n), ... hold one copy of all experts
+   each; ranks with the same position in those groups hold the same experts).
+3. `shard_experts(model, world)` keeps each rank's slice of the routed experts
+   (`moe.layer.MoE.set_expert_parallel`: tokens then reach their experts by all-to-all
+   in moe/dispatch.py) and marks the expert parameters the way DeepSpeed's MoE expects
+   (`allreduce = False`, `group_name`), so their gradients are averaged over the
+   expert-data-parallel group instead of the whole world.
+4. `DeepSpeedStepper` wraps `deepspeed`'s engine (ZeRO stage 0-2) around the model and
+   a torch AdamW whose parameter groups are split into dense and MoE groups by
+   `deepspeed.moe.utils.split_params_into_different_moe_groups_for_optimizer`.
+
+Two things DeepSpeed does not do for a model whose MoE layers are not DeepSpeed's own
+`deepspeed.moe.layer.MoE`, and what is done instead:
+
+- The engine switches its expert-parallel gradient path on only when it finds its own
+  MoE modules. `_ExpertParallelEngine` switches it on when expert parameters are marked.
+- DeepSpeed's stage-0 gradient clipping averages per-rank gradient norms, which is not
+  the global norm once ranks hold different experts. At stage 0 the engine's clipping is
+  off and `clip_grad_norm` below computes the exact global norm (replicated parameters
+  once, expert parameters summed over the expert-parallel group). At stages 1-2
+  DeepSpeed's ZeRO optimizer clips with its own global norm.
+
+bf16 runs use torch.autocast with fp32 weights, gradients and optimizer states in both
+the single-process and the DeepSpeed path (DeepSpeed's own bf16 mode is not enabled), so
+the two paths compute the same thing.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from experiments.config import RunConfig
+from moe.layer import MoE
+
+
+@dataclass
+class World:
+    """This process's place in the run: rank, device, and its expert-parallel group."""
+
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    ep_size: int = 1
+    ep_rank: int = 0
+    ep_group: Any = None
+    ep_group_name: Optional[str] = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        """Sum (or average, op="mean") `tensor` over all ranks, in place; returns it."""
+        if self.distributed:
+            dist.all_reduce(tensor)
+            if op == "mean":
+                tensor /= self.size
+        return tensor
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name, "")
+    return int(value) if value.isdigit() else default
+
+
+def init_world(cfg: RunConfig) -> World:
+    """Join the process group the launcher set up (if any) and create the expert-parallel groups."""
+    size = _env_int("WORLD_SIZE", 1)
+    local_rank = _env_int("LOCAL_RANK", 0)
+    use_cuda = cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available())
+    if use_cuda:
+        device = torch.device("cuda", local_rank if size > 1 else torch.cuda.current_device())
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if size == 1:
+        return World(device=device)
+
+    import deepspeed
+    from deepspeed.utils import groups
+
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        # the launcher does not split the cores between the local ranks; oversubscribing them is slow
+        local_size = _env_int("LOCAL_SIZE", _env_int("LOCAL_WORLD_SIZE", size))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_size))
+    backend = cfg.distributed.backend
+    if backend == "auto":
+        backend = "nccl" if device.type == "cuda" else "gloo"
+    deepspeed.init_distributed(dist_backend=backend)
+    world = World(rank=dist.get_rank(), size=dist.get_world_size(), local_rank=local_rank, device=device)
+    ep = cfg.distributed.ep_size
+    if ep > 1:
+        name = f"ep_size_{ep}"
+        if name not in groups._get_expert_parallel_group_dict():
+            groups._create_expert_and_data_parallel(ep)
+        world.ep_size = ep
+        world.ep_group_name = name
+        world.ep_group = groups._get_expert_parallel_group(name)
+        world.ep_rank = groups._get_expert_parallel_rank(name)
+    return world
+
+
+# ---------------------------------------------------------------------- expert parallelism
+def moe_layers(model: nn.Module) -> list[MoE]:
+    return [m for m in model.modules() if isinstance(m, MoE)]
+
+
+def is_expert_param(param: nn.Parameter) -> bool:
+    """True for routed-expert parameters sharded by expert parallelism (DeepSpeed's MoE marking)."""
+    return getattr(param, "allreduce", True) is False
+
+
+def shard_experts(model: nn.Module, world: World) -> None:
+    """Keep this rank's experts in every MoE layer and mark them for DeepSpeed (call before the optimizer)."""
+    if world.ep_size == 1:
+        return
+    for layer in moe_layers(model):
+        layer.set_expert_parallel(world.ep_group, world.ep_rank, world.ep_size)
+        for param in layer.experts.parameters():
+            param.allreduce = False  # type: ignore[attr-defined]
+            param.group_name = world.ep_group_name  # type: ignore[attr-defined]
+
+
+def full_state_dict(model: nn.Module, world: World) -> dict[str, torch.Tensor]:
+    """The state dict of the whole model, experts of every rank included (collective; complete on rank 0).
+
+    Under expert parallelism each rank holds experts [ep_rank·E_l, (ep_rank+1)·E_l) along
+    dim 0 of every expert tensor; they are gathered over the expert-parallel group, so
+    the result loads into an unsharded model of the same config.
+    """
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    if world.ep_size == 1:
+        return state
+    for name, param in model.named_parameters():
+        if is_expert_param(param):
+            parts = [torch.empty_like(param.data) for _ in range(world.ep_size)]
+            dist.all_gather(parts, param.data.contiguous(), group=world.ep_group)
+            state[name] = torch.cat(parts, dim=0).cpu()  # [E, ...] in global expert order
+    return state
+
+
+def all_reduce_expert_load(model: nn.Module, world: World) -> None:
+    """Sum the routers' aux-loss-free load counters over all ranks, so every replica updates its bias alike."""
+    if not world.distributed:
+        return
+    for layer in moe_layers(model):
+        load = getattr(layer.router, "expert_load", None)
+        if load is not None:
+            dist.all_reduce(load)
+
+
+# ---------------------------------------------------------------------- gradient norm
+def clip_grad_norm(params: Iterable[nn.Parameter], max_norm: float, world: World) -> torch.Tensor:
+    """Clip gradients (already averaged over data-parallel ranks) to global L2 norm `max_norm`; return the norm.
+
+    Replicated parameters count once; expert parameters differ between the ranks of an
+    expert-parallel group, so their squared norms are summed over that group. max_norm 0
+    only measures.
+    """
+    params = [p for p in params if p.grad is not None]
+    dense = [p.grad.detach().float() for p in params if not is_expert_param(p)]
+    expert = [p.grad.detach().float() for p in params if is_expert_param(p)]
+    device = params[0].grad.device if params else world.device
+    dense_sq = torch.stack([g.square().sum() for g in dense]).sum() if dense else torch.zeros((), device=device)
+    expert_sq = torch.stack([g.square().sum() for g in expert]).sum() if expert else torch.zeros((), device=device)
+    if world.ep_size > 1:
+        dist.all_reduce(expert_sq, group=world.ep_group)
+    norm = (dense_sq + expert_sq).sqrt()
+    if max_norm > 0:
+        scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)  # torch.nn.utils.clip_grad_norm_'s rule
+        for p in params:
+            p.grad.detach().mul_(scale.to(p.grad.device))
+    return norm
+
+
+# ---------------------------------------------------------------------- DeepSpeed engine
+def deepspeed_config(cfg: RunConfig, world: World) -> dict[str, Any]:
+    """The ds_config this run uses: batch layout, ZeRO stage, fp32 (autocast handles bf16), clipping."""
+    zero: dict[str, Any] = {"stage": cfg.distributed.zero_stage}
+    if cfg.distributed.zero_stage > 0:
+        # DeepSpeed's MoE support in ZeRO asserts reduce_scatter and contiguous gradients
+        zero.update(reduce_scatter=True, contiguous_gradients=True, overlap_comm=world.device.type == "cuda")
+    return {
+        "train_batch_size": cfg.train.batch_size,
+        "train_micro_batch_size_per_gpu": cfg.micro_batch(world.size),
+        "gradient_accumulation_steps": cfg.grad_accum_steps(world.size),
+        "zero_optimization": zero,
+        "gradient_clipping": cfg.optim.grad_clip if cfg.distributed.zero_stage > 0 else 0.0,
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+
+
+def _engine_class() -> type:
+    from deepspeed import DeepSpeedEngine
+
+    class _ExpertParallelEngine(DeepSpeedEngine):
+        """DeepSpeed's engine, told that the model has MoE layers when expert parameters are marked.
+
+        DeepSpeed detects MoE only through its own `deepspeed.moe.layer.MoE` modules; our
+        layers are plain PyTorch, so the flag is set from the parameter marking instead,
+        before the engine builds its (ZeRO) optimizer and gradient reduction.
+        """
+
+        def _configure_distributed_model(self, model: nn.Module) -> None:
+            super()._configure_distributed_model(model)
+            if any(is_expert_param(p) for p in model.parameters()):
+                self.has_moe_layers = True
+
+    return _ExpertParallelEngine
+
+
+def moe_param_groups(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Split optimizer parameter groups into dense and per-expert-group MoE groups, as DeepSpeed's ZeRO needs."""
+    from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+    return split_params_into_different_moe_groups_for_optimizer(groups)
+
+
+class DeepSpeedStepper:
+    """Forward, backward and optimizer step through a DeepSpeed engine (ZeRO 0-2, expert parallelism)."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, cfg: RunConfig, world: World) -> None:
+        from deepspeed import comm as ds_comm
+        from deepspeed.runtime.config import DeepSpeedConfig
+
+        ds_config = deepspeed_config(cfg, world)
+        ds_comm.init_distributed(dist_backend=dist.get_backend())
+        engine_cls = _engine_class()
+        self.engine = engine_cls(
+            args=None, model=model, optimizer=optimizer, config=ds_config, config_class=DeepSpeedConfig(ds_config)
+        )
+        self.world = world
+        self.zero_stage = cfg.distributed.zero_stage
+        self.grad_clip = cfg.optim.grad_clip
+        self.base_optimizer = optimizer  # its param_groups carry the learning rate
+
+    @property
+    def module(self) -> nn.Module:
+        return self.engine.module
+
+    def forward(self, tokens: torch.Tensor) -> Any:
+        return self.engine(tokens)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backward of one micro batch's mean loss; DeepSpeed divides by the accumulation steps."""
+        self.engine.backward(loss)
+
+    def step(self) -> float:
+        """Clip, step the optimizer, clear gradients; return the global gradient norm before clipping."""
+        if self.zero_stage == 0:
+            norm = float(clip_grad_norm(self.engine.module.parameters(), self.grad_clip, self.world))
+            self.engine.step()
+            return norm
+        self.engine.step()
+        return float(self.engine.get_global_grad_norm())
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.base_optimizer.param_groups:
+            group["lr"] = lr
+
+    def optimizer_state(self) -> dict[str, Any]:
+        """This rank's optimizer state (its ZeRO partition at stages 1-2, its experts' moments under EP)."""
+        return self.engine.optimizer.state_dict()
+
+    def load_optimizer_state(self, state: dict[str, Any]) -> None:
+        if self.zero_stage == 0:
+            self.engine.optimizer.load_state_dict(state)
+            return
+        # ZeRO reads the entry of this data-parallel rank; fp32 partitions come from the checkpoint
+        states: list[Any] = [None] * self.world.size
+        states[self.world.rank] = state
+        self.engine.optimizer.load_state_dict(states, load_optimizer_states=True, load_from_fp32_weights=True)
+
+
+# ---------------------------------------------------------------------- launcher
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def launch(nproc: int, argv: list[str]) -> int:
+    """Run `llamoe train argv` in `nproc` local worker processes via DeepSpeed's launcher; return its status."""
+    root = str(Path(__file__).resolve().parent.parent)  # workers import this checkout's packages
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    if not torch.cuda.is_available():
+        env.setdefault("DS_ACCELERATOR", "cpu")
+    cmd = [
+        sys.executable,
+        "-m",
+        "deepspeed.launcher.runner",
+        f"--num_gpus={nproc}",
+        f"--master_port={_free_port()}",
+        "--no_local_rank",
+        "--log_level=warning",
+        "--module",
+        "experiments.cli",
+        "train",
+        *argv,
+    ]
+    return subprocess.call(cmd, env=env)
+
+
+__all__ = [
+    "DeepSpeedStepper",
+    "World",
+    "all_reduce_expert_load",
+    "clip_grad_norm",
+    "deepspeed_config",
+    "full_state_dict",
+    "init_world",
+    "is_expert_param",
+    "launch",
+    "moe_layers",
+    "moe_param_groups",
+    "shard_experts",
+]

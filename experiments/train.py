@@ -1,0 +1,591 @@
+"""The one training loop, for a single process or DeepSpeed workers (`llamoe train`).
+
+One optimizer step on each rank:
+    batch [B_rank, L] of packed windows -> split into micro batches of train.micro_batch_size
+    per micro batch: logits = model(tokens); loss = cross-entropy + MoE aux losses; backward
+    clip the global gradient norm (optim.grad_clip), AdamW step, aux-loss-free bias update
+The global batch train.batch_size (in sequences) is the same whatever the number of
+processes and micro batch size, and so are the data it sees (see experiments/data/batches.py).
+
+Optimizer (see OptimConfig): AdamW with decoupled weight decay on matrices only. Norm
+gains are scale parameters that decay would pull towards zero, and embedding rows of rare
+tokens get few gradient updates, so decay would mostly erase them; neither is decayed.
+The learning rate is a pure function of the step (linear warmup, cosine decay), so a
+checkpoint's step restores the schedule.
+
+Outputs in run_dir: config.yaml (resolved), metrics.jsonl (one JSON object per logged
+step, see `_Metrics`), checkpoints/ (experiments/checkpoint.py). Progress: a tqdm bar on an
+interactive terminal, plain log lines otherwise. A non-finite loss or gradient norm stops
+the run with `TrainingDiverged` before the optimizer applies it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Optional, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from experiments import checkpoint as ckpt_io
+from experiments.config import ConfigError, OptimConfig, RunConfig, load_run_config
+from experiments.data.batches import MixedBatches, PackedBatches, ResumableBatches, ValidationBatches
+from experiments.data.corpus import load_corpus
+from experiments.data.tasks import IGNORE_INDEX, task_sources
+from experiments.data.tokenizer import Tokenizer
+from experiments.distributed import (
+    World,
+    all_reduce_expert_load,
+    clip_grad_norm,
+    full_state_dict,
+    init_world,
+    launch,
+    moe_param_groups,
+    shard_experts,
+)
+from models.transformer import ModelOutput, Transformer
+from moe.layer import update_expert_biases
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or gradient norm became NaN or infinite."""
+
+
+# ---------------------------------------------------------------------- optimizer and schedule
+def lr_at(step: int, optim: OptimConfig, max_steps: int) -> float:
+    """Learning rate of optimizer step `step` (0-based): linear warmup, then cosine to lr·min_lr_ratio."""
+    if step < optim.warmup_steps:
+        return optim.lr * (step + 1) / optim.warmup_steps
+    horizon = optim.decay_steps or max_steps
+    progress = min((step - optim.warmup_steps) / max(horizon - optim.warmup_steps, 1), 1.0)
+    cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
+    return optim.lr * (optim.min_lr_ratio + (1.0 - optim.min_lr_ratio) * cosine)
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: matrices decay; norm gains (1-D) and embedding tables do not (see the module docstring)."""
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (no_decay if param.ndim < 2 or id(param) in embeddings else decay).append(param)
+    return [
+        {"name": "decay", "params": decay, "weight_decay": weight_decay},
+        {"name": "no_decay", "params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def build_optimizer(model: nn.Module, cfg: RunConfig, world: World) -> torch.optim.Optimizer:
+    groups = param_groups(model, cfg.optim.weight_decay)
+    if world.ep_size > 1:
+        groups = moe_param_groups(groups)
+    o = cfg.optim
+    return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay)
+
+
+class Stepper(Protocol):
+    """How a step runs: a plain optimizer in one process, or DeepSpeed's engine (experiments/distributed.py)."""
+
+    @property
+    def module(self) -> nn.Module: ...
+
+    def forward(self, tokens: torch.Tensor) -> ModelOutput: ...
+
+    def backward(self, loss: torch.Tensor) -> None: ...
+
+    def step(self) -> float: ...
+
+    def set_lr(self, lr: float) -> None: ...
+
+    def optimizer_state(self) -> dict[str, Any]: ...
+
+    def load_optimizer_state(self, state: dict[str, Any]) -> None: ...
+
+
+class LocalStepper:
+    """Single process: gradients accumulate over micro batches, then clip and step."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, cfg: RunConfig, world: World) -> None:
+        self.model = model
+        self.optimizer = optimizer
+        self.accum = cfg.grad_accum_steps(world.size)
+        self.grad_clip = cfg.optim.grad_clip
+        self.world = world
+
+    @property
+    def module(self) -> nn.Module:
+        return self.model
+
+    def forward(self, tokens: torch.Tensor) -> ModelOutput:
+        return self.model(tokens)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss / self.accum).backward()
+
+    def step(self) -> float:
+        norm = float(clip_grad_norm(self.model.parameters(), self.grad_clip, self.world))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def optimizer_state(self) -> dict[str, Any]:
+        return self.optimizer.state_dict()
+
+    def load_optimizer_state(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state)
+
+
+# ---------------------------------------------------------------------- data
+def train_batches(cfg: RunConfig, tokenizer: Tokenizer, world: World) -> ResumableBatches:
+    """This rank's endless training batches of batch_size / world_size sequences: the corpus, mixed
+    with synthetic task batches when data.tasks asks for them."""
+    corpus = load_corpus(
+        cfg.data.source, tokenizer, "train", cfg.data.cache_dir, val_fraction=cfg.data.val_fraction
+    )
+    t, per_rank = cfg.train, cfg.train.batch_size // world.size
+    packed = PackedBatches(corpus, t.seq_len, per_rank, t.seed, world.rank, world.size)
+    mix = cfg.data.tasks
+    if not mix.weights():
+        return packed
+    sources: list[tuple[ResumableBatches, float]] = []
+    if mix.corpus_weight > 1e-9:
+        sources.append((packed, mix.corpus_weight))
+    sources += task_sources(mix, tokenizer, t.seq_len, per_rank, t.seed, world.rank, world.size, corpus.tokens)
+    return MixedBatches(sources, t.seed)
+
+
+def val_batches(cfg: RunConfig, tokenizer: Tokenizer, world: World) -> ValidationBatches:
+    """The fixed validation windows of this rank, in micro batches."""
+    corpus = load_corpus(cfg.data.source, tokenizer, "val", cfg.data.cache_dir, val_fraction=cfg.data.val_fraction)
+    return ValidationBatches(
+        corpus, cfg.train.seq_len, cfg.micro_batch(world.size), cfg.train.val_batches, world.rank, world.size
+    )
+
+
+def lm_loss(out: ModelOutput, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy in fp32 over the positions whose target is not IGNORE_INDEX
+    (task batches train on their answers only)."""
+    return F.cross_entropy(out.logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+
+
+@torch.no_grad()
+def validation_loss(model: nn.Module, batches: ValidationBatches, world: World, autocast: Any) -> float:
+    """Mean cross-entropy over the validation windows of all ranks."""
+    model.eval()
+    total = torch.zeros(2, device=world.device, dtype=torch.float64)  # [sum of row losses, rows]
+    for inputs, targets in batches:
+        inputs, targets = inputs.to(world.device), targets.to(world.device)
+        with autocast:
+            out = model(inputs)
+        total[0] += lm_loss(out, targets).double() * inputs.shape[0]
+        total[1] += inputs.shape[0]
+    model.train()
+    world.all_reduce(total)
+    return float(total[0] / total[1])
+
+
+# ---------------------------------------------------------------------- metrics
+class _RouterStats:
+    """Sums the per-layer router stats of a logging window (counts summed, everything else averaged)."""
+
+    COUNTS = ("tokens_per_expert",)
+
+    def __init__(self) -> None:
+        self.sums: dict[int, dict[str, torch.Tensor]] = {}
+        self.n = 0
+
+    def add(self, stats: dict[int, dict[str, torch.Tensor]]) -> None:
+        if not stats:
+            return
+        self.n += 1
+        for layer, layer_stats in stats.items():
+            acc = self.sums.setdefault(layer, {})
+            for name, value in layer_stats.items():
+                value = value.detach().double()
+                acc[name] = acc[name] + value if name in acc else value.clone()
+
+    def reduce(self, world: World) -> dict[str, Any]:
+        """Metrics fields: `router` {layer: {stat: value}} plus layer means/maxima; resets the window."""
+        if not self.sums:
+            return {}
+        keys = [(layer, name) for layer in sorted(self.sums) for name in sorted(self.sums[layer])]
+        flat = torch.cat([self.sums[layer][name].reshape(-1) for layer, name in keys])
+        world.all_reduce(flat)  # every rank logs the same steps, so the stats line up
+        router: dict[str, dict[str, Any]] = {}
+        offset = 0
+        for layer, name in keys:
+            size = self.sums[layer][name].numel()
+            value = flat[offset : offset + size]
+            offset += size
+            if name not in self.COUNTS:
+                value = value / (self.n * world.size)
+            router.setdefault(str(layer), {})[name] = value.tolist() if size > 1 or name in self.COUNTS else float(value)
+        self.sums, self.n = {}, 0
+        out: dict[str, Any] = {}
+        for name in ("load_imbalance", "dropped_frac", "router_entropy"):
+            values = [s[name] for s in router.values() if name in s]
+            if values:
+                out[name] = sum(values) / len(values)
+        if "load_imbalance" in out:
+            out["load_imbalance_max"] = max(s["load_imbalance"] for s in router.values())
+        out["router"] = router
+        return out
+
+
+class _Metrics:
+    """metrics.jsonl (rank 0) plus the console: a tqdm bar on a terminal, plain lines otherwise.
+
+    Row fields: step, loss (mean cross-entropy over the steps since the previous row),
+    aux_loss (same, weighted MoE aux losses), lr, tokens (seen so far, all ranks),
+    tokens_per_s (since the previous row), grad_norm (of the last step, before clipping),
+    elapsed_s, val_loss (on validation steps), and for MoE models load_imbalance
+    (max/mean expert load, mean over layers), load_imbalance_max, dropped_frac,
+    router_entropy and `router`: {layer: {tokens_per_expert: [...], ...every router stat}}.
+    """
+
+    def __init__(self, cfg: RunConfig, world: World, start_step: int) -> None:
+        self.enabled = world.is_main
+        self.path = Path(cfg.run_dir) / "metrics.jsonl"
+        self.max_steps = cfg.train.max_steps
+        self.bar = None
+        if self.enabled:
+            _truncate_metrics(self.path, start_step)
+            show = cfg.train.progress if cfg.train.progress is not None else sys.stderr.isatty()
+            if show:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=self.max_steps, initial=start_step, desc="train", dynamic_ncols=True)
+
+    def say(self, message: str) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(message)
+        else:
+            print(message, flush=True)
+
+    def step_done(self, loss: float, tokens_per_s: float) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
+
+    def write(self, row: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.bar is None or "val_loss" in row:
+            val = f" | val {row['val_loss']:.4f}" if "val_loss" in row else ""
+            moe = f" | imbalance {row['load_imbalance']:.2f}" if "load_imbalance" in row else ""
+            self.say(
+                f"step {row['step']}/{self.max_steps} | loss {row['loss']:.4f}{val} | lr {row['lr']:.2e} | "
+                f"grad {row['grad_norm']:.3f} | {row['tokens_per_s']:,.0f} tok/s{moe}"
+            )
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _truncate_metrics(path: Path, last_step: int) -> None:
+    """Drop rows after `last_step` (logged after the checkpoint a run resumes from), and any torn line."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if row.get("step", 0) <= last_step:
+            keep.append(line + "\n")
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(keep))
+    os.replace(tmp, path)
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The rows of a run's metrics.jsonl."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+# ---------------------------------------------------------------------- resume checks
+def _check_resumable(saved: dict[str, Any], cfg: RunConfig, world: World, meta: dict[str, Any], path: Path) -> None:
+    """Refuse to resume a checkpoint whose model, data layout or process layout differs from this run's."""
+    current = cfg.to_dict()
+    keys = ["train.seq_len", "train.batch_size", "train.seed", "data.source", "data.val_fraction", "tokenizer.kind"]
+    if saved.get("model") != current["model"]:
+        raise ConfigError("model", f"{path} holds a different model than this config; use a new run_dir")
+    for key in keys:
+        section, name = key.split(".")
+        if saved.get(section, {}).get(name) != current[section][name]:
+            raise ConfigError(
+                key,
+                f"{path} was trained with {key}={saved.get(section, {}).get(name)!r}, this run has "
+                f"{current[section][name]!r}; use the same value to resume, or a new run_dir",
+            )
+    layout = {"world_size": world.size, "ep_size": world.ep_size, "zero_stage": cfg.distributed.zero_stage}
+    for key, value in layout.items():
+        if meta.get(key) != value:
+            what = "--nproc" if key == "world_size" else f"distributed.{key}"
+            raise ConfigError(
+                what, f"{path} was saved with {key}={meta.get(key)}, this run has {value}; resume with the same layout"
+            )
+
+
+# ---------------------------------------------------------------------- the loop
+def train(cfg: RunConfig) -> dict[str, Any]:
+    """Train (or resume) the run `cfg` describes; return a summary.
+
+    Summary keys: run_dir, steps, final_loss (last logged training loss), val_loss (at the
+    last step), tokens, tokens_per_s (this invocation's mean), params, active_params,
+    flops_per_token (training FLOPs per token at train.seq_len), wall_s.
+    Run under DeepSpeed's launcher (WORLD_SIZE > 1) it trains data parallel, with ZeRO and
+    expert parallelism as configured.
+    """
+    t0 = time.perf_counter()
+    world = init_world(cfg)
+    run_dir = Path(cfg.run_dir)
+    summary: dict[str, Any] = {
+        "run_dir": str(run_dir),
+        "params": cfg.model.num_params(),
+        "active_params": cfg.model.num_active_params(),
+        "flops_per_token": cfg.model.flops_per_token(cfg.train.seq_len),
+    }
+
+    resume_path = ckpt_io.latest_checkpoint(run_dir)
+    if resume_path is not None:
+        meta = ckpt_io.read_meta(resume_path)
+        saved_cfg = ckpt_io.load_config(resume_path)
+        _check_resumable(saved_cfg.to_dict(), cfg, world, meta, resume_path)
+        if meta["step"] >= cfg.train.max_steps:
+            rows = read_metrics(run_dir)
+            if world.is_main:
+                print(f"{resume_path} is at step {meta['step']} >= train.max_steps={cfg.train.max_steps}; nothing to do")
+            vals = [r["val_loss"] for r in rows if "val_loss" in r]
+            return {
+                **summary,
+                "steps": meta["step"],
+                "final_loss": rows[-1]["loss"] if rows else None,
+                "val_loss": vals[-1] if vals else None,
+                "tokens": meta["tokens"],
+                "tokens_per_s": None,
+                "wall_s": time.perf_counter() - t0,
+            }
+    if world.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        cfg.save(run_dir / "config.yaml")
+
+    tokenizer = cfg.tokenizer.build()
+    batches = train_batches(cfg, tokenizer, world)
+    validation = val_batches(cfg, tokenizer, world)
+
+    torch.manual_seed(cfg.train.seed)
+    with torch.device(world.device):
+        model = Transformer(cfg.model)
+    state = ckpt_io.load_checkpoint(resume_path, world.rank) if resume_path is not None else None
+    if state is not None:
+        model.load_state_dict(state.model)
+    shard_experts(model, world)
+    optimizer = build_optimizer(model, cfg, world)
+    stepper: Stepper
+    if world.distributed:
+        from experiments.distributed import DeepSpeedStepper
+
+        stepper = DeepSpeedStepper(model, optimizer, cfg, world)
+    else:
+        stepper = LocalStepper(model, optimizer, cfg, world)
+
+    start = 0
+    if state is not None:
+        stepper.load_optimizer_state(state.rank_state["optimizer"])
+        batches.load_state_dict(state.rank_state["data"])
+        ckpt_io.set_rng_state(state.rank_state["rng"])
+        start = state.step
+        if world.is_main:
+            print(f"resuming from {state.path} at step {start}", flush=True)
+        del state
+
+    metrics = _Metrics(cfg, world, start)
+    try:
+        result = _loop(cfg, world, stepper, batches, validation, metrics, start)
+    finally:
+        metrics.close()
+    return {**summary, **result, "wall_s": time.perf_counter() - t0}
+
+
+def _loop(
+    cfg: RunConfig,
+    world: World,
+    stepper: Stepper,
+    batches: ResumableBatches,
+    validation: ValidationBatches,
+    metrics: _Metrics,
+    start: int,
+) -> dict[str, Any]:
+    t = cfg.train
+    model = stepper.module
+    model.train()
+    micro = cfg.micro_batch(world.size)
+    accum = cfg.grad_accum_steps(world.size)
+    tokens_per_step = t.batch_size * t.seq_len
+    bf16 = t.precision == "bf16"
+    autocast = torch.autocast(world.device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+    router = _RouterStats()
+    config_yaml = cfg.to_yaml()  # saved with every checkpoint
+
+    window_losses = torch.zeros(2, dtype=torch.float64)  # [cross-entropy, aux] summed over the window's steps
+    window_steps, window_start = 0, time.perf_counter()
+    run_start, val_loss, last_row = time.perf_counter(), None, None
+    for step in range(start, t.max_steps):
+        lr = lr_at(step, cfg.optim, t.max_steps)
+        stepper.set_lr(lr)
+        inputs, targets = next(batches)
+        losses = torch.zeros(2, device=world.device)  # [cross-entropy, aux] summed over micro batches
+        for x, y in zip(inputs.split(micro), targets.split(micro)):
+            x, y = x.to(world.device, non_blocking=True), y.to(world.device, non_blocking=True)
+            with autocast:
+                out = stepper.forward(x)
+            ce = lm_loss(out, y)
+            stepper.backward(ce + out.aux_loss)
+            losses += torch.stack([ce.detach(), out.aux_loss.detach().float()])
+            router.add(out.router_stats)
+        ce_loss, aux_loss = world.all_reduce(losses / accum, "mean").tolist()
+        if not math.isfinite(ce_loss + aux_loss):
+            raise TrainingDiverged(
+                f"step {step + 1}: the loss is not finite (cross-entropy {ce_loss}, aux {aux_loss}) at lr {lr:.3g}; "
+                "the optimizer step was not applied. Lower optim.lr or raise optim.warmup_steps, then resume "
+                "from the last checkpoint (rerun the same command) or start a new run_dir"
+            )
+        grad_norm = stepper.step()
+        if not math.isfinite(grad_norm):
+            raise TrainingDiverged(
+                f"step {step + 1}: the gradient norm is {grad_norm} (loss {ce_loss:.4f}); lower optim.lr or set "
+                "optim.grad_clip, then rerun from the last checkpoint"
+            )
+        all_reduce_expert_load(model, world)
+        update_expert_biases(model)
+
+        done = step + 1
+        window_losses += torch.tensor([ce_loss, aux_loss], dtype=torch.float64)
+        window_steps += 1
+        elapsed = time.perf_counter() - window_start
+        metrics.step_done(ce_loss, window_steps * tokens_per_step / max(elapsed, 1e-9))
+        last = done == t.max_steps
+        validate_now = last or (t.val_every > 0 and done % t.val_every == 0)
+        if validate_now or done % t.log_every == 0:
+            row: dict[str, Any] = {
+                "step": done,
+                "loss": float(window_losses[0] / window_steps),
+                "aux_loss": float(window_losses[1] / window_steps),
+                "lr": lr,
+                "tokens": done * tokens_per_step,
+                "tokens_per_s": window_steps * tokens_per_step / max(elapsed, 1e-9),
+                "grad_norm": grad_norm,
+                "elapsed_s": time.perf_counter() - run_start,
+            }
+            if validate_now:
+                val_loss = validation_loss(model, validation, world, autocast)
+                row["val_loss"] = val_loss
+            row.update(router.reduce(world))
+            metrics.write(row)
+            last_row = row
+            window_losses.zero_()
+            window_steps, window_start = 0, time.perf_counter()
+        if last or (t.save_every > 0 and done % t.save_every == 0):
+            _save(cfg, config_yaml, world, stepper, batches, done, done * tokens_per_step)
+
+    trained = t.max_steps - start
+    return {
+        "steps": t.max_steps,
+        "final_loss": last_row["loss"] if last_row else None,
+        "val_loss": val_loss,
+        "tokens": t.max_steps * tokens_per_step,
+        "tokens_per_s": trained * tokens_per_step / max(time.perf_counter() - run_start, 1e-9),
+    }
+
+
+def _save(
+    cfg: RunConfig,
+    config_yaml: str,
+    world: World,
+    stepper: Stepper,
+    batches: ResumableBatches,
+    step: int,
+    tokens: int,
+) -> None:
+    model_state = full_state_dict(stepper.module, world)
+    ckpt_io.save_checkpoint(
+        cfg.run_dir,
+        step,
+        model_state=model_state if world.is_main else None,
+        rank_state={"optimizer": stepper.optimizer_state(), "data": batches.state_dict(), "rng": ckpt_io.rng_state()},
+        meta={
+            "tokens": tokens,
+            "world_size": world.size,
+            "ep_size": world.ep_size,
+            "zero_stage": cfg.distributed.zero_stage,
+        },
+        config_yaml=config_yaml,
+        rank=world.rank,
+        barrier=world.barrier,
+        keep=cfg.train.keep_checkpoints,
+    )
+
+
+# ---------------------------------------------------------------------- command line
+def cli_main(argv: list[str]) -> int:
+    """`llamoe train CONFIG [key=value ...] [--nproc N]`; exit status 2 for an invalid config."""
+    parser = argparse.ArgumentParser(
+        prog="llamoe train",
+        description="Train a model from a run config (see experiments/configs/base.yaml for every key). "
+        "Rerunning with a larger train.max_steps in the same run_dir resumes from its latest checkpoint.",
+    )
+    parser.add_argument("config", help="run-config YAML, merged over the defaults")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. model=llama4-tiny train.max_steps=100")
+    parser.add_argument("--nproc", type=int, default=1, help="local processes, launched through DeepSpeed")
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # set by some launchers
+    args = parser.parse_intermixed_args(argv)
+
+    in_worker = "WORLD_SIZE" in os.environ
+    world_size = int(os.environ["WORLD_SIZE"]) if in_worker else args.nproc
+    try:
+        cfg = load_run_config(args.config, args.overrides, world_size=world_size)
+    except ConfigError as e:
+        print(f"llamoe train: invalid config: {e}", file=sys.stderr)
+        return 2
+    if args.nproc > 1 and not in_worker:
+        return launch(args.nproc, [args.config, *args.overrides])
+    try:
+        summary = train(cfg)
+    except ConfigError as e:
+        print(f"llamoe train: invalid config: {e}", file=sys.stderr)
+        return 2
+    except (ckpt_io.CheckpointError, TrainingDiverged) as e:
+        print(f"llamoe train: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    if summary.get("tokens_per_s") and int(os.environ.get("RANK", "0")) == 0:
+        print(
+            f"done: step {summary['steps']} | loss {summary['final_loss']:.4f} | val {summary['val_loss']:.4f} | "
+            f"{summary['tokens_per_s']:,.0f} tok/s | {summary['wall_s']:.0f}s | {cfg.run_dir}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli_main(sys.argv[1:]))
