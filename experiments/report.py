@@ -1,0 +1,479 @@
+"""Sweep reports: a comparison table (Markdown and terminal) and plots, built from a sweep directory alone.
+
+Inputs: `results.jsonl` (one row per run, see experiments/ablate.py), the
+optional `sweep.json` (name, description, baseline) and each run directory's
+`metrics.jsonl`. Outputs: `report.md` and `plots/*.png`. Re-run any time:
+
+    python -m experiments.report runs/quickstart
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import statistics
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
+
+# An eval key is "<metric>@<length>", optionally followed by a qualifier such as a passkey depth.
+_EVAL_KEY = re.compile(r"^(?P<metric>[A-Za-z_]+)@(?P<length>\d+)(?P<rest>.*)$")
+_DEPTH = re.compile(r"(?:depth|d)=?(?P<depth>[0-9.]+)")
+_ROUTER_KEY = re.compile(r"^(?:router|moe)[./](?:layers?[./])?(?P<layer>\d+)[./](?P<stat>tokens_per_expert|load|expert_load|counts)$")
+MATCH_TOLERANCE = 0.05  # ratios within 5% of 1 count as "matched"
+
+
+# ---------------------------------------------------------------------------- loading
+def load_results(sweep_dir: Path) -> list[dict[str, Any]]:
+    """The rows of results.jsonl (an empty list if the sweep has none yet)."""
+    path = sweep_dir / "results.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def load_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """The rows of a run's metrics.jsonl (training log), skipping a torn last line."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            continue
+    return rows
+
+
+def _sweep_info(sweep_dir: Path, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    path = sweep_dir / "sweep.json"
+    info = json.loads(path.read_text()) if path.is_file() else {}
+    info.setdefault("name", sweep_dir.name)
+    info.setdefault("description", "")
+    if not info.get("baseline") and rows:
+        info["baseline"] = rows[0]["run"]
+    return info
+
+
+# ---------------------------------------------------------------------------- aggregation
+@dataclass
+class Group:
+    """All seeds of one run label: per-field values for mean ± std."""
+
+    run: str
+    rows: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def ok(self) -> list[dict[str, Any]]:
+        return [r for r in self.rows if r.get("status") == "done"]
+
+    def values(self, key: str) -> list[float]:
+        out = []
+        for r in self.ok:
+            v = r.get("eval", {}).get(key[5:]) if key.startswith("eval:") else r.get(key)
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+                out.append(float(v))
+        return out
+
+    def mean(self, key: str) -> Optional[float]:
+        vals = self.values(key)
+        return statistics.fmean(vals) if vals else None
+
+
+def group_rows(rows: Iterable[dict[str, Any]]) -> list[Group]:
+    """Rows grouped by run label, in first-appearance order."""
+    groups: dict[str, Group] = {}
+    for r in rows:
+        groups.setdefault(r["run"], Group(r["run"])).rows.append(r)
+    return list(groups.values())
+
+
+def eval_keys(rows: Iterable[dict[str, Any]]) -> list[str]:
+    """The "<metric>@<length>" eval keys present, ordered by metric (first seen) then length."""
+    order: dict[str, int] = {}
+    keys = set()
+    for r in rows:
+        for k in r.get("eval", {}) or {}:
+            m = _EVAL_KEY.match(k)
+            if m and not m.group("rest"):
+                order.setdefault(m.group("metric"), len(order))
+                keys.add(k)
+
+    def sort_key(k: str) -> tuple[int, int]:
+        m = _EVAL_KEY.match(k)
+        assert m is not None
+        return order[m.group("metric")], int(m.group("length"))
+
+    return sorted(keys, key=sort_key)
+
+
+# ---------------------------------------------------------------------------- formatting
+def _si(x: Optional[float]) -> str:
+    if x is None:
+        return "-"
+    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(x) >= scale:
+            return f"{x / scale:.3g}{unit}"
+    return f"{x:.3g}"
+
+
+def _num(x: Optional[float]) -> str:
+    if x is None:
+        return "-"
+    return f"{x:.3f}" if abs(x) < 1000 else _si(x)
+
+
+def _mean_std(group: Group, key: str, fmt: Callable[[Optional[float]], str] = _num) -> str:
+    vals = group.values(key)
+    if not vals:
+        return "-"
+    if len(vals) == 1:
+        return fmt(vals[0])
+    return f"{fmt(statistics.fmean(vals))} ± {fmt(statistics.stdev(vals))}"
+
+
+def _ratio(x: Optional[float], base: Optional[float]) -> str:
+    return "-" if x is None or not base else f"{x / base:.2f}x"
+
+
+def _columns(groups: list[Group], baseline: Optional[Group], evals: list[str]) -> list[tuple[str, list[str]]]:
+    """(header, cells) per column of the comparison table."""
+    base_active = baseline.mean("active_params") if baseline else None
+    base_flops = baseline.mean("flops_per_token") if baseline else None
+    cols: list[tuple[str, list[str]]] = [
+        ("run", [g.run for g in groups]),
+        ("seeds", [f"{len(g.ok)}/{len(g.rows)}" for g in groups]),
+        ("params", [_si(g.mean("params")) for g in groups]),
+        ("active", [_si(g.mean("active_params")) for g in groups]),
+        ("active/base", [_ratio(g.mean("active_params"), base_active) for g in groups]),
+        ("FLOPs/tok", [_si(g.mean("flops_per_token")) for g in groups]),
+        ("FLOPs/base", [_ratio(g.mean("flops_per_token"), base_flops) for g in groups]),
+        ("train len", [_si(g.mean("train_seq_len")) for g in groups]),
+        ("tokens", [_si(g.mean("tokens")) for g in groups]),
+        ("tok/s", [_si(g.mean("tokens_per_s")) for g in groups]),
+        ("final loss", [_mean_std(g, "final_loss") for g in groups]),
+        ("val loss", [_mean_std(g, "val_loss") for g in groups]),
+    ]
+    cols += [(k, [_mean_std(g, f"eval:{k}") for g in groups]) for k in evals]
+    return cols
+
+
+def markdown_table(cols: list[tuple[str, list[str]]]) -> str:
+    """A GitHub Markdown table from (header, cells) columns."""
+    head = "| " + " | ".join(h for h, _ in cols) + " |"
+    rule = "|" + "|".join("---" if i == 0 else "---:" for i in range(len(cols))) + "|"
+    body = ["| " + " | ".join(c[i] for _, c in cols) + " |" for i in range(len(cols[0][1]))]
+    return "\n".join([head, rule, *body])
+
+
+def text_table(cols: list[tuple[str, list[str]]]) -> str:
+    """A fixed-width table for the terminal."""
+    widths = [max(len(h), *(len(c) for c in cells)) for h, cells in cols]
+    lines = ["  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, ((h, _), w) in enumerate(zip(cols, widths)))]
+    lines.append("  ".join("-" * w for w in widths))
+    for r in range(len(cols[0][1])):
+        lines.append(
+            "  ".join(c[r].ljust(w) if i == 0 else c[r].rjust(w) for i, ((_, c), w) in enumerate(zip(cols, widths)))
+        )
+    return "\n".join(lines)
+
+
+def matching_notes(groups: list[Group], baseline: Optional[Group]) -> list[str]:
+    """One line per run saying how it compares with the baseline in active params, total params and FLOPs."""
+    if baseline is None:
+        return []
+    notes = []
+    for g in groups:
+        if g is baseline:
+            continue
+        parts, matched = [], []
+        for key, what in (("active_params", "active params"), ("params", "total params"), ("flops_per_token", "FLOPs/token")):
+            x, b = g.mean(key), baseline.mean(key)
+            if x is None or not b:
+                continue
+            parts.append(f"{x / b:.2f}x {what}")
+            if abs(x / b - 1) <= MATCH_TOLERANCE:
+                matched.append(what)
+        if parts:
+            verdict = f"matched {', '.join(matched)}" if matched else "no size matched"
+            notes.append(f"- **{g.run}** vs **{baseline.run}**: {', '.join(parts)} → {verdict}")
+    return notes
+
+
+def summary_columns(rows: list[dict[str, Any]], baseline: Optional[str] = None) -> list[tuple[str, list[str]]]:
+    """The comparison-table columns for a list of result rows."""
+    groups = group_rows(rows)
+    base = next((g for g in groups if g.run == baseline), groups[0] if groups else None)
+    return _columns(groups, base, eval_keys(rows))
+
+
+_TERMINAL_DROPS = ("FLOPs/tok", "train len", "tokens")  # in report.md; left out to fit a terminal
+
+
+def terminal_table(rows: list[dict[str, Any]], baseline: Optional[str] = None) -> str:
+    """The end-of-sweep summary printed to the terminal (report.md has every column)."""
+    if not rows:
+        return "(no results)"
+    return text_table([c for c in summary_columns(rows, baseline) if c[0] not in _TERMINAL_DROPS])
+
+
+# ---------------------------------------------------------------------------- plots
+def _metric_series(metrics: list[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:
+    """(tokens, value) pairs of the logged rows that carry `key`."""
+    xs, ys = [], []
+    for m in metrics:
+        v, t = m.get(key), m.get("tokens")
+        if isinstance(v, (int, float)) and isinstance(t, (int, float)) and math.isfinite(v):
+            xs.append(float(t))
+            ys.append(float(v))
+    return xs, ys
+
+
+def _save(fig: Any, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_loss(sweep_dir: Path, groups: list[Group], plots: Path) -> list[Path]:
+    """Training (and validation) loss against tokens seen and against training FLOPs."""
+    figs = {"tokens": plt.subplots(figsize=(7, 4.5)), "flops": plt.subplots(figsize=(7, 4.5))}
+    drawn = False
+    for i, g in enumerate(groups):
+        color = f"C{i % 10}"
+        for j, row in enumerate(g.ok):
+            metrics = load_metrics(sweep_dir / row.get("source_run_dir", row["run_dir"]))
+            flops = row.get("flops_per_token") or 0.0
+            for key, style in (("loss", "-"), ("val_loss", "o--")):
+                xs, ys = _metric_series(metrics, key)
+                if not xs:
+                    continue
+                drawn = True
+                label = (g.run if key == "loss" else f"{g.run} (val)") if j == 0 else None
+                figs["tokens"][1].plot(xs, ys, style, color=color, alpha=0.85, label=label, markersize=3)
+                figs["flops"][1].plot([x * flops for x in xs], ys, style, color=color, alpha=0.85, label=label, markersize=3)
+    if not drawn:
+        for fig, _ in figs.values():
+            plt.close(fig)
+        return []
+    out = []
+    for name, xlabel in (("tokens", "training tokens"), ("flops", "training FLOPs (3 x forward)")):
+        fig, ax = figs[name]
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("loss (nats/token)")
+        ax.set_title(f"loss vs {name}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        out.append(_save(fig, plots / f"loss_vs_{name}.png"))
+    return out
+
+
+def _lengths(keys: list[str], metric: str) -> list[int]:
+    return sorted({int(m.group("length")) for k in keys if (m := _EVAL_KEY.match(k)) and m.group("metric") == metric})
+
+
+def plot_ppl_vs_length(groups: list[Group], keys: list[str], plots: Path) -> list[Path]:
+    """Perplexity against evaluation length (mean ± std over seeds), with the training length marked."""
+    lengths = _lengths(keys, "ppl")
+    if not lengths:
+        return []
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, g in enumerate(groups):
+        pts = [(n, g.values(f"eval:ppl@{n}")) for n in lengths]
+        pts = [(n, v) for n, v in pts if v]
+        if not pts:
+            continue
+        mean = [statistics.fmean(v) for _, v in pts]
+        std = [statistics.stdev(v) if len(v) > 1 else 0.0 for _, v in pts]
+        ax.errorbar([n for n, _ in pts], mean, yerr=std, marker="o", capsize=3, color=f"C{i % 10}", label=g.run)
+    train_len = next((g.mean("train_seq_len") for g in groups if g.mean("train_seq_len")), None)
+    if train_len:
+        ax.axvline(train_len, color="grey", linestyle=":", label="train length")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("evaluation length (tokens)")
+    ax.set_ylabel("perplexity")
+    ax.set_title("perplexity vs length")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    return [_save(fig, plots / "ppl_vs_length.png")]
+
+
+def plot_passkey(groups: list[Group], rows: list[dict[str, Any]], plots: Path) -> list[Path]:
+    """Passkey accuracy heatmap: runs x lengths (mean over seeds), and per run depths x lengths if logged."""
+    keys = eval_keys(rows)
+    lengths = _lengths(keys, "passkey")
+    if not lengths:
+        return []
+    grid = [[g.mean(f"eval:passkey@{n}") for n in lengths] for g in groups]
+    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(lengths), 1.2 + 0.5 * len(groups)))
+    data = [[math.nan if v is None else v for v in row] for row in grid]
+    im = ax.imshow(data, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
+    for r, row in enumerate(grid):
+        for c, v in enumerate(row):
+            if v is not None:
+                ax.text(c, r, f"{v:.2f}", ha="center", va="center", color="white" if v < 0.6 else "black", fontsize=8)
+    ax.set_xticks(range(len(lengths)), [str(n) for n in lengths])
+    ax.set_yticks(range(len(groups)), [g.run for g in groups])
+    ax.set_xlabel("context length (tokens)")
+    ax.set_title("passkey retrieval accuracy")
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    out = [_save(fig, plots / "passkey_heatmap.png")]
+    out += _plot_passkey_depths(groups, plots)
+    return out
+
+
+def _plot_passkey_depths(groups: list[Group], plots: Path) -> list[Path]:
+    """Depth x length heatmaps when the evaluator reports per-depth keys such as passkey@2048/depth=0.5."""
+    cells: dict[str, dict[tuple[float, int], list[float]]] = {}
+    for g in groups:
+        for r in g.ok:
+            for k, v in (r.get("eval") or {}).items():
+                m = _EVAL_KEY.match(k)
+                d = _DEPTH.search(m.group("rest")) if m and m.group("metric") == "passkey" else None
+                if d and isinstance(v, (int, float)):
+                    cells.setdefault(g.run, {}).setdefault((float(d.group("depth")), int(m.group("length"))), []).append(v)
+    if not cells:
+        return []
+    fig, axes = plt.subplots(1, len(cells), figsize=(3.5 * len(cells) + 1, 3.5), squeeze=False)
+    for ax, (run, grid) in zip(axes[0], cells.items()):
+        depths = sorted({d for d, _ in grid})
+        lengths = sorted({n for _, n in grid})
+        data = [[statistics.fmean(grid[(d, n)]) if (d, n) in grid else math.nan for n in lengths] for d in depths]
+        ax.imshow(data, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
+        ax.set_xticks(range(len(lengths)), [str(n) for n in lengths], rotation=45)
+        ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths])
+        ax.set_xlabel("length")
+        ax.set_ylabel("key depth")
+        ax.set_title(run, fontsize=9)
+    return [_save(fig, plots / "passkey_depth_heatmap.png")]
+
+
+def _flatten(obj: Any, prefix: str = "") -> Iterable[tuple[str, Any]]:
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _flatten(v, f"{prefix}{k}.")
+    else:
+        yield prefix[:-1], obj
+
+
+def router_loads(metrics: list[dict[str, Any]]) -> dict[int, tuple[list[float], list[list[float]]]]:
+    """Per MoE layer: (tokens, per-expert load fractions per logged step) from metrics.jsonl router stats.
+
+    Accepts nested ({"router": {"1": {"load": [...]}}}) and flat ("router.1.load") logging,
+    with a per-expert list of token counts or fractions; each step is normalised to sum to 1.
+    """
+    out: dict[int, tuple[list[float], list[list[float]]]] = {}
+    for m in metrics:
+        tokens = float(m.get("tokens", m.get("step", 0)))
+        for key, value in _flatten(m):
+            match = _ROUTER_KEY.match(key)
+            if not match or not isinstance(value, list) or not value:
+                continue
+            total = float(sum(value)) or 1.0
+            xs, loads = out.setdefault(int(match.group("layer")), ([], []))
+            xs.append(tokens)
+            loads.append([float(v) / total for v in value])
+    return out
+
+
+def plot_expert_load(sweep_dir: Path, groups: list[Group], plots: Path) -> list[Path]:
+    """For each MoE run (first seed): per-layer heatmaps of the share of tokens each expert got, over training."""
+    out = []
+    for g in groups:
+        row = next((r for r in g.ok if not r.get("source_run_dir")), None)
+        if row is None:
+            continue
+        loads = router_loads(load_metrics(sweep_dir / row["run_dir"]))
+        if not loads:
+            continue
+        layers = sorted(loads)
+        fig, axes = plt.subplots(len(layers), 1, figsize=(7, 1.2 + 1.6 * len(layers)), squeeze=False)
+        for ax, layer in zip(axes[:, 0], layers):
+            xs, fractions = loads[layer]
+            n_experts = len(fractions[0])
+            data = [[f[e] if e < len(f) else math.nan for f in fractions] for e in range(n_experts)]
+            im = ax.imshow(data, aspect="auto", cmap="magma", vmin=0.0, extent=(xs[0], xs[-1], n_experts - 0.5, -0.5))
+            ax.set_ylabel(f"layer {layer}\nexpert")
+            fig.colorbar(im, ax=ax, fraction=0.03)
+        axes[-1, 0].set_xlabel("training tokens")
+        axes[0, 0].set_title(f"{g.run}: share of tokens per expert (uniform = {1 / n_experts:.3f})")
+        out.append(_save(fig, plots / f"expert_load_{re.sub(r'[^A-Za-z0-9_.-]', '_', g.run)}.png"))
+    return out
+
+
+# ---------------------------------------------------------------------------- report
+def build_report(sweep_dir: Path) -> Path:
+    """Write report.md and plots/*.png for a sweep directory; returns the report path."""
+    sweep_dir = Path(sweep_dir)
+    rows = load_results(sweep_dir)
+    info = _sweep_info(sweep_dir, rows)
+    groups = group_rows(rows)
+    baseline = next((g for g in groups if g.run == info.get("baseline")), groups[0] if groups else None)
+    keys = eval_keys(rows)
+    plots = sweep_dir / "plots"
+    plots.mkdir(exist_ok=True)
+    images = plot_loss(sweep_dir, groups, plots)
+    images += plot_ppl_vs_length(groups, keys, plots)
+    images += plot_passkey(groups, rows, plots)
+    images += plot_expert_load(sweep_dir, groups, plots)
+
+    n_failed = sum(r.get("status") != "done" for r in rows)
+    lines = [f"# Sweep `{info['name']}`", ""]
+    if info["description"]:
+        lines += [info["description"].strip(), ""]
+    lines += [
+        f"{len(rows)} runs, {len(groups)} configurations, {n_failed} failed. "
+        f"Baseline for the ratio columns: `{baseline.run if baseline else '-'}`. "
+        "Values are mean ± std over seeds; `params` counts all parameters, `active` those used per token, "
+        "FLOPs/tok is training FLOPs per token at the training length.",
+        "",
+        "## Results",
+        "",
+        markdown_table(_columns(groups, baseline, keys)) if groups else "(no results yet)",
+        "",
+    ]
+    notes = matching_notes(groups, baseline)
+    if notes:
+        lines += ["## Dense vs MoE: what is matched", "", *notes, ""]
+    failed = [r for r in rows if r.get("status") != "done"]
+    if failed:
+        lines += ["## Failed runs", ""]
+        lines += [f"- `{r['run_dir']}`: {r.get('error', 'unknown error')} (see `{r['run_dir']}/error.txt`)" for r in failed]
+        lines.append("")
+    if images:
+        lines += ["## Plots", ""]
+        lines += [f"![{p.stem}](plots/{p.name})" for p in images]
+        lines.append("")
+    path = sweep_dir / "report.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """`python -m experiments.report SWEEP_DIR`: rebuild report.md and plots, print the summary table."""
+    parser = argparse.ArgumentParser(prog="python -m experiments.report", description=main.__doc__)
+    parser.add_argument("sweep_dir", type=Path, help="a sweep directory holding results.jsonl")
+    args = parser.parse_args(argv)
+    if not (args.sweep_dir / "results.jsonl").is_file():
+        print(f"error: {args.sweep_dir / 'results.jsonl'} does not exist; is this a sweep directory?", file=sys.stderr)
+        return 2
+    path = build_report(args.sweep_dir)
+    rows = load_results(args.sweep_dir)
+    print(terminal_table(rows, _sweep_info(args.sweep_dir, rows).get("baseline")))
+    print(f"\nreport: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

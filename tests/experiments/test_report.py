@@ -1,0 +1,102 @@
+"""Report generation from a synthetic sweep directory: table contents, matching notes, plots."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from experiments import report
+
+
+def _write_run(sweep: Path, name: str, losses: list[float], moe: bool) -> None:
+    run_dir = sweep / name
+    run_dir.mkdir(parents=True)
+    rows = []
+    for step, loss in enumerate(losses, start=1):
+        row = {"step": step, "tokens": step * 512, "loss": loss}
+        if moe:
+            row["router"] = {"1": {"tokens_per_expert": [step, 1, 1, 1]}, "3": {"tokens_per_expert": [1, 1, 1, step]}}
+        rows.append(row)
+    rows.append({"step": len(losses), "tokens": len(losses) * 512, "val_loss": losses[-1] + 0.1})
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def _row(run: str, seed: int, active: int, total: int, flops: float, loss: float, passkey: float) -> dict:
+    return {
+        "run": run,
+        "seed": seed,
+        "run_dir": f"{run}-s{seed}",
+        "status": "done",
+        "params": total,
+        "active_params": active,
+        "flops_per_token": flops,
+        "train_seq_len": 128,
+        "tokens": 2048,
+        "tokens_per_s": 1000.0,
+        "final_loss": loss,
+        "val_loss": loss + 0.1,
+        "eval": {"ppl@128": 10.0 + seed, "ppl@256": 12.0, "passkey@128": 1.0, "passkey@256": passkey},
+    }
+
+
+@pytest.fixture(scope="module")
+def sweep_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A synthetic sweep (dense vs MoE, two seeds, one failed run) with its report built once."""
+    tmp_path = tmp_path_factory.mktemp("sweep")
+    rows = []
+    for seed in (0, 1):
+        rows.append(_row("dense", seed, 1_000_000, 1_000_000, 6e6, 3.0 + seed, 0.25))
+        rows.append(_row("moe", seed, 1_010_000, 3_000_000, 6.1e6, 2.5 + seed, 0.75))
+        _write_run(tmp_path, f"dense-s{seed}", [4.0, 3.5, 3.0 + seed], moe=False)
+        _write_run(tmp_path, f"moe-s{seed}", [4.0, 3.0, 2.5 + seed], moe=True)
+    rows.append({"run": "broken", "seed": 0, "run_dir": "broken-s0", "status": "failed", "error": "ValueError: boom"})
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "sweep.json").write_text(json.dumps({"name": "toy", "description": "a toy sweep", "baseline": "dense"}))
+    report.build_report(tmp_path)
+    return tmp_path
+
+
+def test_report_table_has_every_run_with_mean_and_std(sweep_dir: Path) -> None:
+    text = (sweep_dir / "report.md").read_text()
+    table = [ln for ln in text.splitlines() if ln.startswith("| ")]
+    assert table[0].startswith("| run | seeds | params | active | active/base | FLOPs/tok | FLOPs/base")
+    assert "ppl@128" in table[0] and "passkey@256" in table[0]
+    by_run = {ln.split("|")[1].strip(): ln for ln in table[1:]}
+    assert set(by_run) == {"dense", "moe", "broken"}
+    # final loss of dense over seeds 0, 1: 3.0 and 4.0 -> mean 3.5, std 0.707
+    assert "3.500 ± 0.707" in by_run["dense"]
+    assert "| 2/2 |" in by_run["moe"] and "| 0/1 |" in by_run["broken"]
+    assert "1.01x" in by_run["moe"] and "1.00x" in by_run["dense"]
+    assert "0.750" in by_run["moe"]  # passkey@256
+    assert "matched active params, FLOPs/token" in text
+    assert "3.00x total params" in text
+    assert "`broken-s0`: ValueError: boom" in text
+
+
+def test_report_plots_exist_and_are_linked(sweep_dir: Path) -> None:
+    text = (sweep_dir / "report.md").read_text()
+    plots = sweep_dir / "plots"
+    expected = ["loss_vs_tokens", "loss_vs_flops", "ppl_vs_length", "passkey_heatmap", "expert_load_moe"]
+    for name in expected:
+        png = plots / f"{name}.png"
+        assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+        assert f"(plots/{name}.png)" in text
+    assert not (plots / "expert_load_dense.png").exists()  # dense runs log no router stats
+
+
+def test_router_loads_normalises_per_step() -> None:
+    metrics = [{"tokens": 10, "router": {"1": {"tokens_per_expert": [3, 1]}}}, {"tokens": 20, "router.1.load": [1, 1]}]
+    loads = report.router_loads(metrics)
+    assert loads == {1: ([10.0, 20.0], [[0.75, 0.25], [0.5, 0.5]])}
+
+
+def test_terminal_table_lists_runs_and_eval_keys(sweep_dir: Path) -> None:
+    table = report.terminal_table(report.load_results(sweep_dir), "dense")
+    lines = table.splitlines()
+    assert lines[0].split()[0] == "run" and "passkey@256" in lines[0]
+    assert [ln.split()[0] for ln in lines[2:]] == ["dense", "moe", "broken"]
+
+
+def test_report_cli_rejects_a_non_sweep_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert report.main([str(tmp_path)]) == 2
+    assert "results.jsonl" in capsys.readouterr().err
