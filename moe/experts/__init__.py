@@ -19,10 +19,12 @@ metadata):
 - It pins torch>=2.7.0,<2.7.1, stanford-stk==0.7.1 (Triton block-sparse kernels;
   torch>=2.3,<3 and triton>=2.1), numpy<2.1 and packaging<24.2; the optional grouped
   GEMM path adds grouped_gemm==0.3.0.
-- Working setup: a separate environment with torch 2.7.0 and its matching triton, then
-  `pip install megablocks` on the GPU machine. With this project's newer torch, install
-  `pip install --no-build-isolation --no-deps megablocks stanford-stk` to build against the
-  installed torch (the pin is not checked then; untested).
+- So the supported setup is a separate environment with torch 2.7.0 and its matching
+  triton, then `pip install megablocks` on the GPU machine. This project's torch (2.13)
+  is outside the pin; `pip install --no-build-isolation --no-deps megablocks stanford-stk`
+  would build it against the installed torch with the pin unchecked. Neither route has
+  been tried on a GPU yet: the "megablocks" equality test (`tests/moe`, marked gpu) is
+  the check to run first.
 Selecting a backend that cannot run here raises ConfigError naming `moe.backend`.
 """
 

@@ -45,6 +45,12 @@ def test_grouped_mm_matches_torch_on_cpu_fp32_with_empty_experts() -> None:
     compare(ref, other, torch.randn(14, 16), counts, torch.float32, atol=1e-5)
 
 
+def test_grouped_mm_matches_torch_on_cpu_bf16() -> None:
+    ref, other = paired("grouped_mm", num_experts=4, dim=64, hidden=128)  # bf16 rows: multiples of 8
+    counts = torch.tensor([50, 0, 3, 77])
+    compare(ref, other, torch.randn(130, 64), counts, torch.bfloat16, atol=0.0, rel=0.02)
+
+
 def test_grouped_mm_in_moe_layer_matches_torch_backend() -> None:
     def cfg(backend: str) -> ModelConfig:
         moe = MoEConfig(num_experts=4, top_k=2, expert_hidden_dim=8, backend=backend)
