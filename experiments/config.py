@@ -34,6 +34,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from experiments.data.tasks import TaskMix
 from experiments.data.tokenizer import Tokenizer
+from experiments.evals.options import LongContextEvalConfig
 from models import presets
 from models.config import ConfigError, ModelConfig, model_config_from_dict
 
@@ -117,6 +118,8 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     """Evaluations run on a finished run (`llamoe eval RUN_DIR`); each suite adds its own section."""
+
+    long_context: LongContextEvalConfig = field(default_factory=LongContextEvalConfig)  # experiments/evals/
 
 
 @dataclass
@@ -395,6 +398,7 @@ def validate(cfg: RunConfig, world_size: int = 1, check_paths: bool = True) -> N
         need(Path(data.source).expanduser().exists(), "data.source", f"{data.source!r} does not exist")
     need(0.0 <= data.val_fraction < 1.0, "data.val_fraction", f"must be in [0, 1), got {data.val_fraction}")
     data.tasks.validate()
+    cfg.eval.long_context.validate()
 
     o = cfg.optim
     need(o.lr > 0 and math.isfinite(o.lr), "optim.lr", f"must be a positive number, got {o.lr}")

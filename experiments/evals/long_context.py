@@ -21,8 +21,10 @@ entropy@L is the mean attention entropy (nats) of NoPE-layer queries at position
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -37,6 +39,7 @@ from experiments.evals.options import EVALS, LongContextEvalConfig
 from experiments.evals.perplexity import heldout_windows, perplexity_vs_length
 from experiments.evals.retrieval import mqar_accuracy, needle_accuracy, passkey_grid
 from experiments.evals.temperature import TemperatureSetting, applied, calibrate, grid
+from models.config import ConfigError
 from models.transformer import Transformer
 
 log = logging.getLogger(__name__)
@@ -257,3 +260,69 @@ def write_results(result: dict[str, Any], out_dir: Path, *, plots: bool = True, 
         if "passkey" in primary:
             plot_passkey(primary["passkey"], out_dir / f"{suite}_passkey.png")
     return path
+
+
+def _summary(result: dict[str, Any]) -> str:
+    """A table of the flat keys of the primary setting: one row per length."""
+    columns = ("ppl", "passkey", "needle", "mqar", "entropy")
+    present = [c for c in columns if any(f"{c}@{n}" in result for n in result["lengths"])]
+    lines = [f"{'length':>8}" + "".join(f"{c:>10}" for c in present)]
+    for n in result["lengths"]:
+        cells = [result.get(f"{c}@{n}") for c in present]
+        lines.append(f"{n:>8}" + "".join(f"{'-':>10}" if v is None else f"{v:>10.3f}" for v in cells))
+    return "\n".join(lines)
+
+
+def cli_main(argv: list[str]) -> int:
+    """`llamoe eval RUN_DIR [--suite long_context] [--lengths N ...] [--step S] [key=value ...]`.
+
+    Exit status: 0 done, 1 unusable checkpoint, 2 invalid options.
+    """
+    from experiments.checkpoint import CheckpointError, checkpoint_path, load_model, read_meta
+    from experiments.data.corpus import load_corpus
+    from experiments.evals.options import KEY_PREFIX, load_options
+
+    parser = argparse.ArgumentParser(
+        prog="llamoe eval",
+        description="Evaluate a trained run at long lengths; writes RUN_DIR/eval/<suite>.json and PNG plots. "
+        f"key=value options are those of {KEY_PREFIX} (experiments/evals/options.py), e.g. "
+        "passkey_trials=2 temperature=compare evals=[ppl,passkey].",
+    )
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--suite", default=SUITE, choices=[SUITE])
+    parser.add_argument("--lengths", type=int, nargs="+", help="lengths in tokens (default: train.seq_len x multiples)")
+    parser.add_argument("--step", type=int, help="checkpoint step to evaluate (default: the latest)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's own choice)")
+    parser.add_argument("overrides", nargs="*", help=f"key=value options of {KEY_PREFIX}")
+    # key=value words are options wherever they appear (so they may follow --lengths' numbers)
+    is_option = ["=" in a and not a.startswith("-") for a in argv]
+    args = parser.parse_args([a for a, opt in zip(argv, is_option) if not opt])
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    overrides = [a.removeprefix(f"{KEY_PREFIX}.") for a, opt in zip(argv, is_option) if opt]
+    if args.lengths:
+        overrides.append(f"lengths=[{','.join(str(n) for n in args.lengths)}]")
+    try:
+        model, cfg = load_model(args.run_dir, args.step, device=args.device)
+        step = int(read_meta(checkpoint_path(args.run_dir, args.step))["step"])
+        options = load_options(OmegaConf.structured(cfg.eval.long_context), overrides)
+        tokenizer = cfg.tokenizer.build()
+        heldout = None
+        if {"ppl", "needle", "entropy"} & set(options.evals) or options.temperature == "calibrate":
+            heldout = load_corpus(
+                cfg.data.source, tokenizer, "val", cfg.data.cache_dir, val_fraction=cfg.data.val_fraction
+            )
+        result = evaluate(model, tokenizer, options, train_len=cfg.train.seq_len, heldout=heldout)
+    except ConfigError as e:
+        print(f"llamoe eval: invalid options: {e}", file=sys.stderr)
+        return 2
+    except CheckpointError as e:
+        print(f"llamoe eval: {e}", file=sys.stderr)
+        return 1
+    result = {"run_dir": str(args.run_dir), "step": step, **result}
+    path = write_results(result, args.run_dir / "eval", plots=options.plots, suite=args.suite)
+    print(_summary(result))
+    print(f"temperature: {result['temperature']['label']} ({result['temperature']['mode']}) | "
+          f"{result['details']['seconds']['total']:.0f}s | wrote {path}")
+    return 0

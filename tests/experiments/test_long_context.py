@@ -11,10 +11,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from experiments.checkpoint import load_model, save_checkpoint
+from experiments.config import load_run_config
 from experiments.data.corpus import load_corpus
 from experiments.data.tokenizer import Tokenizer
 from experiments.evals.entropy import nope_attention_entropy, nope_layers, nope_queries_keys, query_entropy
-from experiments.evals.long_context import evaluate, write_results
+from experiments.evals.long_context import cli_main, evaluate, write_results
 from experiments.evals.options import load_options
 from experiments.evals.perplexity import heldout_windows, perplexity_vs_length, position_buckets, sliding_window_nll
 from experiments.evals.retrieval import mqar_accuracy, needle_accuracy, passkey_grid
@@ -189,9 +191,8 @@ def test_perplexity_vs_length_reports_prefixes_and_position_buckets() -> None:
 def test_heldout_windows_do_not_overlap_and_keep_calibration_apart(heldout) -> None:
     evaluation, reserved = heldout_windows(heldout.tokens, heldout.doc_offsets, 1000, 4, 2)
     assert evaluation.shape == (4, 1000) and reserved.shape == (2, 1000)
-    text = np.asarray(heldout.tokens, dtype=np.int64)
-    starts = [int(np.flatnonzero(np.all(np.lib.stride_tricks.sliding_window_view(text, 1000) == w.numpy(), axis=1))[0])
-              for w in torch.cat([evaluation, reserved])]
+    text = np.asarray(heldout.tokens, dtype=np.uint16).tobytes()
+    starts = [text.find(w.numpy().astype(np.uint16).tobytes()) // 2 for w in torch.cat([evaluation, reserved])]
     assert all(s % 1000 == 0 for s in starts)  # one long document: windows at multiples of the length
     assert len(set(starts)) == 6 and max(starts[:4]) < min(starts[4:])
     with pytest.raises(ValueError, match="room for only"):
@@ -322,3 +323,45 @@ def test_options_name_the_bad_key() -> None:
     with pytest.raises(ConfigError, match="eval.long_context.evals"):
         load_options(None, ["evals=[ppl,bleu]"])
     assert load_options({"seed": 3}, ["window=512"]).resolved_lengths(100) == [100, 200, 400, 800, 1600]
+
+
+# ----------------------------------------------------------------------------- the command line
+
+
+def make_run(tmp_path: Path, heldout_source: Path) -> Path:
+    """A run directory with one checkpoint of a tiny iRoPE model (written the way training writes it)."""
+    run_dir = tmp_path / "run"
+    cfg = load_run_config(None, [
+        f"run_dir={run_dir}", "model.dim=32", "model.n_layers=4", "model.n_heads=4", "model.n_kv_heads=2",
+        "model.multiple_of=32", "model.attention.nope_layer_interval=2", "model.attention.chunk_size=16",
+        "model.attention.temperature_tuning=true", "model.attention.floor_scale=16",
+        f"data.source={heldout_source}", "data.val_fraction=0.5", f"data.cache_dir={tmp_path / 'cache'}",
+        "train.seq_len=64", "eval.long_context.mqar_trials=1", "eval.long_context.sequences=1",
+    ])
+    torch.manual_seed(0)
+    model = Transformer(cfg.model)
+    save_checkpoint(run_dir, 3, model_state=model.state_dict(), rank_state={}, meta={}, config_yaml=cfg.to_yaml())
+    return run_dir
+
+
+def test_cli_writes_the_suite_json_for_a_run_directory(heldout, tmp_path: Path, capsys) -> None:
+    run_dir = make_run(tmp_path, Path(heldout.info.source))
+    assert cli_main([str(run_dir), "--lengths", "64", "128", "evals=[ppl,mqar]", "mqar_pairs=4", "plots=false"]) == 0
+    result = json.loads((run_dir / "eval" / "long_context.json").read_text())
+    assert result["run_dir"] == str(run_dir) and result["step"] == 3 and result["lengths"] == [64, 128]
+    assert result["details"]["options"]["mqar_trials"] == 1  # from the run's eval.long_context section
+    assert result["details"]["settings"]["fs16_as0.1"]["mqar"]["pairs"] == [4, 4]  # the command line wins
+    model, _ = load_model(run_dir)
+    options = load_options(None, ["lengths=[64,128]", "evals=[ppl,mqar]", "mqar_pairs=4", "mqar_trials=1",
+                                  "sequences=1"])
+    direct = evaluate(model, BYTES, options, train_len=64, heldout=heldout)
+    assert result["ppl@128"] == direct["ppl@128"] and result["mqar@64"] == direct["mqar@64"]
+    assert "ppl" in capsys.readouterr().out
+
+
+def test_cli_exit_status_names_the_problem(heldout, tmp_path: Path, capsys) -> None:
+    run_dir = make_run(tmp_path, Path(heldout.info.source))
+    assert cli_main([str(run_dir), "temperature=warm"]) == 2
+    assert "eval.long_context.temperature" in capsys.readouterr().err
+    assert cli_main([str(tmp_path / "nothing_here")]) == 1
+    assert "no checkpoint" in capsys.readouterr().err
