@@ -27,6 +27,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from moe.router import count_tokens
+
 
 @dataclass
 class DispatchPlan:
@@ -58,8 +60,7 @@ def plan_dispatch(expert_ids: torch.Tensor, num_experts: int, capacity: int | No
     flat = expert_ids.reshape(-1)  # [N·k], slot s belongs to token s // k
     top_k = expert_ids.shape[-1]
     order = torch.argsort(flat, stable=True)  # [N·k] slot ids grouped by expert
-    counts = torch.zeros(num_experts, dtype=torch.int64, device=flat.device)
-    counts.scatter_add_(0, flat, torch.ones_like(flat))  # [E]
+    counts = count_tokens(flat, num_experts)  # [E]
     dropped = torch.zeros((), dtype=torch.int64, device=flat.device)
     if capacity is not None:
         starts = torch.cumsum(counts, 0) - counts  # [E] first sorted position of each expert

@@ -13,8 +13,13 @@ expert's overflow and counts it). The references instead run every expert on eve
 Expert parallelism: `MoE.set_expert_parallel(group, ep_rank, ep_size)` keeps only this
 rank's slice of the routed experts (global experts [ep_rank·E/ep_size, (ep_rank+1)·E/ep_size))
 and routes token-slots to their owners through an all-to-all over `group` (see
-moe/dispatch.py). Call it after building the model (on the meta device or not) and before
-creating the optimizer; router and shared expert stay replicated.
+moe/dispatch.py). Call it on every MoE layer after building the model (on the meta device
+or not) and before creating the optimizer. With DeepSpeed, `group` is
+`deepspeed.utils.groups._get_expert_parallel_group(f"ep_size_{ep_size}")` and ep_rank this
+rank's index in it. Router and shared expert stay replicated (ordinary data-parallel
+parameters); the parameters of `MoE.experts` are the expert-parallel ones, whose gradients
+are reduced over the expert-data-parallel group only. Routers' `expert_load` buffers (bias
+balancing) are summed over all data-parallel ranks before `update_expert_biases`.
 """
 
 from __future__ import annotations

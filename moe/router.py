@@ -92,7 +92,9 @@ class Router(nn.Module):
         self.gate = nn.Linear(dim, cfg.num_experts, bias=False)  # weight [E, D] = HF feed_forward.router.weight
         if cfg.bias_balancing:
             self.register_buffer("expert_bias", torch.zeros(cfg.num_experts))  # [E], selection only
-            self.register_buffer("expert_load", torch.zeros(cfg.num_experts), persistent=False)  # [E] slots since update
+            # [E] slots routed since the last update; saved too, so a checkpoint or a model
+            # materialised from the meta device by load_state_dict never holds garbage here.
+            self.register_buffer("expert_load", torch.zeros(cfg.num_experts))
 
     def init_weights(self, init_std: float) -> None:
         nn.init.trunc_normal_(self.gate.weight, std=init_std, a=-3 * init_std, b=3 * init_std)
