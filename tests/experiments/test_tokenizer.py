@@ -177,7 +177,12 @@ def _meta_tokenizer_file(generation: str) -> Path:
     """Meta's real tokenizer.model as shipped in the `llama-models` wheel (read, never imported)."""
     spec = importlib.util.find_spec("llama_models")
     if spec is None or not spec.submodule_search_locations:
-        pytest.skip("llama-models is not installed; `pip install llama-models` ships Meta's tokenizer.model files")
+        pytest.skip(
+            "llama-models is not importable; its wheel ships Meta's tokenizer.model files but also a top-level "
+            "`models` package that shadows llamoe's, so install it aside: "
+            "`pip install --no-deps --target /tmp/llama_models llama-models==0.3.0` and add /tmp/llama_models "
+            "to PYTHONPATH after the repo root"
+        )
     path = Path(next(iter(spec.submodule_search_locations))) / generation / "tokenizer.model"
     if not path.is_file():
         pytest.skip(f"this llama-models version has no {generation}/tokenizer.model")
