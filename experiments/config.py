@@ -182,13 +182,14 @@ class RunConfig:
 def load_run_config(
     source: Union[str, Path, dict, None] = None,
     overrides: Sequence[str] = (),
-    world_size: int = 1,
+    world_size: Optional[int] = 1,
     check_paths: bool = True,
 ) -> RunConfig:
     """Defaults <- `source` (a YAML path or a mapping) <- `key=value` overrides, then validate.
 
     `world_size` is the number of processes the run will use; the batch layout and the
-    expert-parallel size are checked against it. `check_paths=False` skips checking that
+    expert-parallel size are checked against it (None skips those checks, to read the config
+    of a run trained with any number of processes). `check_paths=False` skips checking that
     data and tokenizer files exist (to read a finished run's config on another machine).
     Raises ConfigError naming the key.
     """
@@ -362,7 +363,7 @@ class _ModelBuilder:
 
 
 # ---------------------------------------------------------------------- validation
-def validate(cfg: RunConfig, world_size: int = 1, check_paths: bool = True) -> None:
+def validate(cfg: RunConfig, world_size: Optional[int] = 1, check_paths: bool = True) -> None:
     """Cross-field checks; raise ConfigError naming the first bad key and the fix."""
 
     def need(cond: bool, key: str, msg: str) -> None:
@@ -370,7 +371,6 @@ def validate(cfg: RunConfig, world_size: int = 1, check_paths: bool = True) -> N
             raise ConfigError(key, msg)
 
     need(bool(cfg.run_dir.strip()), "run_dir", "must be a directory path")
-    need(world_size >= 1, "--nproc", f"must be >= 1, got {world_size}")
 
     tok = cfg.tokenizer
     need(tok.kind in TOKENIZER_KINDS, "tokenizer.kind", f"must be one of {'|'.join(TOKENIZER_KINDS)}, got {tok.kind!r}")
@@ -428,21 +428,10 @@ def validate(cfg: RunConfig, world_size: int = 1, check_paths: bool = True) -> N
     need(t.precision in PRECISIONS, "train.precision", f"must be one of {'|'.join(PRECISIONS)}, got {t.precision!r}")
     need(t.device in DEVICES, "train.device", f"must be one of {'|'.join(DEVICES)}, got {t.device!r}")
     need(t.batch_size >= 1, "train.batch_size", f"must be >= 1, got {t.batch_size}")
-    need(
-        t.batch_size % world_size == 0,
-        "train.batch_size",
-        f"the global batch {t.batch_size} must be divisible by the number of processes {world_size}",
-    )
-    per_rank = t.batch_size // world_size
     if t.micro_batch_size is not None:
         need(t.micro_batch_size >= 1, "train.micro_batch_size", f"must be >= 1 or null, got {t.micro_batch_size}")
-        need(
-            per_rank % t.micro_batch_size == 0,
-            "train.micro_batch_size",
-            f"train.batch_size={t.batch_size} over {world_size} process(es) gives {per_rank} sequences per rank, "
-            f"which is not a multiple of micro_batch_size={t.micro_batch_size}; "
-            f"batch_size must be divisible by world size x micro batch size",
-        )
+    if world_size is not None:
+        _validate_layout(cfg, world_size)
 
     d = cfg.distributed
     need(d.zero_stage in (0, 1, 2), "distributed.zero_stage", f"must be 0, 1 or 2, got {d.zero_stage}")
@@ -457,8 +446,28 @@ def validate(cfg: RunConfig, world_size: int = 1, check_paths: bool = True) -> N
             "distributed.ep_size",
             f"={d.ep_size} must divide model.moe.num_experts={moe.num_experts}",
         )
-        need(
-            world_size % d.ep_size == 0,
+
+
+def _validate_layout(cfg: RunConfig, world_size: int) -> None:
+    """The checks that depend on the number of processes: batch split and expert-parallel groups."""
+    t, d = cfg.train, cfg.distributed
+    if world_size < 1:
+        raise ConfigError("--nproc", f"must be >= 1, got {world_size}")
+    if t.batch_size % world_size != 0:
+        raise ConfigError(
+            "train.batch_size",
+            f"the global batch {t.batch_size} must be divisible by the number of processes {world_size}",
+        )
+    per_rank = t.batch_size // world_size
+    if t.micro_batch_size is not None and per_rank % t.micro_batch_size != 0:
+        raise ConfigError(
+            "train.micro_batch_size",
+            f"train.batch_size={t.batch_size} over {world_size} process(es) gives {per_rank} sequences per rank, "
+            f"which is not a multiple of micro_batch_size={t.micro_batch_size}; "
+            "batch_size must be divisible by world size x micro batch size",
+        )
+    if d.ep_size > 1 and world_size % d.ep_size != 0:
+        raise ConfigError(
             "distributed.ep_size",
             f"={d.ep_size} must divide the number of processes {world_size}; launch with --nproc {d.ep_size} "
             "(or a multiple of it)",

@@ -313,9 +313,13 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def launch(nproc: int, argv: list[str]) -> int:
-    """Run `llamoe train argv` in `nproc` local worker processes via DeepSpeed's launcher; return its status."""
-    root = str(Path(__file__).resolve().parent.parent)  # workers import this checkout's packages
+def launch(nproc: int, program: list[str], module: bool = True) -> int:
+    """Run `program` in `nproc` local worker processes through DeepSpeed's launcher; return its exit status.
+
+    `program` is a module and its arguments (`["experiments.cli", "train", ...]`), or with
+    module=False a script path and its arguments. Workers import this checkout's packages.
+    """
+    root = str(Path(__file__).resolve().parent.parent)
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     if not torch.cuda.is_available():
@@ -328,10 +332,8 @@ def launch(nproc: int, argv: list[str]) -> int:
         f"--master_port={_free_port()}",
         "--no_local_rank",
         "--log_level=warning",
-        "--module",
-        "experiments.cli",
-        "train",
-        *argv,
+        *(["--module"] if module else []),
+        *program,
     ]
     return subprocess.call(cmd, env=env)
 

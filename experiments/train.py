@@ -570,7 +570,7 @@ def cli_main(argv: list[str]) -> int:
         print(f"llamoe train: invalid config: {e}", file=sys.stderr)
         return 2
     if args.nproc > 1 and not in_worker:
-        return launch(args.nproc, [args.config, *args.overrides])
+        return launch(args.nproc, ["experiments.cli", "train", args.config, *args.overrides])
     try:
         summary = train(cfg)
     except ConfigError as e:

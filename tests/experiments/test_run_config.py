@@ -57,6 +57,14 @@ def test_saved_config_reloads_identically(tmp_path: Path) -> None:
     assert load_run_config(tmp_path / "config.yaml", ["model=llama3.1-tiny"]).model.moe is None
 
 
+def test_config_of_a_multi_process_run_reads_back_in_one_process(tmp_path: Path) -> None:
+    cfg = load_run_config(None, ["model=llama4-tiny", "distributed.ep_size=2"], world_size=2)
+    cfg.save(tmp_path / "config.yaml")
+    with pytest.raises(ConfigError, match="distributed.ep_size"):
+        load_run_config(tmp_path / "config.yaml")  # as a layout for one process
+    assert load_run_config(tmp_path / "config.yaml", world_size=None) == cfg  # as a record (load_model)
+
+
 def test_batch_layout_helpers() -> None:
     cfg = load_run_config(None, ["train.batch_size=16", "train.micro_batch_size=2"], world_size=2)
     assert cfg.micro_batch(2) == 2 and cfg.grad_accum_steps(2) == 4

@@ -1,0 +1,86 @@
+"""Multi-process training on CPU (gloo) through DeepSpeed's launcher: data parallelism, ZeRO, expert parallelism.
+
+Every run sees the same global batch on 2 ranks, so every layout must reproduce the losses of
+plain data parallelism (EP=1, ZeRO-0) step for step: ZeRO-1, EP=2, and EP=2 with ZeRO-2 resumed
+from a checkpoint. The MoE model uses the aux loss and aux-loss-free bias balancing, so the
+routers' load counters must be reduced across ranks too. (A single process is not the reference:
+the Switch aux loss is computed per rank, on that rank's tokens, as in every data-parallel MoE.)
+"""
+
+import json
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import torch
+
+from experiments.checkpoint import load_checkpoint, load_model
+from experiments.config import load_run_config
+from experiments.distributed import World, launch
+from experiments.train import cli_main, read_metrics, val_batches, validation_loss
+
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+WORKER = Path(__file__).resolve().parent / "distributed_worker.py"
+
+
+@pytest.fixture
+def moe_args(run_args: Callable[..., list[str]], tiny_moe: list[str]) -> Callable[..., list[str]]:
+    def build(run_dir: Path, *overrides: str) -> list[str]:
+        return run_args(run_dir, *tiny_moe, "train.max_steps=4", "optim.decay_steps=4", "train.val_every=2",
+                        "train.save_every=2", "model.moe.aux_loss_weight=0.01", "model.moe.bias_balancing=true",
+                        "model.moe.bias_update_rate=0.01", *overrides)  # fmt: skip
+
+    return build
+
+
+def test_zero_and_expert_parallel_reproduce_data_parallel(
+    tmp_path: Path, moe_args: Callable[..., list[str]], capfd: pytest.CaptureFixture[str]
+) -> None:
+    runs = {
+        "dp": [],
+        "zero1": ["distributed.zero_stage=1"],
+        "ep2": ["distributed.ep_size=2"],
+        "ep2_zero2": ["distributed.ep_size=2", "distributed.zero_stage=2"],
+    }
+    plan = [moe_args(tmp_path / name, *extra) for name, extra in runs.items()]
+    resumed = moe_args(tmp_path / "ep2_zero2_resumed", *runs["ep2_zero2"])
+    plan += [[*resumed, "train.max_steps=2"], resumed]
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    assert launch(2, [str(WORKER), str(tmp_path / "plan.json")], module=False) == 0
+    out = capfd.readouterr().out
+    assert f"resuming from {tmp_path / 'ep2_zero2_resumed' / 'checkpoints' / 'step_2'} at step 2" in out
+
+    reference = read_metrics(tmp_path / "dp")
+    assert len(reference) == 4 and reference[-1]["loss"] < reference[0]["loss"]
+    for name in ["zero1", "ep2", "ep2_zero2", "ep2_zero2_resumed"]:
+        rows = read_metrics(tmp_path / name)
+        for key in ("loss", "grad_norm", "aux_loss"):
+            assert [r[key] for r in rows] == pytest.approx([r[key] for r in reference], rel=1e-4), (name, key)
+        vals = [r["val_loss"] for r in rows if "val_loss" in r]
+        assert vals == pytest.approx([r["val_loss"] for r in reference if "val_loss" in r], rel=1e-4), name
+
+    # expert parallelism really sharded the experts: each rank kept 2 of the 4, with its own moments
+    ckpt = tmp_path / "ep2" / "checkpoints" / "step_4"
+    moments = [
+        [s["exp_avg"] for s in load_checkpoint(ckpt, rank).rank_state["optimizer"]["state"].values() if s["exp_avg"].ndim == 3]
+        for rank in (0, 1)
+    ]
+    assert moments[0] and all(m.shape[0] == 2 for m in moments[0] + moments[1])
+    assert not torch.equal(moments[0][0], moments[1][0])
+    # the checkpoint holds every rank's experts: in one process it has the validation loss the run logged
+    model, cfg = load_model(tmp_path / "ep2")
+    assert model.layers[0].feed_forward.experts.w1.shape[0] == 4
+    one = World()
+    val = validation_loss(model, val_batches(cfg, cfg.tokenizer.build(), one), one, nullcontext())
+    assert val == pytest.approx(read_metrics(tmp_path / "ep2")[-1]["val_loss"], rel=1e-5)
+
+
+def test_cli_nproc_launches_expert_parallel_training(
+    tmp_path: Path, moe_args: Callable[..., list[str]], capfd: pytest.CaptureFixture[str]
+) -> None:
+    args = moe_args(tmp_path / "run", "train.max_steps=2", "distributed.ep_size=2")
+    assert cli_main(["/dev/null", *args, "--nproc", "2"]) == 0
+    assert [r["step"] for r in read_metrics(tmp_path / "run")] == [1, 2]
+    assert load_run_config(tmp_path / "run" / "config.yaml", world_size=2).distributed.ep_size == 2
+    assert "done: step 2" in capfd.readouterr().out
