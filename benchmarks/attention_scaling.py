@@ -11,7 +11,7 @@
    layers) against the same model with every layer global, at 64K and 1M positions, bf16,
    computed from `Transformer.make_cache` on the meta device (nothing is allocated).
 
-    python benchmarks/attention_scaling.py            # ~3 minutes on 2 CPU cores
+    python benchmarks/attention_scaling.py            # 3-5 minutes on a shared 2-core CPU
     python benchmarks/attention_scaling.py --max-len 8192 --reps 1     # quick look
 
 Shapes: B batch, L sequence, D model dim, H query heads, K kv heads, Dh head dim, C chunk.
@@ -87,14 +87,15 @@ def scaling(max_len: int, chunk: int, reps: int) -> None:
 
 
 def _last_block_peak_gib(cache_len: int, block: int, max_mask_elements: int) -> float:
-    """In a fresh process: GiB by which peak resident memory grows during one SDPA prefill call."""
+    """In a fresh process: GiB by which peak resident memory exceeds the resident size before one SDPA call."""
     torch.set_num_threads(1)
     q = torch.randn(1, 2, block, 64)  # [B, H, Lq, Dh]: the newest prefill block
     k, v = torch.randn(1, 1, cache_len, 64), torch.randn(1, 1, cache_len, 64)  # [B, K, Lk, Dh]
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with open("/proc/self/statm") as statm:  # resident pages now (Linux); ru_maxrss is the peak so far
+        before = int(statm.read().split()[1]) * resource.getpagesize()
     with torch.no_grad():
         sdpa_attention(q, k, v, max_mask_elements=max_mask_elements)
-    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024 / GIB
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before) / GIB
 
 
 def prefill_memory(cache_len: int, block: int) -> None:
