@@ -590,20 +590,27 @@ def _eval_model(source_dir: Path, model_overrides: list[str]) -> tuple[Any, Any]
     from experiments.config import load_run_config
     from models.transformer import Transformer
 
-    model, cfg = load_model(source_dir)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, cfg = load_model(source_dir, device=device)
     if not model_overrides:
         return model, cfg
     cfg = load_run_config(cfg.to_dict(), model_overrides)
     with torch.device("meta"):
         changed = Transformer(cfg.model)
-    changed.to_empty(device="cpu")
+    changed.to_empty(device=device)
     changed.init_weights()
     changed.load_state_dict(model.state_dict())
     return changed.eval(), cfg
 
 
 def _evaluate(plan: PlannedRun, source_dir: Path, run_dir: Path) -> tuple[Any, dict[str, float]]:
-    """Run the sweep's evaluation suites on the source run's model; results go to run_dir/eval/<suite>.json."""
+    """Run the sweep's evaluation suites on the source run's model; results go to run_dir/eval/<suite>.json.
+
+    Options layer as: the run config's `eval.<suite>` section, the sweep's `eval.<suite>`, then the
+    run's `eval_overrides`.
+    """
+    from omegaconf import OmegaConf
+
     from experiments.data.corpus import load_corpus
     from experiments.evals import long_context
     from experiments.evals.options import load_options
@@ -617,7 +624,8 @@ def _evaluate(plan: PlannedRun, source_dir: Path, run_dir: Path) -> tuple[Any, d
         cfg.data.source, tokenizer, "val", Path(cfg.data.cache_dir).expanduser(), val_fraction=cfg.data.val_fraction
     )
     for suite, options in plan.eval.items():
-        opts = load_options(options, _suite_overrides(plan.eval_overrides, suite))
+        run_options = OmegaConf.structured(getattr(cfg.eval, suite))
+        opts = load_options(run_options, [*to_dotlist(options), *_suite_overrides(plan.eval_overrides, suite)])
         print(f"evaluating {suite} at lengths {opts.resolved_lengths(cfg.train.seq_len)}", flush=True)
         result = long_context.evaluate(model, tokenizer, opts, train_len=cfg.train.seq_len, heldout=heldout)
         long_context.write_results(result, run_dir / "eval", plots=opts.plots, suite=suite)
