@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -128,8 +128,11 @@ class FlashBackend(AttentionBackend):
 # flex_attention's sparse block size (queries x keys).
 FLEX_BLOCK = 128
 
+# flex mask_mod: (batch, head, query index, key index) -> may the query see the key?
+MaskMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
-def _positions_mask_mod(q_start: int, k_start: int, chunk_size: Optional[int], device: torch.device) -> Any:
+
+def _positions_mask_mod(q_start: int, k_start: int, chunk_size: Optional[int], device: torch.device) -> MaskMod:
     """mask_mod for flex: `visible` at absolute positions (offsets are tensors, so new offsets reuse the kernel)."""
     q_off = torch.tensor(q_start, dtype=torch.int32, device=device)
     k_off = torch.tensor(k_start, dtype=torch.int32, device=device)
