@@ -515,7 +515,7 @@ def run_sweep(
         rows[plan.name] = row
         write_results(sweep_dir, [rows[p.name] for p in plans if p.name in rows])
 
-    say(f"{len(plans)} runs -> {sweep_dir} ({parallel} at a time, {threads} threads each)")
+    say(f"{len(plans)} runs -> {sweep_dir} ({parallel} at a time, {threads} torch thread(s) each)")
     try:
         while queue or running:
             for plan in list(queue):

@@ -29,6 +29,8 @@ _EVAL_KEY = re.compile(r"^(?P<metric>[A-Za-z_]+)@(?P<length>\d+)(?P<rest>.*)$")
 _DEPTH = re.compile(r"(?:depth|d)=?(?P<depth>[0-9.]+)")
 _ROUTER_KEY = re.compile(r"^(?:router|moe)[./](?:layers?[./])?(?P<layer>\d+)[./](?P<stat>tokens_per_expert|load|expert_load|counts)$")
 MATCH_TOLERANCE = 0.05  # ratios within 5% of 1 count as "matched"
+# Eval metrics shown in the tables (nll duplicates ppl; entropy is a diagnostic kept in the JSON).
+TABLE_METRICS = ("ppl", "passkey", "needle", "mqar")
 
 
 # ---------------------------------------------------------------------------- loading
@@ -98,20 +100,18 @@ def group_rows(rows: Iterable[dict[str, Any]]) -> list[Group]:
 
 
 def eval_keys(rows: Iterable[dict[str, Any]]) -> list[str]:
-    """The "<metric>@<length>" eval keys present, ordered by metric (first seen) then length."""
-    order: dict[str, int] = {}
+    """The "<metric>@<length>" eval keys of TABLE_METRICS present, ordered by metric then length."""
     keys = set()
     for r in rows:
         for k in r.get("eval", {}) or {}:
             m = _EVAL_KEY.match(k)
-            if m and not m.group("rest"):
-                order.setdefault(m.group("metric"), len(order))
+            if m and not m.group("rest") and m.group("metric") in TABLE_METRICS:
                 keys.add(k)
 
     def sort_key(k: str) -> tuple[int, int]:
         m = _EVAL_KEY.match(k)
         assert m is not None
-        return order[m.group("metric")], int(m.group("length"))
+        return TABLE_METRICS.index(m.group("metric")), int(m.group("length"))
 
     return sorted(keys, key=sort_key)
 
