@@ -11,7 +11,7 @@ Shapes: B batch, L sequence, D model dim, V vocab.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Optional, Union
 
 import torch
@@ -154,13 +154,16 @@ class Transformer(nn.Module):
         """Change eval-time attention settings (temperature tuning, backend) on every layer without retraining."""
         if backend is not None:  # fail now, before changing anything, not at the next forward
             get_backend(backend, self.tok_embeddings.weight.device)
-        att = self.cfg.attention
-        for name, value in (
-            ("temperature_tuning", temperature_tuning),
-            ("floor_scale", floor_scale),
-            ("attn_scale", attn_scale),
-            ("backend", backend),
-        ):
-            if value is not None:
-                setattr(att, name, value)
-        self.cfg.validate()
+        changes = {
+            name: value
+            for name, value in (
+                ("temperature_tuning", temperature_tuning),
+                ("floor_scale", floor_scale),
+                ("attn_scale", attn_scale),
+                ("backend", backend),
+            )
+            if value is not None
+        }
+        replace(self.cfg, attention=replace(self.cfg.attention, **changes))  # validates a copy first
+        for name, value in changes.items():  # the layers share this AttentionConfig object
+            setattr(self.cfg.attention, name, value)

@@ -4,7 +4,7 @@ import torch
 from attention.attention import Attention
 from attention.irope import layer_attention_kind
 from attention.rope import rope_angles
-from models import AttentionConfig, ModelConfig, Transformer
+from models import AttentionConfig, ConfigError, ModelConfig, Transformer, presets
 
 FLOOR = 6.0
 
@@ -128,3 +128,11 @@ def test_setting_an_unavailable_backend_fails_before_changing_anything() -> None
     with pytest.raises(RuntimeError, match="attention.backend='flash'"):
         model.set_attention(backend="flash", temperature_tuning=False)  # no CUDA here
     assert model.cfg.attention.backend == "sdpa" and model.cfg.attention.temperature_tuning
+
+
+def test_invalid_set_attention_changes_nothing() -> None:
+    model = Transformer(presets.get("llama4-tiny"))
+    before = dict(vars(model.cfg.attention))
+    with pytest.raises(ConfigError, match="attention.floor_scale"):
+        model.set_attention(temperature_tuning=False, floor_scale=-1.0)
+    assert vars(model.cfg.attention) == before
