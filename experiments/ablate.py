@@ -17,6 +17,7 @@ product of overrides), seeds, and the evaluations to run after training:
     grid: {optim.lr: [1.0e-3, 3.0e-3]}  # optional; every run x every combination
     seeds: [0, 1]                     # optional; sets train.seed, adds -s<seed> to run names
     baseline: dense                   # optional; ratio columns are against it (default: the first run)
+    parallel: 2                       # optional; runs trained at once unless --parallel says otherwise
     eval:                             # optional; evaluation suites run after training, with options
       long_context:                   # experiments/evals/options.py: LongContextEvalConfig
         evals: [ppl, passkey]
@@ -57,7 +58,7 @@ from typing import Any, Callable, Optional, TextIO
 import yaml
 
 BUILTIN_DIR = Path(__file__).parent / "configs" / "ablations"
-_TOP_KEYS = ("name", "description", "base", "overrides", "runs", "grid", "seeds", "baseline", "eval")
+_TOP_KEYS = ("name", "description", "base", "overrides", "runs", "grid", "seeds", "baseline", "parallel", "eval")
 EVAL_SUITES = ("long_context",)  # experiments/evals/<suite>.py
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 
@@ -105,6 +106,7 @@ class Sweep:
     grid: dict[str, list[Any]]
     seeds: Optional[list[int]]
     baseline: str
+    parallel: int
     eval: dict[str, dict[str, Any]]
 
 
@@ -284,6 +286,9 @@ def parse_sweep(data: Any, sweep_path: Optional[Path] = None) -> Sweep:
     baseline = data.get("baseline", next(iter(runs)))
     if baseline not in runs:
         raise SweepError("baseline", f"names no run of this sweep: {baseline!r} (runs: {', '.join(runs)})")
+    parallel = data.get("parallel", 1)
+    if not isinstance(parallel, int) or isinstance(parallel, bool) or parallel < 1:
+        raise SweepError("parallel", f"must be an integer >= 1 (runs trained at once), got {parallel!r}")
     return Sweep(
         name=name,
         description=description,
@@ -293,6 +298,7 @@ def parse_sweep(data: Any, sweep_path: Optional[Path] = None) -> Sweep:
         grid=_parse_grid(data.get("grid")),
         seeds=_parse_seeds(data.get("seeds")),
         baseline=baseline,
+        parallel=parallel,
         eval=_parse_eval(data.get("eval")),
     )
 
@@ -700,7 +706,9 @@ def cli_main(argv: list[str]) -> int:
     )
     parser.add_argument("sweep", nargs="?", help="a sweep YAML file or the name of a built-in sweep")
     parser.add_argument("overrides", nargs="*", help="key=value run-config overrides applied to every run")
-    parser.add_argument("--parallel", type=int, default=1, metavar="N", help="runs trained at once (default 1)")
+    parser.add_argument(
+        "--parallel", type=int, metavar="N", help="runs trained at once (default: the sweep's `parallel`, else 1)"
+    )
     parser.add_argument("--out", type=Path, default=None, metavar="DIR", help="sweep directory (default runs/<name>)")
     parser.add_argument("--dry-run", action="store_true", help="validate and list the runs without training")
     parser.add_argument("--list", action="store_true", help="list the built-in sweeps and exit")
@@ -740,7 +748,8 @@ def cli_main(argv: list[str]) -> int:
     # a terminated sweep stops its workers too (run_sweep's cleanup runs on SystemExit)
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     t0 = time.time()
-    rows = run_sweep(sweep, sweep_dir, parallel=args.parallel, cli_overrides=parse_cli_overrides(args.overrides))
+    parallel = args.parallel if args.parallel is not None else sweep.parallel
+    rows = run_sweep(sweep, sweep_dir, parallel=parallel, cli_overrides=parse_cli_overrides(args.overrides))
     report_path = report.build_report(sweep_dir)
     failed = [r for r in rows if r["status"] != "done"]
     print(f"\nsweep {sweep.name}: {len(rows) - len(failed)}/{len(rows)} runs done in {time.time() - t0:.0f}s\n")

@@ -90,6 +90,7 @@ def test_eval_only_run_reuses_the_run_of_the_same_seed() -> None:
         (_sweep(seeds=[1, 1]), "seeds"),
         (_sweep(seeds="0"), "seeds"),
         (_sweep(baseline="nope"), "baseline"),
+        (_sweep(parallel=0), "parallel"),
         (_sweep(eval={"long_context": [1, 2]}), "eval.long_context"),
         (_sweep(eval={"lenghts": [1]}), "eval.lenghts"),
         (_sweep(runs={"a": {}, "b": {"reuse": "a", "eval_overrides": {"optim.lr": 1}}}), "runs.b.eval_overrides.optim.lr"),
