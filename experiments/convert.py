@@ -93,6 +93,13 @@ def cli_main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     try:
         args.run(args)
+    except ModuleNotFoundError as err:
+        print(
+            f"llamoe convert: {err.name} is not installed; the Hugging Face adapters need it: "
+            "pip install 'llamoe[hf]' (transformers, safetensors)",
+            file=sys.stderr,
+        )
+        return 2
     except (ConfigError, KeyError, FileNotFoundError) as err:
         print(f"llamoe convert: {err}", file=sys.stderr)
         return 2

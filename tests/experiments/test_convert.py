@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import torch
@@ -61,3 +62,10 @@ def test_bad_input_exits_with_status_2(tmp_path: Path) -> None:
     torch.save({"model": {}}, tmp_path / "bad.pt")
     assert main(["convert", "to-hf", str(tmp_path / "bad.pt"), str(tmp_path / "out")]) == 2
     assert main(["convert", "from-hf", str(tmp_path / "missing"), str(tmp_path / "x.pt")]) == 2
+
+
+def test_convert_without_transformers_says_what_to_install(monkeypatch, capsys, tmp_path) -> None:
+    monkeypatch.setitem(sys.modules, "transformers", None)  # importing it now fails as if not installed
+    monkeypatch.delitem(sys.modules, "models.hf", raising=False)
+    assert main(["convert", "from-hf", str(tmp_path), str(tmp_path / "out.pt")]) == 2
+    assert "llamoe[hf]" in capsys.readouterr().err
