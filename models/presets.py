@@ -7,6 +7,7 @@ dense vs MoE comparisons.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Callable
 
 from models.config import AttentionConfig, ModelConfig, MoEConfig, RopeConfig
@@ -28,6 +29,19 @@ def _llama31(dim: int, n_layers: int, n_heads: int, multiplier: float, multiple_
     )
 
 
+def _irope(chunk_size: int, qk_norm: bool) -> AttentionConfig:
+    """Llama 4 attention: NoPE every 4th layer, chunked RoPE layers, temperature tuning with
+    floor_scale equal to the chunk size and attn_scale 0.1."""
+    return AttentionConfig(
+        nope_layer_interval=4,
+        chunk_size=chunk_size,
+        qk_norm=qk_norm,
+        temperature_tuning=True,
+        floor_scale=float(chunk_size),
+        attn_scale=0.1,
+    )
+
+
 def _llama4(num_experts: int, interleave_step: int, qk_norm: bool, rope: RopeConfig, max_seq_len: int) -> ModelConfig:
     """Llama 4 text model (Meta Llama 4 model card and llama-models llama4 configs, April 2025)."""
     return ModelConfig(
@@ -41,14 +55,7 @@ def _llama4(num_experts: int, interleave_step: int, qk_norm: bool, rope: RopeCon
         norm_eps=1e-5,
         max_seq_len=max_seq_len,
         rope=rope,
-        attention=AttentionConfig(
-            nope_layer_interval=4,
-            chunk_size=8192,
-            qk_norm=qk_norm,
-            temperature_tuning=True,
-            floor_scale=8192.0,
-            attn_scale=0.1,
-        ),
+        attention=_irope(8192, qk_norm),
         moe=MoEConfig(
             num_experts=num_experts,
             top_k=1,
@@ -76,32 +83,19 @@ def _llama31_tiny() -> ModelConfig:
 
 
 def _llama4_tiny() -> ModelConfig:
-    """CPU-sized Llama 4: iRoPE (chunk 64, NoPE every 4th layer, QK-norm, temperature tuning with
-    floor_scale = chunk_size as in Llama 4) and MoE on every 2nd layer with 8 routed experts, top-1,
-    and a shared expert; routed + shared hidden = llama3.1-tiny's FFN hidden, so active parameters
-    match llama3.1-tiny up to the router."""
-    return ModelConfig(
-        dim=256,
-        n_layers=4,
-        n_heads=8,
-        n_kv_heads=4,
-        vocab_size=320,
-        multiple_of=64,
-        max_seq_len=65536,
-        rope=RopeConfig(theta=10000.0),
-        attention=AttentionConfig(
-            nope_layer_interval=4,
-            chunk_size=64,
-            qk_norm=True,
-            temperature_tuning=True,
-            floor_scale=64.0,
-            attn_scale=0.1,
-        ),
+    """CPU-sized Llama 4: llama3.1-tiny with iRoPE (chunk 64, NoPE every 4th layer, QK-norm,
+    temperature tuning) and MoE on every 2nd layer with 8 routed experts, top-1, and a shared
+    expert; routed + shared hidden = llama3.1-tiny's FFN hidden, so active parameters match
+    llama3.1-tiny up to the router."""
+    dense = _llama31_tiny()
+    return replace(
+        dense,
+        attention=_irope(64, qk_norm=True),
         moe=MoEConfig(
             num_experts=8,
             top_k=1,
             interleave_step=2,
-            expert_hidden_dim=352,
+            expert_hidden_dim=dense.ffn_hidden // 2,
             num_shared_experts=1,
         ),
     )
