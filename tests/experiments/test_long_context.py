@@ -305,6 +305,22 @@ def test_evaluate_calibrates_on_held_out_data_and_evaluates_the_best(heldout) ->
     assert result["temperature"]["label"] == calibration["best"]["label"] in labels
     best_score = min(row["score"] for row in calibration["scores"])
     assert next(r for r in calibration["scores"] if r["label"] == calibration["best"]["label"])["score"] == best_score
+    # scores are NLLs on the reserved windows, not on the evaluation windows
+    evaluation, reserved = heldout_windows(heldout.tokens, heldout.doc_offsets, 65, 1, 1)
+    with applied(model, TemperatureSetting.of(model).switched(False)):
+        assert calibration["scores"][0]["score"] == pytest.approx(token_nll(model, reserved).mean().item(), abs=1e-5)
+        assert calibration["scores"][0]["score"] != pytest.approx(token_nll(model, evaluation).mean().item(), abs=1e-3)
+
+
+def test_calibration_by_passkey_needs_no_held_out_text_and_breaks_ties_to_off() -> None:
+    model = tiny_model(floor_scale=16.0)
+    options = load_options(None, ["lengths=[200]", "evals=[passkey]", "temperature=calibrate", "calibrate_by=passkey",
+                                  "floor_scales=[16]", "attn_scales=[0.1]", "passkey_depths=[0.5]"])
+    result = evaluate(model, BYTES, options, train_len=200)
+    calibration = result["details"]["calibration"]
+    assert calibration["maximize"] and calibration["criterion"] == "passkey"
+    assert [r["score"] for r in calibration["scores"]] == [0.0, 0.0]  # an untrained model finds no key
+    assert result["temperature"]["label"] == "off" and "passkey@200:fs16_as0.5" in result
 
 
 def test_models_without_nope_layers_skip_temperature_and_entropy(heldout) -> None:
