@@ -29,16 +29,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models import presets  # noqa: E402
-from models.config import AttentionConfig, ModelConfig  # noqa: E402
+from models.config import ModelConfig  # noqa: E402
 from models.transformer import Transformer  # noqa: E402
 
 
 def configs() -> dict[str, ModelConfig]:
     """The baseline and the iRoPE variant; everything but attention is identical."""
     irope = presets.get("llama3.1-tiny")
-    irope.attention = AttentionConfig(
-        nope_layer_interval=4, chunk_size=64, qk_norm=True, temperature_tuning=True, floor_scale=64.0, attn_scale=0.1
-    )
+    irope.attention = presets.get("llama4-tiny").attention
     irope.validate()
     return {"global": presets.get("llama3.1-tiny"), "irope": irope, "llama4-tiny": presets.get("llama4-tiny")}
 
