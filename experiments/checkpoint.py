@@ -248,7 +248,7 @@ def load_checkpoint(path: Path, rank: int = 0) -> Checkpoint:
 def load_config(path: Path) -> RunConfig:
     """The resolved run config stored with a checkpoint."""
     try:
-        return load_run_config(path / "config.yaml", world_size=None, check_paths=False)
+        return load_run_config(path / "config.yaml", world_size=None, check_machine=False)
     except ConfigError as e:
         raise CheckpointError(f"{path / 'config.yaml'} cannot be loaded: {e}") from None
 

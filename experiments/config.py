@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
+import torch
 import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -183,14 +184,15 @@ def load_run_config(
     source: Union[str, Path, dict, None] = None,
     overrides: Sequence[str] = (),
     world_size: Optional[int] = 1,
-    check_paths: bool = True,
+    check_machine: bool = True,
 ) -> RunConfig:
     """Defaults <- `source` (a YAML path or a mapping) <- `key=value` overrides, then validate.
 
     `world_size` is the number of processes the run will use; the batch layout and the
     expert-parallel size are checked against it (None skips those checks, to read the config
-    of a run trained with any number of processes). `check_paths=False` skips checking that
-    data and tokenizer files exist (to read a finished run's config on another machine).
+    of a run trained with any number of processes). `check_machine=False` skips the checks that
+    depend on this machine (data and tokenizer files exist, a CUDA device for train.device=cuda),
+    to read a finished run's config anywhere.
     Raises ConfigError naming the key.
     """
     layers: list[dict[str, Any]] = []
@@ -212,7 +214,7 @@ def load_run_config(
         run = _deep_update(run, layer)
     cfg = _typed(RunConfig, run)
     cfg.model, cfg.model_preset = model.build()
-    validate(cfg, world_size, check_paths)
+    validate(cfg, world_size, check_machine)
     return cfg
 
 
@@ -363,7 +365,7 @@ class _ModelBuilder:
 
 
 # ---------------------------------------------------------------------- validation
-def validate(cfg: RunConfig, world_size: Optional[int] = 1, check_paths: bool = True) -> None:
+def validate(cfg: RunConfig, world_size: Optional[int] = 1, check_machine: bool = True) -> None:
     """Cross-field checks; raise ConfigError naming the first bad key and the fix."""
 
     def need(cond: bool, key: str, msg: str) -> None:
@@ -378,7 +380,7 @@ def validate(cfg: RunConfig, world_size: Optional[int] = 1, check_paths: bool = 
         need(tok.path is None, "tokenizer.path", "the byte_level tokenizer needs no file; set it to null")
     else:
         need(tok.path is not None, "tokenizer.path", f"the {tok.kind} tokenizer needs its tokenizer.model file")
-    if check_paths:
+    if check_machine:
         if tok.path is not None:
             need(Path(tok.path).expanduser().is_file(), "tokenizer.path", f"{tok.path!r} does not exist")
         try:
@@ -394,7 +396,7 @@ def validate(cfg: RunConfig, world_size: Optional[int] = 1, check_paths: bool = 
 
     data = cfg.data
     need(bool(data.source), "data.source", "must be 'stdlib' or a path")
-    if check_paths and data.source != "stdlib":
+    if check_machine and data.source != "stdlib":
         need(Path(data.source).expanduser().exists(), "data.source", f"{data.source!r} does not exist")
     need(0.0 <= data.val_fraction < 1.0, "data.val_fraction", f"must be in [0, 1), got {data.val_fraction}")
     data.tasks.validate()
@@ -427,6 +429,8 @@ def validate(cfg: RunConfig, world_size: Optional[int] = 1, check_paths: bool = 
     need(t.keep_checkpoints >= 1, "train.keep_checkpoints", f"must be >= 1, got {t.keep_checkpoints}")
     need(t.precision in PRECISIONS, "train.precision", f"must be one of {'|'.join(PRECISIONS)}, got {t.precision!r}")
     need(t.device in DEVICES, "train.device", f"must be one of {'|'.join(DEVICES)}, got {t.device!r}")
+    if check_machine and t.device == "cuda":
+        need(torch.cuda.is_available(), "train.device", "is cuda but this machine has no CUDA device; use auto or cpu")
     need(t.batch_size >= 1, "train.batch_size", f"must be >= 1, got {t.batch_size}")
     if t.micro_batch_size is not None:
         need(t.micro_batch_size >= 1, "train.micro_batch_size", f"must be >= 1 or null, got {t.micro_batch_size}")

@@ -231,7 +231,8 @@ class _RouterStats:
             offset += size
             if name not in self.COUNTS:
                 value = value / (self.n * world.size)
-            router.setdefault(str(layer), {})[name] = value.tolist() if size > 1 or name in self.COUNTS else float(value)
+            as_list = size > 1 or name in self.COUNTS
+            router.setdefault(str(layer), {})[name] = value.tolist() if as_list else float(value)
         self.sums, self.n = {}, 0
         out: dict[str, Any] = {}
         for name in ("load_imbalance", "dropped_frac", "router_entropy"):
@@ -376,7 +377,8 @@ def train(cfg: RunConfig) -> dict[str, Any]:
         if meta["step"] >= cfg.train.max_steps:
             rows = read_metrics(run_dir)
             if world.is_main:
-                print(f"{resume_path} is at step {meta['step']} >= train.max_steps={cfg.train.max_steps}; nothing to do")
+                step, max_steps = meta["step"], cfg.train.max_steps
+                print(f"{resume_path} is at step {step} >= train.max_steps={max_steps}; nothing to do")
             vals = [r["val_loss"] for r in rows if "val_loss" in r]
             return {
                 **summary,

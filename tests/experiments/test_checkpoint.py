@@ -1,10 +1,9 @@
 """Checkpoints: bit-exact resume, the latest pointer and pruning, corruption, kill -9, load_model, generate."""
 
+import multiprocessing
 import os
 import random
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -24,7 +23,6 @@ from experiments.sample import cli_main as generate_main
 from experiments.train import cli_main, read_metrics, train
 
 Args = Callable[..., list[str]]
-ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
@@ -139,39 +137,37 @@ def test_load_model_tokenizer_and_generate(
 
 @pytest.mark.slow
 def test_kill_9_during_training_never_breaks_latest_and_resume_is_exact(
-    tmp_path: Path, run_args: Args, tiny_moe: list[str]
+    tmp_path: Path, run_args: Args, tiny_moe: list[str], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """SIGKILL a training process at random moments while it saves every step; `latest` must always
-    load, and the run finished after the kills must log exactly the losses of an uninterrupted run."""
-    steps = 20
-    args = run_args(tmp_path / "killed", *tiny_moe, f"train.max_steps={steps}", "train.save_every=1",
-                    "model.moe.jitter=0.1", "model.moe.bias_balancing=true")  # fmt: skip
-    train(load_run_config(None, [*args, f"run_dir={tmp_path / 'straight'}"]))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    command = [sys.executable, "-m", "experiments.cli", "train", "/dev/null", *args]
-    rng = random.Random(0)
+    """SIGKILL a training process (a forked copy of this one, so no start-up cost) at random moments
+    while it saves every step; `latest` must always load, and the run finished after the kills must
+    log exactly the losses of an uninterrupted run."""
+    steps = 32
     run = tmp_path / "killed"
-    kills = 0
-    while kills < 2:
+    argv = ["/dev/null", *run_args(run, *tiny_moe, f"train.max_steps={steps}", "train.save_every=1",
+                                   "model.moe.jitter=0.1", "model.moe.bias_balancing=true")]  # fmt: skip
+    assert cli_main([*argv, f"run_dir={tmp_path / 'straight'}"]) == 0
+    fork = multiprocessing.get_context("fork")
+    rng = random.Random(0)
+    for _ in range(4):
         before = latest_checkpoint(run)
-        proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.time() + 120
-        while latest_checkpoint(run) == before and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.01)
-        time.sleep(rng.uniform(0.0, 0.4))  # somewhere in the following steps and saves
-        if proc.poll() is not None:
-            break  # finished before we could kill it
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        kills += 1
+        proc = fork.Process(target=cli_main, args=(argv,))
+        proc.start()
+        deadline = time.time() + 60
+        while latest_checkpoint(run) == before and proc.is_alive() and time.time() < deadline:
+            time.sleep(0.002)
+        time.sleep(rng.uniform(0.0, 0.3))  # somewhere in the following steps and saves
+        assert proc.is_alive(), "the run ended before it was killed; give it more steps"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.join()
+        assert proc.exitcode == -signal.SIGKILL
         path = latest_checkpoint(run)
         assert path is not None
         state = load_checkpoint(path)  # every file of the checkpoint `latest` names is complete
         assert 1 <= state.step < steps and path.name == f"step_{state.step}"
-    assert kills == 2
-    done = subprocess.run(command, env=env, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
-    assert f"resuming from {run / 'checkpoints'}" in done.stdout
+    capsys.readouterr()
+    assert cli_main(argv) == 0
+    assert f"resuming from {run / 'checkpoints'}" in capsys.readouterr().out
     killed, straight = read_metrics(run), read_metrics(tmp_path / "straight")
     assert [r["step"] for r in killed] == list(range(1, steps + 1))
     assert [r["loss"] for r in killed] == [r["loss"] for r in straight]

@@ -62,10 +62,8 @@ def test_zero_and_expert_parallel_reproduce_data_parallel(
 
     # expert parallelism really sharded the experts: each rank kept 2 of the 4, with its own moments
     ckpt = tmp_path / "ep2" / "checkpoints" / "step_4"
-    moments = [
-        [s["exp_avg"] for s in load_checkpoint(ckpt, rank).rank_state["optimizer"]["state"].values() if s["exp_avg"].ndim == 3]
-        for rank in (0, 1)
-    ]
+    states = [load_checkpoint(ckpt, rank).rank_state["optimizer"]["state"].values() for rank in (0, 1)]
+    moments = [[s["exp_avg"] for s in state if s["exp_avg"].ndim == 3] for state in states]
     assert moments[0] and all(m.shape[0] == 2 for m in moments[0] + moments[1])
     assert not torch.equal(moments[0][0], moments[1][0])
     # the checkpoint holds every rank's experts: in one process it has the validation loss the run logged

@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from experiments.config import ConfigError, RunConfig, load_run_config
@@ -89,7 +90,7 @@ BAD_INPUTS = [
     (["tokenizer.kind=llama3", "tokenizer.path=/no/such/tokenizer.model"], 1, "tokenizer.path"),
     (["model.vocab_size=100"], 1, "model.vocab_size"),  # smaller than the tokenizer
     (["distributed.ep_size=2"], 2, "distributed.ep_size"),  # dense model: no experts
-    (["model=llama4-tiny", "distributed.ep_size=3", "train.batch_size=12"], 3, "distributed.ep_size"),  # 3 does not divide 8
+    (["model=llama4-tiny", "distributed.ep_size=3", "train.batch_size=12"], 3, "distributed.ep_size"),  # 8 experts
     (["model=llama4-tiny", "distributed.ep_size=2"], 1, "distributed.ep_size"),  # does not divide 1 process
     (["model=llama4-tiny", "distributed.ep_size=4", "train.batch_size=12"], 6, "distributed.ep_size"),
     (["train.batch_size=15"], 2, "train.batch_size"),
@@ -118,6 +119,14 @@ def test_cli_exits_2_naming_the_key_without_traceback(
     assert cli_main([str(BASE_YAML), *overrides, "--nproc", str(nproc)]) == 2  # checked before any launch
     err = capsys.readouterr().err
     assert f"invalid config: {key}:" in err and "Traceback" not in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_cuda_device_without_cuda_names_the_key() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_run_config(None, ["train.device=cuda"])
+    assert info.value.key == "train.device"
+    assert load_run_config(None, ["train.device=cuda"], check_machine=False).train.device == "cuda"
 
 
 def test_cli_missing_and_malformed_config_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
