@@ -3,10 +3,10 @@
 The model is built as plain single-device PyTorch; everything distributed is applied
 afterwards, here, in this order:
 
-1. `launch(nproc, argv)` starts `llamoe train argv` in nproc local processes through
-   DeepSpeed's launcher (`deepspeed.launcher.runner`), which sets RANK / WORLD_SIZE /
-   LOCAL_RANK / MASTER_ADDR / MASTER_PORT for every worker. On several nodes run
-   DeepSpeed's launcher yourself with a hostfile (see the README).
+1. `launch(nproc, ["experiments.cli", "train", ...])` (what `llamoe train --nproc N` does)
+   starts nproc local processes through DeepSpeed's launcher (`deepspeed.launcher.runner`),
+   which sets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT for every worker.
+   On several nodes run DeepSpeed's launcher yourself with a hostfile (see the README).
 2. `init_world(cfg)` in each worker joins the process group through DeepSpeed
    (gloo on CPU, NCCL on GPU) and, for `distributed.ep_size` > 1, creates DeepSpeed's
    expert-parallel and expert-data-parallel groups (`deepspeed.utils.groups`,
@@ -29,8 +29,9 @@ Two things DeepSpeed does not do for a model whose MoE layers are not DeepSpeed'
 - DeepSpeed's stage-0 gradient clipping averages per-rank gradient norms, which is not
   the global norm once ranks hold different experts. At stage 0 the engine's clipping is
   off and `clip_grad_norm` below computes the exact global norm (replicated parameters
-  once, expert parameters summed over the expert-parallel group). At stages 1-2
-  DeepSpeed's ZeRO optimizer clips with its own global norm.
+  once, expert parameters summed over the expert-parallel group); the single-process loop
+  clips with the same function. At stages 1-2 DeepSpeed's ZeRO optimizer clips with its
+  own global norm, which sums every partition once, expert groups included.
 
 bf16 runs use torch.autocast with fp32 weights, gradients and optimizer states in both
 the single-process and the DeepSpeed path (DeepSpeed's own bf16 mode is not enabled), so
