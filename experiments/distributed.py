@@ -255,13 +255,12 @@ class DeepSpeedStepper:
     """Forward, backward and optimizer step through a DeepSpeed engine (ZeRO 0-2, expert parallelism)."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, cfg: RunConfig, world: World) -> None:
-        from deepspeed import comm as ds_comm
+        """Build the engine the way `deepspeed.initialize` does (its process group is `init_world`'s),
+        but with `_ExpertParallelEngine` so that marked expert parameters get DeepSpeed's MoE handling."""
         from deepspeed.runtime.config import DeepSpeedConfig
 
         ds_config = deepspeed_config(cfg, world)
-        ds_comm.init_distributed(dist_backend=dist.get_backend())
-        engine_cls = _engine_class()
-        self.engine = engine_cls(
+        self.engine = _engine_class()(
             args=None, model=model, optimizer=optimizer, config=ds_config, config_class=DeepSpeedConfig(ds_config)
         )
         self.world = world
