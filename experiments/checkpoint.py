@@ -19,6 +19,12 @@ the directory to `step_<N>` (one rename(2)), fsyncs `checkpoints/`, and replaces
 (kill -9) at any moment leaves `latest` naming a complete directory: either the previous
 one or the new one. Older `step_<N>` directories beyond `keep` are removed only after
 `latest` moved on (renamed to `.trash-*` first, so a half-deleted one never looks valid).
+
+A save that fails on any rank (disk full, quota, an I/O error) fails on every rank: the ranks
+agree before the rename, the temporary directory is removed, and WriteError says where, why,
+how many bytes the save needed and that the previous checkpoint is intact. Leftover `.tmp-*`
+and `.trash-*` directories of a run killed mid-save are removed when the next run starts
+(`remove_stale`, called by the run directory's owner).
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ import torch
 
 from experiments.config import RunConfig, load_run_config
 from experiments.data.tokenizer import Tokenizer
+from experiments.errors import UsageError, UserError, WriteError, write_failed
 from models.config import ConfigError
 from models.transformer import Transformer
 
@@ -48,8 +55,12 @@ FORMAT_VERSION = 1
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be used; the message names the path and what to do."""
+
+
+class NoCheckpoint(CheckpointError, UsageError):
+    """The run directory or the checkpoint asked for does not exist (bad input: exit status 2)."""
 
 
 @dataclass
@@ -112,6 +123,35 @@ def _step_dirs(root: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def _nbytes(obj: Any) -> int:
+    """Bytes of the tensors and arrays in a (nested) state: about what saving it writes."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, np.ndarray):
+        return obj.nbytes
+    if isinstance(obj, dict):
+        return sum(_nbytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_nbytes(v) for v in obj)
+    return 0
+
+
+def _is_write_failure(error: BaseException) -> bool:
+    """OSError, or torch.save's writer reporting one (it raises RuntimeError from inline_container.cc)."""
+    return isinstance(error, OSError) or (isinstance(error, RuntimeError) and "inline_container" in str(error))
+
+
+def remove_stale(run_dir: Union[str, Path]) -> list[Path]:
+    """Remove `.tmp-*` / `.trash-*` leftovers of a save that was killed; only the directory's owner may call it."""
+    root = Path(run_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    stale = [p for p in root.iterdir() if p.name.startswith((".tmp-", ".trash-", f"{LATEST}.tmp"))]
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+    return stale
+
+
 def _remove(path: Path) -> None:
     """Delete a directory by renaming it out of the way first, so it never looks half-complete."""
     trash = path.with_name(f".trash-{path.name}-{os.getpid()}")
@@ -130,44 +170,78 @@ def save_checkpoint(
     config_yaml: str,
     rank: int = 0,
     barrier: Callable[[], None] = lambda: None,
+    all_ok: Callable[[bool], bool] = lambda ok: ok,
     keep: int = 2,
 ) -> Path:
     """Save step `step` atomically (see the module docstring); every rank calls this.
 
     `model_state` (the full model) is needed on rank 0 only; `rank_state` is this rank's
     own; `config_yaml` is the resolved run config (`RunConfig.to_yaml()`); `barrier`
-    synchronises the ranks (a no-op in one process). Returns the new path.
+    synchronises the ranks and `all_ok` tells every rank whether all of them succeeded (both
+    trivial in one process). Returns the new path; WriteError (on every rank) if the save failed.
     """
     root = Path(run_dir) / CHECKPOINTS
     name = f"step_{step}"
-    tmp = root / f".tmp-{name}"
+    tmp, final = root / f".tmp-{name}", root / name
+    previous = latest_checkpoint(run_dir) if rank == 0 else None
+    failure: Optional[BaseException] = None
+    try:
+        if rank == 0:
+            root.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir()
+        barrier()
+        _write_file(tmp / f"rank{rank}.pt", lambda f: torch.save(rank_state, f))
+        if rank == 0:
+            assert model_state is not None, "rank 0 must pass the full model state"
+            _write_file(tmp / "model.pt", lambda f: torch.save(model_state, f))
+            _write_text(tmp / "config.yaml", config_yaml)
+            _write_text(tmp / "meta.json", json.dumps({**meta, "step": step, "format": FORMAT_VERSION}, indent=1) + "\n")
+    except Exception as e:  # filtered just below; every rank must reach all_ok
+        if not _is_write_failure(e):
+            raise
+        failure = e
+    if all_ok(failure is None) and rank == 0:
+        try:
+            _publish(root, tmp, final)
+        except OSError as e:
+            failure = e
+    if not all_ok(failure is None):
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise _save_failed(final, failure, _nbytes(rank_state) + _nbytes(model_state), previous)
     if rank == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
-    barrier()
-    _write_file(tmp / f"rank{rank}.pt", lambda f: torch.save(rank_state, f))
-    if rank == 0:
-        assert model_state is not None, "rank 0 must pass the full model state"
-        _write_file(tmp / "model.pt", lambda f: torch.save(model_state, f))
-        _write_text(tmp / "config.yaml", config_yaml)
-        _write_text(tmp / "meta.json", json.dumps({**meta, "step": step, "format": FORMAT_VERSION}, indent=1) + "\n")
-    barrier()
-    final = root / name
-    if rank == 0:
-        _fsync_dir(tmp)
-        if final.exists():
-            _remove(final)  # a leftover of an earlier attempt at this step; `latest` never names it here
-        os.rename(tmp, final)
-        _fsync_dir(root)
-        pointer = root / f"{LATEST}.tmp"
-        _write_text(pointer, name + "\n")
-        os.replace(pointer, root / LATEST)
-        _fsync_dir(root)
         _prune(root, keep, current=final)
     barrier()
     return final
+
+
+def _publish(root: Path, tmp: Path, final: Path) -> None:
+    """Rename the complete `tmp` to `final` and point `latest` at it; on failure `latest` is unchanged."""
+    _fsync_dir(tmp)
+    if final.exists():
+        _remove(final)  # a leftover of an earlier attempt at this step; `latest` never names it here
+    os.rename(tmp, final)
+    _fsync_dir(root)
+    pointer = root / f"{LATEST}.tmp"
+    try:
+        _write_text(pointer, final.name + "\n")
+        os.replace(pointer, root / LATEST)
+    except OSError:
+        pointer.unlink(missing_ok=True)
+        os.rename(final, tmp)  # `latest` still names the previous checkpoint; the caller removes tmp
+        raise
+    _fsync_dir(root)
+
+
+def _save_failed(final: Path, error: Optional[BaseException], needed: int, previous: Optional[Path]) -> WriteError:
+    """The one-line error of a failed save (a rank whose own writes succeeded reports another rank's failure)."""
+    if error is None:
+        return WriteError(f"could not write checkpoint {final}: another rank's save failed (see its message)")
+    kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
+    base = write_failed("checkpoint", final, error, needed)
+    return WriteError(f"{base}; {kept}. Free space, then rerun the same command to resume")
 
 
 def _prune(root: Path, keep: int, current: Path) -> None:
@@ -200,13 +274,15 @@ def checkpoint_path(run_dir: Union[str, Path], step: Optional[int] = None) -> Pa
     """The checkpoint of `step`, or the latest one; CheckpointError if there is none."""
     if step is None:
         path = latest_checkpoint(run_dir)
+        if not Path(run_dir).is_dir():
+            raise NoCheckpoint(f"{run_dir} has no checkpoint: that run directory does not exist")
         if path is None:
-            raise CheckpointError(f"{run_dir} has no checkpoint ({Path(run_dir) / CHECKPOINTS / LATEST} is missing)")
+            raise NoCheckpoint(f"{run_dir} has no checkpoint ({Path(run_dir) / CHECKPOINTS / LATEST} is missing)")
         return path
     path = Path(run_dir) / CHECKPOINTS / f"step_{step}"
     if not path.is_dir():
         have = [s for s, _ in _step_dirs(Path(run_dir) / CHECKPOINTS)]
-        raise CheckpointError(f"{path} does not exist; this run has checkpoints at steps {have}")
+        raise NoCheckpoint(f"{path} does not exist; this run has checkpoints at steps {have}")
     return path
 
 
@@ -233,16 +309,47 @@ def read_meta(path: Path) -> dict[str, Any]:
     return meta
 
 
-def load_checkpoint(path: Path, rank: int = 0) -> Checkpoint:
+def load_checkpoint(path: Path, rank: int = 0, all_ok: Callable[[bool], bool] = lambda ok: ok) -> Checkpoint:
     """Read a checkpoint directory: metadata, full model state and rank `rank`'s state.
 
+    Every rank calls this; if any rank cannot read its part (a corrupt or missing shard), every
+    rank raises CheckpointError (`all_ok` tells each whether all succeeded), so none waits forever.
     The rank file holds optimizer objects (DeepSpeed's ZeRO state among them), so it is
     read with full unpickling: load only checkpoints you wrote.
     """
-    meta = read_meta(path)
-    model = _load_file(path / "model.pt", weights_only=True)
-    rank_state = _load_file(path / f"rank{rank}.pt", weights_only=False)
+    error: Optional[CheckpointError] = None
+    try:
+        meta = read_meta(path)
+        model = _load_file(path / "model.pt", weights_only=True)
+        rank_state = _load_file(path / f"rank{rank}.pt", weights_only=False)
+    except CheckpointError as e:
+        error = e
+    if not all_ok(error is None):
+        raise error or CheckpointError(f"{path}: another rank could not read its part (see its message)")
     return Checkpoint(path=path, step=int(meta["step"]), meta=meta, model=model, rank_state=rank_state)
+
+
+def check_resumable(path: Path, meta: dict[str, Any], saved: RunConfig, cfg: RunConfig, layout: dict[str, int]) -> None:
+    """Refuse (ConfigError naming the key) to resume checkpoint `path` when its model, data layout or
+    process `layout` (world_size, ep_size, zero_stage) differs from this run's."""
+    current, before = cfg.to_dict(), saved.to_dict()
+    keys = ["train.seq_len", "train.batch_size", "train.seed", "data.source", "data.val_fraction", "tokenizer.kind"]
+    if before.get("model") != current["model"]:
+        raise ConfigError("model", f"{path} holds a different model than this config; use a new run_dir")
+    for key in keys:
+        section, name = key.split(".")
+        if before.get(section, {}).get(name) != current[section][name]:
+            raise ConfigError(
+                key,
+                f"{path} was trained with {key}={before.get(section, {}).get(name)!r}, this run has "
+                f"{current[section][name]!r}; use the same value to resume, or a new run_dir",
+            )
+    for key, value in layout.items():
+        if meta.get(key) != value:
+            what = "--nproc" if key == "world_size" else f"distributed.{key}"
+            raise ConfigError(
+                what, f"{path} was saved with {key}={meta.get(key)}, this run has {value}; resume with the same layout"
+            )
 
 
 def load_config(path: Path) -> RunConfig:
@@ -283,6 +390,8 @@ def load_tokenizer(run_dir: Union[str, Path], step: Optional[int] = None) -> Tok
 __all__ = [
     "Checkpoint",
     "CheckpointError",
+    "NoCheckpoint",
+    "check_resumable",
     "checkpoint_path",
     "latest_checkpoint",
     "load_checkpoint",
@@ -290,6 +399,7 @@ __all__ = [
     "load_model",
     "load_tokenizer",
     "read_meta",
+    "remove_stale",
     "rng_state",
     "save_checkpoint",
     "set_rng_state",

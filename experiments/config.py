@@ -114,6 +114,7 @@ class TrainConfig:
     precision: str = "fp32"  # fp32 | bf16 (autocast; weights, gradients and optimizer stay fp32)
     device: str = "auto"  # auto (cuda if present) | cpu | cuda
     progress: Optional[bool] = None  # progress bar; null: only on an interactive terminal
+    time_limit_s: Optional[float] = None  # wall clock of one invocation; stops and saves before it (exit 124)
 
 
 @dataclass
@@ -427,6 +428,8 @@ def validate(cfg: RunConfig, world_size: Optional[int] = 1, check_machine: bool 
     need(t.val_batches >= 1, "train.val_batches", f"must be >= 1, got {t.val_batches}")
     need(t.save_every >= 0, "train.save_every", f"must be >= 0 (0: save only at the end), got {t.save_every}")
     need(t.keep_checkpoints >= 1, "train.keep_checkpoints", f"must be >= 1, got {t.keep_checkpoints}")
+    limit = t.time_limit_s
+    need(limit is None or limit > 0, "train.time_limit_s", f"must be > 0 seconds or null, got {limit}")
     need(t.precision in PRECISIONS, "train.precision", f"must be one of {'|'.join(PRECISIONS)}, got {t.precision!r}")
     need(t.device in DEVICES, "train.device", f"must be one of {'|'.join(DEVICES)}, got {t.device!r}")
     if check_machine and t.device == "cuda":

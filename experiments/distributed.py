@@ -54,6 +54,7 @@ import torch.distributed as dist
 from torch import nn
 
 from experiments.config import RunConfig
+from experiments.runctl import Aborted, forward_signals
 from moe.layer import MoE
 
 
@@ -318,6 +319,8 @@ def launch(nproc: int, program: list[str], module: bool = True) -> int:
 
     `program` is a module and its arguments (`["experiments.cli", "train", ...]`), or with
     module=False a script path and its arguments. Workers import this checkout's packages.
+    The launcher runs in its own session, so a terminal's Ctrl-C reaches this process only; SIGTERM
+    and SIGINT are passed on once to every worker (experiments/runctl.py), so each saves and stops.
     """
     root = str(Path(__file__).resolve().parent.parent)
     env = dict(os.environ)
@@ -335,7 +338,12 @@ def launch(nproc: int, program: list[str], module: bool = True) -> int:
         *(["--module"] if module else []),
         *program,
     ]
-    return subprocess.call(cmd, env=env)
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+    try:
+        with forward_signals(proc.pid):
+            return proc.wait()
+    except Aborted:  # a second signal: the workers were told to abort too
+        return proc.wait()
 
 
 __all__ = [

@@ -8,11 +8,13 @@ import sys
 import torch
 
 from experiments.checkpoint import CheckpointError, load_model, load_tokenizer
+from experiments.errors import report
 from models.generate import generate
 
 
 def cli_main(argv: list[str]) -> int:
-    """Print the prompt followed by the generated continuation; exit status 1 if the run cannot be loaded."""
+    """Print the prompt followed by the generated continuation; exit status 2 for a missing run directory or
+    checkpoint, 1 for an unusable one (experiments/errors.py)."""
     parser = argparse.ArgumentParser(prog="llamoe generate", description="Generate text from a trained run.")
     parser.add_argument("run_dir", help="a run directory with checkpoints/")
     parser.add_argument("--prompt", required=True, help="text to continue")
@@ -30,8 +32,7 @@ def cli_main(argv: list[str]) -> int:
         model, _ = load_model(args.run_dir, args.step, device=args.device)
         tokenizer = load_tokenizer(args.run_dir, args.step)
     except CheckpointError as e:
-        print(f"llamoe generate: {e}", file=sys.stderr)
-        return 1
+        return report("llamoe generate", e, e.exit_status)
     prompt_ids = tokenizer.encode(args.prompt)
     if not prompt_ids:
         parser.error("--prompt must not be empty")

@@ -17,6 +17,11 @@ Outputs in run_dir: config.yaml (resolved), metrics.jsonl (one JSON object per l
 step, see `_Metrics`), checkpoints/ (experiments/checkpoint.py). Progress: a tqdm bar on an
 interactive terminal, plain log lines otherwise. A non-finite loss or gradient norm stops
 the run with `TrainingDiverged` before the optimizer applies it.
+
+Stopping early (experiments/runctl.py): the process that trains holds the run directory's lock
+(rank 0 under --nproc). SIGTERM or SIGINT, or `train.time_limit_s` running out, finishes the
+current step, saves a checkpoint on every rank and raises `Stopped`; the exit status is 143
+(SIGTERM), 130 (SIGINT) or 124 (time limit), and rerunning the same command resumes exactly.
 """
 
 from __future__ import annotations
@@ -29,13 +34,14 @@ import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Optional, Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from experiments import checkpoint as ckpt_io
+from experiments import runctl
 from experiments.config import ConfigError, OptimConfig, RunConfig, load_run_config
 from experiments.data.batches import MixedBatches, PackedBatches, ResumableBatches, ValidationBatches
 from experiments.data.corpus import load_corpus
@@ -51,11 +57,12 @@ from experiments.distributed import (
     moe_param_groups,
     shard_experts,
 )
+from experiments.errors import USAGE, UserError, exit_status, report
 from models.transformer import ModelOutput, Transformer
 from moe.layer import update_expert_biases
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(UserError, RuntimeError):
     """The loss or gradient norm became NaN or infinite."""
 
 
@@ -322,31 +329,13 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-# ---------------------------------------------------------------------- resume checks
-def _check_resumable(saved: dict[str, Any], cfg: RunConfig, world: World, meta: dict[str, Any], path: Path) -> None:
-    """Refuse to resume a checkpoint whose model, data layout or process layout differs from this run's."""
-    current = cfg.to_dict()
-    keys = ["train.seq_len", "train.batch_size", "train.seed", "data.source", "data.val_fraction", "tokenizer.kind"]
-    if saved.get("model") != current["model"]:
-        raise ConfigError("model", f"{path} holds a different model than this config; use a new run_dir")
-    for key in keys:
-        section, name = key.split(".")
-        if saved.get(section, {}).get(name) != current[section][name]:
-            raise ConfigError(
-                key,
-                f"{path} was trained with {key}={saved.get(section, {}).get(name)!r}, this run has "
-                f"{current[section][name]!r}; use the same value to resume, or a new run_dir",
-            )
-    layout = {"world_size": world.size, "ep_size": world.ep_size, "zero_stage": cfg.distributed.zero_stage}
-    for key, value in layout.items():
-        if meta.get(key) != value:
-            what = "--nproc" if key == "world_size" else f"distributed.{key}"
-            raise ConfigError(
-                what, f"{path} was saved with {key}={meta.get(key)}, this run has {value}; resume with the same layout"
-            )
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            continue  # a line torn by a crash mid-write; the next resume drops it
+    return rows
 
 
 # ---------------------------------------------------------------------- the loop
@@ -357,10 +346,19 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     last step), tokens, tokens_per_s (this invocation's mean), params, active_params,
     flops_per_token (training FLOPs per token at train.seq_len), wall_s.
     Run under DeepSpeed's launcher (WORLD_SIZE > 1) it trains data parallel, with ZeRO and
-    expert parallelism as configured.
+    expert parallelism as configured. Stopped early (signal, time limit) it saves and raises
+    runctl.Stopped; a run directory another process trains in raises runctl.RunLocked.
     """
     t0 = time.perf_counter()
     world = init_world(cfg)
+    owner = runctl.DirLock(cfg.run_dir) if world.is_main else nullcontext()
+    with owner, runctl.StopSignals(announce=world.is_main) as signals:
+        if world.is_main:
+            ckpt_io.remove_stale(cfg.run_dir)
+        return _train(cfg, world, runctl.StopControl(signals, cfg.train.time_limit_s, t0), t0)
+
+
+def _train(cfg: RunConfig, world: World, control: runctl.StopControl, t0: float) -> dict[str, Any]:
     run_dir = Path(cfg.run_dir)
     summary: dict[str, Any] = {
         "run_dir": str(run_dir),
@@ -373,7 +371,8 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     if resume_path is not None:
         meta = ckpt_io.read_meta(resume_path)
         saved_cfg = ckpt_io.load_config(resume_path)
-        _check_resumable(saved_cfg.to_dict(), cfg, world, meta, resume_path)
+        layout = {"world_size": world.size, "ep_size": world.ep_size, "zero_stage": cfg.distributed.zero_stage}
+        ckpt_io.check_resumable(resume_path, meta, saved_cfg, cfg, layout)
         if meta["step"] >= cfg.train.max_steps:
             rows = read_metrics(run_dir)
             if world.is_main:
@@ -400,7 +399,9 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     torch.manual_seed(cfg.train.seed)
     with torch.device(world.device):
         model = Transformer(cfg.model)
-    state = ckpt_io.load_checkpoint(resume_path, world.rank) if resume_path is not None else None
+    state = None
+    if resume_path is not None:
+        state = ckpt_io.load_checkpoint(resume_path, world.rank, lambda ok: runctl.all_ok(ok, world.distributed))
     if state is not None:
         model.load_state_dict(state.model)
     shard_experts(model, world)
@@ -425,7 +426,7 @@ def train(cfg: RunConfig) -> dict[str, Any]:
 
     metrics = _Metrics(cfg, world, start)
     try:
-        result = _loop(cfg, world, stepper, batches, validation, metrics, start)
+        result = _loop(cfg, world, stepper, batches, validation, metrics, start, control)
     finally:
         metrics.close()
     return {**summary, **result, "wall_s": time.perf_counter() - t0}
@@ -439,6 +440,7 @@ def _loop(
     validation: ValidationBatches,
     metrics: _Metrics,
     start: int,
+    control: runctl.StopControl,
 ) -> dict[str, Any]:
     t = cfg.train
     model = stepper.module
@@ -455,6 +457,7 @@ def _loop(
     window_steps, window_start = 0, time.perf_counter()
     run_start, val_loss, last_row = time.perf_counter(), None, None
     for step in range(start, t.max_steps):
+        step_start = time.perf_counter()
         lr = lr_at(step, cfg.optim, t.max_steps)
         stepper.set_lr(lr)
         inputs, targets = next(batches)
@@ -509,8 +512,14 @@ def _loop(
             last_row = row
             window_losses.zero_()
             window_steps, window_start = 0, time.perf_counter()
-        if last or (t.save_every > 0 and done % t.save_every == 0):
-            _save(cfg, config_yaml, world, stepper, batches, done, done * tokens_per_step)
+        save_now = last or (t.save_every > 0 and done % t.save_every == 0)
+        if save_now:
+            _save(cfg, config_yaml, world, stepper, batches, done, done * tokens_per_step, control)
+        status = 0 if last else control.should_stop(time.perf_counter() - step_start, world.distributed)
+        if status:
+            if not save_now:
+                _save(cfg, config_yaml, world, stepper, batches, done, done * tokens_per_step, control)
+            raise control.stopped(status, done, t.max_steps, Path(cfg.run_dir) / ckpt_io.CHECKPOINTS / f"step_{done}")
 
     trained = t.max_steps - start
     return {
@@ -530,7 +539,9 @@ def _save(
     batches: ResumableBatches,
     step: int,
     tokens: int,
+    control: runctl.StopControl,
 ) -> None:
+    started = time.perf_counter()
     model_state = full_state_dict(stepper.module, world)
     ckpt_io.save_checkpoint(
         cfg.run_dir,
@@ -546,13 +557,16 @@ def _save(
         config_yaml=config_yaml,
         rank=world.rank,
         barrier=world.barrier,
+        all_ok=lambda ok: runctl.all_ok(ok, world.distributed),
         keep=cfg.train.keep_checkpoints,
     )
+    control.saved(time.perf_counter() - started)
+
 
 
 # ---------------------------------------------------------------------- command line
 def cli_main(argv: list[str]) -> int:
-    """`llamoe train CONFIG [key=value ...] [--nproc N]`; exit status 2 for an invalid config."""
+    """`llamoe train CONFIG [key=value ...] [--nproc N]`; exit status as in experiments/errors.py."""
     parser = argparse.ArgumentParser(
         prog="llamoe train",
         description="Train a model from a run config (see experiments/configs/base.yaml for every key). "
@@ -571,16 +585,19 @@ def cli_main(argv: list[str]) -> int:
     except ConfigError as e:
         print(f"llamoe train: invalid config: {e}", file=sys.stderr)
         return 2
-    if args.nproc > 1 and not in_worker:
-        return launch(args.nproc, ["experiments.cli", "train", args.config, *args.overrides])
+    prog = "llamoe train"
     try:
+        if args.nproc > 1 and not in_worker:
+            runctl.check_unlocked(cfg.run_dir)
+            return launch(args.nproc, ["experiments.cli", "train", args.config, *args.overrides])
         summary = train(cfg)
     except ConfigError as e:
-        print(f"llamoe train: invalid config: {e}", file=sys.stderr)
-        return 2
-    except (ckpt_io.CheckpointError, TrainingDiverged) as e:
-        print(f"llamoe train: {type(e).__name__}: {e}", file=sys.stderr)
-        return 1
+        return report(prog, e, USAGE, "invalid config: ")
+    except BaseException as e:  # re-raised unless it is a user error or a requested stop
+        status = exit_status(e)
+        if status is None:
+            raise
+        return report(prog, e, status, quiet=isinstance(e, runctl.Stopped) and os.environ.get("RANK", "0") != "0")
     if summary.get("tokens_per_s") and int(os.environ.get("RANK", "0")) == 0:
         print(
             f"done: step {summary['steps']} | loss {summary['final_loss']:.4f} | val {summary['val_loss']:.4f} | "

@@ -276,7 +276,7 @@ def _summary(result: dict[str, Any]) -> str:
 def cli_main(argv: list[str]) -> int:
     """`llamoe eval RUN_DIR [--suite long_context] [--lengths N ...] [--step S] [key=value ...]`.
 
-    Exit status: 0 done, 1 unusable checkpoint, 2 invalid options.
+    Exit status: 0 done, 1 unusable checkpoint, 2 invalid options or a missing run directory / checkpoint.
     """
     from experiments.checkpoint import CheckpointError, checkpoint_path, load_model, read_meta
     from experiments.data.corpus import load_corpus
@@ -317,9 +317,9 @@ def cli_main(argv: list[str]) -> int:
     except ConfigError as e:
         print(f"llamoe eval: invalid options: {e}", file=sys.stderr)
         return 2
-    except CheckpointError as e:
+    except CheckpointError as e:  # exit 2 for a missing run directory or checkpoint (experiments/errors.py)
         print(f"llamoe eval: {e}", file=sys.stderr)
-        return 1
+        return e.exit_status
     result = {"run_dir": str(args.run_dir), "step": step, **result}
     path = write_results(result, args.run_dir / "eval", plots=options.plots, suite=args.suite)
     print(_summary(result))

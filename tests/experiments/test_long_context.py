@@ -381,5 +381,5 @@ def test_cli_exit_status_names_the_problem(heldout, tmp_path: Path, capsys) -> N
     assert "eval.long_context.temperature" in capsys.readouterr().err
     assert cli_main([str(run_dir), "eval.long_context.passkey_trials=0"]) == 2  # the run-config spelling works too
     assert "eval.long_context.passkey_trials" in capsys.readouterr().err
-    assert cli_main([str(tmp_path / "nothing_here")]) == 1
+    assert cli_main([str(tmp_path / "nothing_here")]) == 2  # bad input, as every missing run directory
     assert "no checkpoint" in capsys.readouterr().err
