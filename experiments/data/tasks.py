@@ -14,8 +14,9 @@ Public API:
 
 Formats (protocols in shared/REFERENCE.md, "Long-context evaluation protocols"):
 - passkey (Mohtashami & Jaggi 2023, "Landmark Attention"; LongLoRA; YaRN): an instruction, the
-  repeated filler sentences, the key sentence at the sentence start nearest to `depth` (fraction
-  of the filler before it), more filler, then "What is the pass key? The pass key is " and the 5-digit answer.
+  filler sentences, a key sentence (one of four wordings) at the sentence start nearest to `depth`
+  (fraction of the filler before it), more filler, then "What is the pass key? The pass key is "
+  and the 5-digit answer.
 - needle (Kamradt's needle-in-a-haystack, with several needles as in RULER): corpus text as the
   haystack, `n_needles` sentences "The special magic number for <key> is <value>." at random
   depths (the asked one at `depth` when given), then a question about one of them.
@@ -25,8 +26,16 @@ Formats (protocols in shared/REFERENCE.md, "Long-context evaluation protocols"):
 Every example is assembled from text pieces that are encoded one by one and concatenated, so the
 token spans of the answers are exact under any tokenizer, and the same token layout serves training
 (loss on answer tokens only) and evaluation (greedy decoding, or teacher-forced argmax at the answer
-positions). Lengths are exact: filler or haystack is cut so that an example of length N holds N
-tokens, answer included. The same seed always gives the same example.
+positions). Lengths are exact: an example of nominal length N holds N tokens. The same seed always
+gives the same example.
+
+Layouts vary so that no position is predictable from the length alone (a model must retrieve):
+- the filler is a random sequence of the filler sentences, entered at a random token offset;
+- after the answer comes a tail of t extra filler/haystack tokens, t uniform in [0, min(slack, N // 4)]
+  (slack: the tokens the example does not need), so the answer ends anywhere in the last quarter;
+- key depth (passkey, needle) is a continuous fraction; MQAR puts a random filler prefix before the pairs.
+Training rows (`TaskBatches`) and evaluation examples of nominal length N come from the same builders
+with the same N, so they share one layout distribution. The tail carries no loss and is never scored.
 """
 
 from __future__ import annotations
@@ -54,7 +63,12 @@ FILLER_SENTENCES = (
     "Here we go. ",
     "There and back again. ",
 )
-PASSKEY_SENTENCE = "The pass key is {key}. Remember it. {key} is the pass key. "
+PASSKEY_SENTENCES = (  # of different lengths, so the key's distance from the question varies at any depth
+    "The pass key is {key}. Remember it. {key} is the pass key. ",
+    "The pass key is {key}. Remember it. ",
+    "Listen carefully. The pass key is {key}. ",
+    "The pass key is {key}. ",
+)
 PASSKEY_QUESTION = "\nWhat is the pass key? The pass key is "
 NEEDLE_SENTENCE = "\nThe special magic number for {key} is {value}.\n"
 NEEDLE_QUESTION = "\nWhat is the special magic number for {key}? The special magic number for {key} is "
@@ -87,9 +101,11 @@ class TaskExample:
         return self.tokens[: self.answer_spans[0][0]]
 
     def training_pair(self) -> tuple[np.ndarray, np.ndarray]:
-        """(inputs [N-1], targets [N-1]): next-token targets, IGNORE_INDEX except where the target is an answer."""
-        targets = np.where(self.answer_mask()[1:], self.tokens[1:], IGNORE_INDEX)
-        return self.tokens[:-1], targets
+        """(inputs [N], targets [N]): the whole example as input; target i is token i+1 where that is an
+        answer token, IGNORE_INDEX elsewhere (the last position has no next token)."""
+        scored = np.append(self.answer_mask()[1:], False)
+        targets = np.where(scored, np.append(self.tokens[1:], 0), IGNORE_INDEX)
+        return self.tokens, targets
 
 
 class Task(Protocol):
@@ -130,22 +146,28 @@ def _tile(unit: np.ndarray, start: int, n: int) -> np.ndarray:
 
 
 class _Filler:
-    """The filler sentences repeated forever, knowing where each sentence starts."""
+    """Filler text: the filler sentences in a random order, entered at a random token offset."""
 
     def __init__(self, tokenizer: Tokenizer) -> None:
-        sentences = [_ids(tokenizer, s) for s in FILLER_SENTENCES]
-        self.unit = np.concatenate(sentences)
-        self.starts = np.cumsum([0] + [len(s) for s in sentences[:-1]])  # sentence starts within the unit
+        self.sentences = [_ids(tokenizer, s) for s in FILLER_SENTENCES]
+        self.longest = max(len(s) for s in self.sentences)
 
-    def take(self, start: int, n: int) -> np.ndarray:
-        return _tile(self.unit, start, n)
+    def draw(self, rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """(tokens [n], the positions in [0, n) where a sentence starts): random sentences, entered at a
+        random offset into the first one (so position 0 is a start only when the offset is 0)."""
+        offset = int(rng.integers(self.longest))
+        parts, total = [], 0
+        while total < n + offset:
+            parts.append(self.sentences[int(rng.integers(len(self.sentences)))])
+            total += len(parts[-1])
+        stream = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+        starts = np.cumsum([0] + [len(p) for p in parts]) - offset
+        return stream[offset : offset + n], starts[(starts >= 0) & (starts < n)].astype(np.int64)
 
-    def sentence_start_near(self, target: float, n: int) -> int:
-        """The sentence start in [0, n] closest to `target` (n tokens of filler hold whole sentences then a cut one)."""
-        unit = len(self.unit)
-        candidates = (np.arange(n // unit + 1)[:, None] * unit + self.starts[None, :]).ravel()
-        candidates = candidates[candidates <= n]
-        return int(candidates[np.argmin(np.abs(candidates - target))])
+
+def _tail_length(rng: np.random.Generator, length: int, slack: int) -> int:
+    """Tokens after the answer: uniform in [0, min(slack, length // 4)], so the answer's end moves."""
+    return int(rng.integers(min(slack, length // 4) + 1))
 
 
 def _too_short(task: str, length: int, minimum: int, hint: str) -> ValueError:
@@ -170,26 +192,42 @@ class Passkey:
     def min_length(self) -> int:
         """Tokens an example surely fits in (ASCII text never takes more tokens than characters)."""
         key = "12345"
-        return len(self._intro) + len(PASSKEY_SENTENCE.format(key=key)) + len(self._question) + len(key)
+        longest = max(len(s.format(key=key)) for s in PASSKEY_SENTENCES)
+        return len(self._intro) + longest + len(self._question) + len(key)
 
     def example(self, length: int, depth: float, seed: Seed) -> TaskExample:
-        """An example of exactly `length` tokens with the key sentence after `depth` of the filler."""
+        """An example of nominal `length` tokens with the key sentence after about `depth` of the filler.
+
+        The key sentence goes at the filler sentence start nearest to depth * (filler length); the
+        filler's sentences, its entry offset and the tail after the answer are drawn from `seed`.
+        """
         _check_depth(depth)
-        key = str(np.random.default_rng(seed).integers(10_000, 100_000))
-        sentence, answer = _ids(self.tokenizer, PASSKEY_SENTENCE.format(key=key)), _ids(self.tokenizer, key)
+        rng = np.random.default_rng(seed)
+        key = str(rng.integers(10_000, 100_000))
+        template = PASSKEY_SENTENCES[int(rng.integers(len(PASSKEY_SENTENCES)))]
+        sentence, answer = _ids(self.tokenizer, template.format(key=key)), _ids(self.tokenizer, key)
         fixed = len(self._intro) + len(sentence) + len(self._question) + len(answer)
-        n_filler = length - fixed
-        if n_filler < 0:
-            raise _too_short("passkey", length, fixed, "the instruction, key sentence, question and answer")
-        before = self._filler.sentence_start_near(depth * n_filler, n_filler)
+        if length < self.min_length():  # the longest wording must fit, so whether N fits never depends on the seed
+            raise _too_short("passkey", length, self.min_length(), "the instruction, key sentence, question and answer")
+        tail = _tail_length(rng, length, length - fixed)
+        filler, starts = self._filler.draw(rng, length - fixed)
+        n_filler = length - fixed - tail
+        body, rest = filler[:n_filler], filler[n_filler:]
+        starts = starts[starts < n_filler]  # where the key sentence may go: a sentence start, else the beginning
+        if not len(starts):
+            starts = np.zeros(1, dtype=np.int64)
+        before = int(starts[np.argmin(np.abs(starts - depth * n_filler))])
         out = _Pieces()
         out.add(self._intro)
-        out.add(self._filler.take(0, before))
+        out.add(body[:before])
         out.add(sentence)
-        out.add(self._filler.take(before, n_filler - before))
+        out.add(body[before:])
         out.add(self._question)
         out.add(answer, answer=True)
-        return out.build({"task": self.name, "key": key, "depth": depth, "key_position": len(self._intro) + before})
+        out.add(rest)
+        meta = {"task": self.name, "key": key, "depth": depth, "key_position": len(self._intro) + before,
+                "filler": n_filler, "tail": tail}
+        return out.build(meta)
 
     def sample(self, length: int, seed: Seed) -> TaskExample:
         """Training distribution: depth uniform in [0, 1]."""
@@ -235,21 +273,23 @@ class Needle:
         question = _ids(self.tokenizer, NEEDLE_QUESTION.format(key=keys[asked]))
         answer = _ids(self.tokenizer, values[asked])
         fixed = sum(len(n) for n in needles) + len(question) + len(answer)
-        n_hay = length - fixed
-        if n_hay < 0:
+        if length < fixed:
             raise _too_short("needle", length, fixed, f"{self.n_needles} needles, the question and the answer")
+        tail = _tail_length(rng, length, length - fixed)
+        n_hay = length - fixed - tail
         start = int(rng.integers(len(self.haystack)))
-        hay = _tile(np.asarray(self.haystack, dtype=np.int64), start, n_hay)
+        hay = _tile(np.asarray(self.haystack, dtype=np.int64), start, n_hay + tail)
         cuts = np.round(depths * n_hay).astype(np.int64)
         out, done = _Pieces(), 0
         for i in np.argsort(cuts, kind="stable"):
             out.add(hay[done : cuts[i]])
             out.add(needles[i])
             done = int(cuts[i])
-        out.add(hay[done:])
+        out.add(hay[done:n_hay])
         out.add(question)
         out.add(answer, answer=True)
-        meta = {"task": self.name, "key": keys[asked], "value": values[asked], "depth": float(depths[asked])}
+        out.add(hay[n_hay:])
+        meta = {"task": self.name, "key": keys[asked], "value": values[asked], "depth": float(depths[asked]), "tail": tail}
         return out.build(meta)
 
     def sample(self, length: int, seed: Seed) -> TaskExample:
@@ -291,19 +331,24 @@ class MQAR:
         ]
         fixed = sum(len(p) for p in pairs) + sum(len(q) + len(a) for q, a in queries)
         fixed += len(self._open) + len(self._close)
-        gap = length - fixed
-        if gap < 0:
+        if length < fixed:
             raise _too_short("mqar", length, fixed, f"{n_pairs} pairs and their queries")
+        tail = _tail_length(rng, length, length - fixed)
+        free = length - fixed - tail
+        prefix = int(rng.integers(free // 4 + 1))  # filler before the pairs moves every pair's position
+        filler, _ = self._filler.draw(rng, free + tail)
         out = _Pieces()
+        out.add(filler[:prefix])
         for p in pairs:
             out.add(p)
         out.add(self._open)
-        out.add(self._filler.take(0, gap))
+        out.add(filler[prefix:free])
         out.add(self._close)
         for query, answer in queries:
             out.add(query)
             out.add(answer, answer=True)
-        return out.build({"task": self.name, "n_pairs": n_pairs, "gap": gap})
+        out.add(filler[free:])
+        return out.build({"task": self.name, "n_pairs": n_pairs, "gap": free - prefix, "prefix": prefix, "tail": tail})
 
     def sample(self, length: int, seed: Seed) -> TaskExample:
         """Training distribution: n_pairs uniform in train_pairs (capped by what fits in `length`)."""
@@ -325,8 +370,9 @@ class MQAR:
 class TaskBatches:
     """Endless (inputs, targets) batches [B, seq_len] of one task; targets are IGNORE_INDEX off the answers.
 
-    Row r of global batch t (over all data-parallel ranks) is `task.sample(seq_len + 1, [seed, salt,
-    t, r])`, so batches are deterministic, disjoint across ranks, and resume exactly from state_dict(),
+    Row r of global batch t (over all data-parallel ranks) is `task.sample(seq_len, [seed, salt, t, r])`
+    (`TaskExample.training_pair`), so a row has the layout of an evaluation example of nominal length
+    seq_len, batches are deterministic, disjoint across ranks, and resume exactly from state_dict(),
     like the corpus batches (`experiments.data.batches.ResumableBatches`).
     """
 
@@ -349,7 +395,7 @@ class TaskBatches:
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
         first = self.rank * self.batch_size
         pairs = [
-            self.task.sample(self.seq_len + 1, [self.seed, self.salt, self.step, first + i]).training_pair()
+            self.task.sample(self.seq_len, [self.seed, self.salt, self.step, first + i]).training_pair()
             for i in range(self.batch_size)
         ]
         self.step += 1

@@ -9,12 +9,19 @@ Public API:
         `llamoe eval RUN_DIR [--suite long_context] [--lengths N ...] [--step S] [key=value ...]`
 
 Result schema (JSON): flat keys for the primary temperature setting,
-    ppl@L, nll@L, passkey@L, needle@L, mqar@L, entropy@L   (one per evaluated length L)
+    ppl@L, nll@L, tail_nll@L, delta_tail_nll@L, passkey@L, needle@L, mqar@L, entropy@L
+                                        (one per evaluated length L)
+    bucket_nll@<start>-<end>            (position buckets [0, T), [T, 2T), [2T, 4T), ... of the longest length)
 and the same keys suffixed ":<label>" for every other setting evaluated ("off",
 "fs<floor_scale>_as<attn_scale>"), plus
+    ci95: {flat key: [low, high]}       95% bootstrap interval of every key but entropy
+          (experiments/evals/stats.py: over held-out sequences, keys or query sequences)
     suite, train_len, lengths, temperature (the primary setting and mode),
     details: {settings: {label: {temperature, ppl, passkey, needle, mqar, entropy}},
               calibration, nope_layers, options, seconds}.
+tail_nll@L is the mean NLL over positions [L/2, L) and delta_tail_nll@L = tail_nll@L - tail_nll@T
+(T = the training length, paired over the same sequences): unlike ppl@L, whose mean over [0, L)
+includes the short-context start of every window, they show where length generalisation breaks.
 entropy@L is the mean attention entropy (nats) of NoPE-layer queries at positions
 [previous length, L); it is present only for models with NoPE layers.
 """
@@ -24,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 import time
 from pathlib import Path
@@ -88,9 +96,11 @@ def _evaluate_setting(
     """Every selected evaluation under the model's current temperature setting, keyed by eval name."""
     o = options
     memory = {"block": o.block, "max_batch_tokens": o.max_batch_tokens}
+    # the training length is always scored, as the reference of delta_tail_nll
+    ppl_lengths = sorted({*lengths, train_len}) if train_len <= lengths[-1] else lengths
     runs: dict[str, Callable[[], dict[str, Any]]] = {
         "ppl": lambda: perplexity_vs_length(
-            model, sequences[: o.sequences], lengths, train_len, window=o.window, stride=o.stride, **memory
+            model, sequences[: o.sequences], ppl_lengths, train_len, window=o.window, stride=o.stride, **memory
         ),
         "passkey": lambda: passkey_grid(
             model, tokenizer, lengths, o.passkey_depths, o.passkey_trials, seed=o.seed, **memory
@@ -117,22 +127,36 @@ def _evaluate_setting(
     return out
 
 
-def _flat_keys(result: dict[str, Any], suffix: str) -> dict[str, float]:
-    """ppl@L, nll@L, passkey@L, needle@L, mqar@L, entropy@L for one setting."""
+def _flat_keys(result: dict[str, Any], suffix: str) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """(flat values, their 95% intervals) for one setting: ppl@L, nll@L, tail_nll@L, delta_tail_nll@L,
+    bucket_nll@<start>-<end> (the longest length's buckets), passkey@L, needle@L, mqar@L, entropy@L."""
     flat: dict[str, float] = {}
+    ci: dict[str, list[float]] = {}
+
+    def put(key: str, value: float, interval: Any = None) -> None:
+        flat[key + suffix] = value
+        if interval is not None:
+            ci[key + suffix] = [float(interval[0]), float(interval[1])]
+
     if "ppl" in result:
         ppl = result["ppl"]
-        for length, nll, value in zip(ppl["lengths"], ppl["nll"], ppl["ppl"]):
-            flat[f"ppl@{length}{suffix}"] = value
-            flat[f"nll@{length}{suffix}"] = nll
+        for i, length in enumerate(ppl["lengths"]):
+            put(f"ppl@{length}", ppl["ppl"][i], [math.exp(x) for x in ppl["nll_ci"][i]])
+            put(f"nll@{length}", ppl["nll"][i], ppl["nll_ci"][i])
+            put(f"tail_nll@{length}", ppl["tail_nll"][i], ppl["tail_nll_ci"][i])
+            if ppl["delta_tail_nll"]:
+                put(f"delta_tail_nll@{length}", ppl["delta_tail_nll"][i], ppl["delta_tail_nll_ci"][i])
+        for bucket in ppl["buckets"][-1]:
+            put(f"bucket_nll@{bucket['start']}-{bucket['end']}", bucket["nll"], bucket["ci"])
     for name in ("passkey", "needle", "mqar"):
         if name in result:
-            for length, acc in zip(result[name]["lengths"], result[name]["accuracy"]):
-                flat[f"{name}@{length}{suffix}"] = acc
+            r = result[name]
+            for length, acc, interval in zip(r["lengths"], r["accuracy"], r["accuracy_ci"]):
+                put(f"{name}@{length}", acc, interval)
     if "entropy" in result:
         for bucket in result["entropy"]["buckets"]:
-            flat[f"entropy@{bucket['end']}{suffix}"] = bucket["entropy"]
-    return flat
+            put(f"entropy@{bucket['end']}", bucket["entropy"])
+    return flat, ci
 
 
 def evaluate(
@@ -180,12 +204,15 @@ def evaluate(
     seconds: dict[str, float] = {}
     per_setting: dict[str, dict[str, Any]] = {}
     flat: dict[str, float] = {}
+    intervals: dict[str, list[float]] = {}
     haystack = heldout.tokens if heldout is not None else None
     for i, setting in enumerate(settings):
         with applied(model, setting):
             result = _evaluate_setting(model, tokenizer, options, lengths, train_len, sequences, haystack, seconds)
         per_setting[setting.label] = result
-        flat.update(_flat_keys(result, "" if i == 0 else f":{setting.label}"))
+        values, cis = _flat_keys(result, "" if i == 0 else f":{setting.label}")
+        flat.update(values)
+        intervals.update(cis)
     seconds["total"] = time.perf_counter() - started
     if calibration is not None:
         calibration = dict(calibration, best=calibration["best"].to_dict())
@@ -195,6 +222,7 @@ def evaluate(
         "lengths": lengths,
         "temperature": dict(settings[0].to_dict(), mode=options.temperature if has_nope else "config"),
         **flat,
+        "ci95": intervals,
         "details": {
             "settings": per_setting,
             "calibration": calibration,

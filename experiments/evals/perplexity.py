@@ -1,8 +1,11 @@
-"""Perplexity vs length on held-out text: mean NLL per length and NLL by position bucket.
+"""Perplexity vs length on held-out text: mean NLL, tail NLL and NLL by position bucket, with intervals.
 
 Protocol (shared/REFERENCE.md, "Long-context evaluation protocols"): evaluate at
 L_train·{1, 2, 4, ...} on held-out long documents and report NLL by position bucket,
-so that length extrapolation shows where it breaks. Lengths that do not fit use a
+so that length extrapolation shows where it breaks. The mean over [0, N) mixes the well-predicted
+start of every window into the result; the tail NLL, over positions [N/2, N), and its change from
+the training length, `delta_tail_nll@N = tail_nll@N - tail_nll@L_train` (paired: the same
+sequences at both lengths), show the failure where it happens. Lengths that do not fit use a
 sliding window (Press et al. 2022; YaRN uses stride 256): windows of `window` tokens
 start every `stride` tokens, each is evaluated from position 0, and each scores only
 the tokens no earlier window scored, so every token sees at least window - stride
@@ -20,6 +23,7 @@ import numpy as np
 import torch
 
 from experiments.evals.scoring import token_nll
+from experiments.evals.stats import bootstrap_mean
 from models.transformer import Transformer
 
 
@@ -115,7 +119,10 @@ def perplexity_vs_length(
     window: Optional[int] = None,
     stride: int = 256,
 ) -> dict[str, Any]:
-    """Mean NLL, perplexity and NLL by position bucket at each length, on prefixes of sequences [N, >= L+1].
+    """Mean NLL, perplexity, tail NLL and NLL by position bucket at each length, on prefixes of sequences [N, >= L+1].
+
+    Each value comes with a 95% bootstrap interval over the sequences (`*_ci`, bucket "ci");
+    `delta_tail_nll` (paired, per sequence) is filled when `train_len` is one of `lengths`.
 
     A token's NLL depends only on the tokens before it (and, with a sliding window, on where the
     windows start, which does not depend on the total length), so one pass over the longest
@@ -130,17 +137,38 @@ def perplexity_vs_length(
     nll_full = _batched_nll(model, sequences[:, : max(full) + 1], window=None, **kw) if full else None
     slid = [n for n in lengths if n not in full]
     nll_slid = _batched_nll(model, sequences[:, : max(slid) + 1], window=window, **kw) if slid else None
-    results: dict[str, Any] = {"lengths": [], "nll": [], "ppl": [], "method": [], "buckets": []}
-    for length in lengths:
+    def nll_of(length: int) -> torch.Tensor:
         source = nll_full if length in full else nll_slid
         assert source is not None
-        nll = source[:, :length]  # [N, L]
-        mean = float(nll.mean())
+        return source[:, :length]  # [N, L]: prefixes of one pass, so every length sees the same sequences
+
+    def tail(nll: torch.Tensor) -> np.ndarray:
+        return nll[:, nll.size(1) // 2 :].double().mean(dim=1).numpy()  # per sequence, positions [L/2, L)
+
+    reference = tail(nll_of(train_len)) if train_len in lengths else None
+    results: dict[str, Any] = {
+        "lengths": [], "nll": [], "nll_ci": [], "ppl": [], "method": [], "buckets": [],
+        "tail_nll": [], "tail_nll_ci": [], "delta_tail_nll": [], "delta_tail_nll_ci": [],
+        "sequences": int(sequences.size(0)),
+    }
+    for length in lengths:
+        nll = nll_of(length)
+        per_sequence = nll.double().mean(dim=1).numpy()
+        mean = float(per_sequence.mean())
+        tails = tail(nll)
         results["lengths"].append(length)
         results["nll"].append(mean)
+        results["nll_ci"].append(bootstrap_mean(per_sequence))
         results["ppl"].append(math.exp(mean))
         results["method"].append("full" if length in full else f"sliding(window={window}, stride={stride})")
-        results["buckets"].append(
-            [{"start": a, "end": b, "nll": float(nll[:, a:b].mean())} for a, b in position_buckets(length, train_len)]
-        )
+        results["tail_nll"].append(float(tails.mean()))
+        results["tail_nll_ci"].append(bootstrap_mean(tails))
+        if reference is not None:
+            results["delta_tail_nll"].append(float((tails - reference).mean()))
+            results["delta_tail_nll_ci"].append(bootstrap_mean(tails - reference))
+        buckets = []
+        for a, b in position_buckets(length, train_len):
+            values = nll[:, a:b].double().mean(dim=1).numpy()
+            buckets.append({"start": a, "end": b, "nll": float(values.mean()), "ci": bootstrap_mean(values)})
+        results["buckets"].append(buckets)
     return results

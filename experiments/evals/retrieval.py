@@ -3,7 +3,9 @@
 Passkey and needle are scored by exact match of greedy decoding through the KV cache
 (`models.generate.generate`, chunked prefill); MQAR, as in Zoology, by the teacher-forced
 argmax at the answer positions only (a query counts when all its value tokens are right).
-Every example is drawn from `experiments.data.tasks` with a seed derived from
+Each accuracy comes with a 95% bootstrap interval (`accuracy_ci`) over the keys (passkey, needle)
+or over the sequences of queries (MQAR). Every example is drawn from `experiments.data.tasks` with a
+seed derived from
 (seed, stream, length, cell, trial), so a stream never repeats the training examples
 (those use another seed layout) and the calibration stream never repeats the evaluation one.
 
@@ -21,6 +23,7 @@ import torch
 from experiments.data.tasks import MQAR, Needle, Passkey, TaskExample
 from experiments.data.tokenizer import Tokenizer
 from experiments.evals.scoring import greedy_predictions, model_device
+from experiments.evals.stats import bootstrap_mean, bootstrap_ratio
 from models.generate import generate
 from models.transformer import Transformer
 
@@ -71,7 +74,7 @@ def passkey_grid(
     """
     task = Passkey(tokenizer)
     fit, skipped = _split_lengths(lengths, task.min_length())
-    grid = []
+    grid, intervals = [], []
     for length in fit:
         examples = [
             task.example(length, depth, [seed, STREAMS[stream], length, j, t])
@@ -80,6 +83,7 @@ def passkey_grid(
         ]
         hits = np.array(greedy_exact_match(model, examples, block=block, max_batch_tokens=max_batch_tokens))
         grid.append(hits.reshape(len(depths), trials).mean(axis=1).tolist())
+        intervals.append(bootstrap_mean(hits))
     return {
         "lengths": fit,
         "skipped": skipped,
@@ -87,6 +91,7 @@ def passkey_grid(
         "trials": trials,
         "grid": grid,
         "accuracy": [float(np.mean(row)) for row in grid],
+        "accuracy_ci": intervals,
         "chance": 1 / 90_000,
     }
 
@@ -110,19 +115,21 @@ def needle_accuracy(
     """
     task = Needle(tokenizer, haystack, n_needles)
     fit, skipped = _split_lengths(lengths, task.min_length())
-    accuracy = []
+    accuracy, intervals = [], []
     for length in fit:
         examples = [
             task.example(length, [seed, STREAMS[stream], length, t], depth=(t + 0.5) / trials) for t in range(trials)
         ]
         hits = greedy_exact_match(model, examples, block=block, max_batch_tokens=max_batch_tokens)
         accuracy.append(float(np.mean(hits)))
+        intervals.append(bootstrap_mean(hits))
     return {
         "lengths": fit,
         "skipped": skipped,
         "trials": trials,
         "n_needles": n_needles,
         "accuracy": accuracy,
+        "accuracy_ci": intervals,
         "chance": 1 / 900_000,
     }
 
@@ -146,24 +153,27 @@ def mqar_accuracy(
     """
     task = MQAR(tokenizer)
     fit, skipped = _split_lengths(lengths, task.min_length())
-    accuracy, token_accuracy, pairs = [], [], []
+    accuracy, intervals, token_accuracy, pairs = [], [], [], []
     for length in fit:
         n = min(n_pairs, task.max_pairs(length))
         pairs.append(n)
         examples = [task.example(length, n, [seed, STREAMS[stream], length, t]) for t in range(trials)]
         rows = max(1, max_batch_tokens // length)
-        correct, tokens_right, tokens_total = [], 0, 0
+        correct, right_per_sequence, tokens_right, tokens_total = [], [], 0, 0
         for first in range(0, trials, rows):
             batch = examples[first : first + rows]
             tokens = torch.from_numpy(np.stack([ex.tokens for ex in batch]))  # [B, L]
             predicted = greedy_predictions(model, tokens, block).numpy()  # [B, L-1]: prediction of token i+1
             for row, ex in enumerate(batch):
+                before = len(correct)
                 for start, end in ex.answer_spans:
                     right = predicted[row, start - 1 : end - 1] == ex.tokens[start:end]
                     correct.append(bool(right.all()))
                     tokens_right += int(right.sum())
                     tokens_total += end - start
+                right_per_sequence.append(sum(correct[before:]))
         accuracy.append(float(np.mean(correct)))
+        intervals.append(bootstrap_ratio(right_per_sequence, [len(ex.answer_spans) for ex in examples]))
         token_accuracy.append(tokens_right / tokens_total)
     return {
         "lengths": fit,
@@ -171,6 +181,7 @@ def mqar_accuracy(
         "trials": trials,
         "pairs": pairs,
         "accuracy": accuracy,
+        "accuracy_ci": intervals,
         "token_accuracy": token_accuracy,
         "chance": 1 / MQAR.n_values,
     }

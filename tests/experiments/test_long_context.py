@@ -19,7 +19,7 @@ from experiments.evals.entropy import nope_attention_entropy, nope_layers, nope_
 from experiments.evals.long_context import cli_main, evaluate, write_results
 from experiments.evals.options import load_options
 from experiments.evals.perplexity import heldout_windows, perplexity_vs_length, position_buckets, sliding_window_nll
-from experiments.evals.retrieval import mqar_accuracy, needle_accuracy, passkey_grid
+from experiments.evals.retrieval import greedy_exact_match, mqar_accuracy, needle_accuracy, passkey_grid
 from experiments.evals.scoring import token_nll
 from experiments.evals.temperature import TemperatureSetting, applied, calibrate, grid
 from models.config import AttentionConfig, ConfigError, ModelConfig, RopeConfig
@@ -127,6 +127,62 @@ def test_a_random_guesser_scores_at_chance() -> None:
     mqar = mqar_accuracy(guesser, BYTES, [1000], n_pairs=64, trials=4)  # 256 queries, 512 digit tokens
     assert mqar["chance"] == 0.01 and mqar["accuracy"][0] < 0.04
     assert 0.06 < mqar["token_accuracy"][0] < 0.14  # one digit right with probability 0.1 (3.5 sd band)
+
+
+class PositionalOracle(nn.Module):
+    """A shortcut, not a retriever: predicts token p+1 as the token `offset` positions back, the look-back
+    that most often found the answer in its training rows (learned by `fit`). It solves any task whose
+    answers sit at a fixed distance from their source, as the passkey answers did when every example
+    of one length had the same layout."""
+
+    def __init__(self, vocab_size: int, offset: int = 1) -> None:
+        super().__init__()
+        self.vocab_size, self.offset = vocab_size, offset
+
+    def fit(self, rows: list[tuple[torch.Tensor, torch.Tensor]]) -> "PositionalOracle":
+        votes: dict[int, int] = {}
+        for inputs, targets in rows:
+            for x, y in zip(inputs, targets):
+                for i in torch.nonzero(y != -100).flatten().tolist():  # target of position i is token i+1
+                    for d in torch.nonzero(x[: i + 1] == y[i]).flatten().tolist():
+                        votes[i + 1 - d] = votes.get(i + 1 - d, 0) + 1
+        self.offset = max(votes, key=votes.get)
+        return self
+
+    def make_cache(self, batch_size: int, max_seq_len: int) -> _History:
+        return _History(batch_size, max_seq_len)
+
+    def forward(self, tokens: torch.Tensor, *, start_pos: int = 0, cache: _History | None = None) -> ModelOutput:
+        b, length = tokens.shape
+        hist = cache if cache is not None else _History(b, start_pos + length)
+        hist.tokens[:, start_pos : start_pos + length] = tokens
+        logits = torch.zeros(b, length, self.vocab_size)
+        for i in range(length):
+            source = start_pos + i + 1 - self.offset
+            if source >= 0:
+                logits[torch.arange(b), i, hist.tokens[:, source]] = 10.0
+        return ModelOutput(logits=logits, aux_loss=torch.zeros(()))
+
+
+def test_a_positional_shortcut_learned_on_training_rows_scores_at_chance() -> None:
+    from experiments.data.tasks import MQAR, Passkey, TaskBatches
+
+    # passkey: chance of guessing the key is 1/90000; a look-back hits only when the distance repeats
+    rows = [next(TaskBatches(Passkey(BYTES), 256, 32, seed=s)) for s in range(3)]
+    oracle = PositionalOracle(BYTES.vocab_size).fit(rows)
+    passkey = passkey_grid(oracle, BYTES, [256, 512], [0.1, 0.5, 0.9], trials=40)
+    assert max(passkey["accuracy"]) <= 0.04, passkey["accuracy"]
+    # the shortcut is real: on one fixed layout it is perfect, as it was on the old passkey examples
+    one = Passkey(BYTES).example(256, 0.5, seed=1)
+    fixed = PositionalOracle(BYTES.vocab_size).fit([tuple(torch.from_numpy(a)[None] for a in one.training_pair())])
+    assert greedy_exact_match(fixed, [one]) == [True]
+    # MQAR: chance 1/100 per query
+    rows = [next(TaskBatches(MQAR(BYTES, (4, 4)), 64, 64, seed=s)) for s in range(2)]
+    oracle = PositionalOracle(BYTES.vocab_size).fit(rows)
+    mqar = mqar_accuracy(oracle, BYTES, [64, 512], n_pairs=4, trials=100)
+    assert max(mqar["accuracy"]) <= 0.04, mqar["accuracy"]
+    # while the copy oracle, which retrieves, scores 1 on the same evaluation
+    assert mqar_accuracy(CopyOracle(BYTES.vocab_size), BYTES, [64, 512], n_pairs=4, trials=5)["accuracy"] == [1.0, 1.0]
 
 
 def test_lengths_too_short_for_a_task_are_skipped() -> None:

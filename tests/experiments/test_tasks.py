@@ -14,6 +14,7 @@ from experiments.data.corpus import load_corpus
 from experiments.data.tasks import (
     IGNORE_INDEX,
     MQAR,
+    PASSKEY_SENTENCES,
     Needle,
     Passkey,
     TaskBatches,
@@ -42,20 +43,22 @@ def bpe_tokenizer(tmp_path: Path) -> Tokenizer:
 
 
 def test_passkey_format_is_pinned() -> None:
-    ex = Passkey(BYTES).example(200, 0.5, seed=7)
+    ex = Passkey(BYTES).example(250, 0.5, seed=7)
     assert text(ex.tokens) == (
         "A pass key is hidden in the text below. Find it and remember it.\n"
-        "The grass is green. The pass key is 95041. Remember it. 95041 is the pass key. The sky is b"
+        "Here we go. There and back again. Listen carefully. The pass key is 95041. The sky is blue. The gr"
         "\nWhat is the pass key? The pass key is 95041"
+        "ass is green. The sky is blue. The sky is b"  # the tail: no loss, never scored
     )
-    assert ex.answer_spans == ((195, 200),) and text(ex.answers()[0]) == "95041" == ex.meta["key"]
-    assert text(ex.prompt()).endswith("The pass key is ")
+    assert ex.answer_spans == ((202, 207),) and text(ex.answers()[0]) == "95041" == ex.meta["key"]
+    assert ex.meta["tail"] == 43 and text(ex.prompt()).endswith("The pass key is ")
 
 
 def test_mqar_format_is_pinned() -> None:
     ex = MQAR(BYTES).example(60, n_pairs=3, seed=7)
-    assert text(ex.tokens) == " ym=77 qf=83 ru=22\nThe grass is green. Th\n ym=77 ru=22 qf=83"
+    assert text(ex.tokens) == "The  ym=77 qf=83 ru=22\nsun is yellow.\n ym=77 ru=22 qf=83 The"
     assert [text(a) for a in ex.answers()] == ["77", "22", "83"]
+    assert (ex.meta["prefix"], ex.meta["gap"], ex.meta["tail"]) == (4, 14, 4)
 
 
 @pytest.mark.parametrize("length", [168, 300, 1000])
@@ -63,15 +66,18 @@ def test_mqar_format_is_pinned() -> None:
 def test_passkey_lengths_are_exact_and_depth_moves_the_key(length: int, depth: float) -> None:
     task = Passkey(BYTES)
     ex = task.example(length, depth, seed=length)
-    assert len(ex.tokens) == length and ex.answer_spans == ((length - 5, length),)
-    body = text(ex.tokens)
+    end = length - ex.meta["tail"]
+    assert len(ex.tokens) == length and ex.answer_spans == ((end - 5, end),)
+    assert 0 <= ex.meta["tail"] <= length // 4
+    body = text(ex.tokens[:end])
     key = ex.meta["key"]
     assert re.fullmatch(r"[1-9]\d{4}", key)
-    assert body.count(f"The pass key is {key}. Remember it. {key} is the pass key. ") == 1
+    assert body.count(f"The pass key is {key}.") == 1 and body.endswith(f"The pass key is {key}")
+    assert any(s.format(key=key) in body for s in PASSKEY_SENTENCES)
     # the key sentence starts at a filler sentence boundary, about `depth` of the way through the filler
-    before = body[: body.index("The pass key is")]
+    before = text(ex.tokens[: ex.meta["key_position"]])
     assert before.endswith(("\n", ". "))
-    n_filler = length - task.min_length()
+    n_filler = ex.meta["filler"]
     assert abs(ex.meta["key_position"] - len(task._intro) - depth * n_filler) <= 22  # one filler sentence
 
 
@@ -100,6 +106,7 @@ def test_needle_inserts_every_needle_into_an_intact_haystack() -> None:
     assert len(needles) == 3 and len(ex.tokens) == 600
     key, value = ex.meta["key"], ex.meta["value"]
     assert (key, value) in needles and text(ex.answers()[0]) == value
+    body = text(ex.tokens[: ex.answer_spans[0][1]])  # without the tail
     assert body.endswith(f"\nWhat is the special magic number for {key}? The special magic number for {key} is {value}")
     # removing needles and question leaves one contiguous slice of the (repeated) haystack
     needle = r"\nThe special magic number for [a-z]{6} is \d{6}\.\n"
@@ -119,7 +126,7 @@ def test_mqar_queries_every_key_once_with_its_value() -> None:
     assert len(pairs) == 12 and sorted(k for k, _ in queries) == sorted(pairs)
     assert all(pairs[k] == v for k, v in queries)
     assert [text(a) for a in ex.answers()] == [v for _, v in queries]
-    assert ex.meta["gap"] == 400 - 12 * 12 - 2
+    assert ex.meta["prefix"] + ex.meta["gap"] + ex.meta["tail"] == 400 - 12 * 12 - 2
 
 
 def test_answer_spans_are_exact_under_a_bpe_tokenizer(tmp_path: Path) -> None:
@@ -135,10 +142,10 @@ def test_answer_spans_are_exact_under_a_bpe_tokenizer(tmp_path: Path) -> None:
 def test_training_pairs_carry_loss_only_on_answers() -> None:
     ex = MQAR(BYTES).example(120, n_pairs=4, seed=0)
     inputs, targets = ex.training_pair()
-    assert np.array_equal(inputs, ex.tokens[:-1])
+    assert np.array_equal(inputs, ex.tokens) and len(targets) == 120  # the example whole: nominal length = seq_len
     scored = targets != IGNORE_INDEX
-    assert np.array_equal(scored, ex.answer_mask()[1:]) and scored.sum() == 4 * 2
-    assert np.array_equal(targets[scored], ex.tokens[1:][scored])
+    assert np.array_equal(scored[:-1], ex.answer_mask()[1:]) and scored.sum() == 4 * 2 and not scored[-1]
+    assert np.array_equal(targets[:-1][scored[:-1]], ex.tokens[1:][scored[:-1]])
 
 
 def test_task_batches_are_deterministic_resumable_and_split_over_ranks() -> None:
@@ -203,3 +210,59 @@ def test_tasks_mix_with_corpus_batches_and_resume(tmp_path: Path) -> None:
     for _ in range(5):
         (xa, ya), (xb, yb) = next(a), next(b)
         assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
+# ----------------------------------------------------------------------------- layouts a shortcut cannot exploit
+
+
+def _answer_starts(examples) -> np.ndarray:
+    return np.array([ex.answer_spans[0][0] for ex in examples])
+
+
+@pytest.mark.parametrize("length", [256, 512])
+def test_layouts_vary_so_no_position_follows_from_the_length(length: int) -> None:
+    passkeys = [Passkey(BYTES).sample(length, seed=s) for s in range(300)]
+    mqars = [MQAR(BYTES, (2, 4)).sample(length, seed=s) for s in range(300)]
+    needles = [Needle(BYTES, HAYSTACK, 2).sample(length, seed=s) for s in range(300)]
+    for examples in (passkeys, mqars, needles):
+        starts = _answer_starts(examples)
+        assert len(set(starts.tolist())) >= length // 8  # the answer ends anywhere in the last quarter
+        assert np.bincount(starts).max() <= 0.05 * len(examples)  # and no answer position dominates
+    keys = np.array([ex.meta["key_position"] for ex in passkeys])
+    assert len(set(keys.tolist())) >= 40 and np.bincount(keys).max() <= 0.05 * len(keys)
+    # the key's distance from the question varies as much: a fixed look-back finds it rarely
+    offsets = _answer_starts(passkeys) - keys
+    assert np.bincount(offsets).max() <= 0.05 * len(offsets)
+    # the filler is not one periodic text: the same slice differs between examples
+    assert len({ex.tokens[100:140].tobytes() for ex in passkeys}) >= 250
+    assert len({ex.meta["prefix"] for ex in mqars}) >= 10
+
+
+def _ks(a: np.ndarray, b: np.ndarray) -> float:
+    """Two-sample Kolmogorov-Smirnov statistic."""
+    grid = np.union1d(a, b)
+    cdf = lambda x: np.searchsorted(np.sort(x), grid, side="right") / len(x)  # noqa: E731
+    return float(np.abs(cdf(a) - cdf(b)).max())
+
+
+@pytest.mark.parametrize("task", ["passkey", "mqar"])
+def test_training_rows_have_the_layout_of_evaluation_examples_of_the_same_length(task: str) -> None:
+    from experiments.evals.retrieval import STREAMS
+
+    length = 256
+    source = Passkey(BYTES) if task == "passkey" else MQAR(BYTES, (4, 4))
+    batches = TaskBatches(source, seq_len=length, batch_size=50, seed=0)
+    rows = [row for _ in range(8) for row in next(batches)[1]]  # targets [seq_len]
+    assert all(len(r) == length for r in rows)
+    train_starts = np.array([int(np.flatnonzero(r != IGNORE_INDEX)[0]) + 1 for r in rows])  # target i is token i+1
+    # the evaluation examples, built as experiments/evals/retrieval.py builds them at this length
+    if task == "passkey":
+        evals = [source.example(length, d, [0, STREAMS["eval"], length, j, t])
+                 for j, d in enumerate([0.0, 0.25, 0.5, 0.75, 1.0]) for t in range(80)]
+    else:
+        evals = [source.example(length, 4, [0, STREAMS["eval"], length, t]) for t in range(400)]
+    assert all(len(ex.tokens) == length for ex in evals)
+    eval_starts = _answer_starts(evals)
+    assert _ks(train_starts, eval_starts) < 0.15  # same distribution (KS critical value at p=0.001: 0.14)
+    # the statistic does see a shift of the layout by a few tokens, as training at seq_len + 1 had
+    assert _ks(train_starts, eval_starts + 12) > 0.15
