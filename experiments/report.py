@@ -24,13 +24,16 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 
+from experiments import report_stats, routing_health  # noqa: E402
+
 # An eval key is "<metric>@<length>", optionally followed by a qualifier such as a passkey depth.
 _EVAL_KEY = re.compile(r"^(?P<metric>[A-Za-z_]+)@(?P<length>\d+)(?P<rest>.*)$")
 _DEPTH = re.compile(r"(?:depth|d)=?(?P<depth>[0-9.]+)")
 _ROUTER_KEY = re.compile(r"^(?:router|moe)[./](?:layers?[./])?(?P<layer>\d+)[./](?P<stat>tokens_per_expert|load|expert_load|counts)$")
 MATCH_TOLERANCE = 0.05  # ratios within 5% of 1 count as "matched"
-# Eval metrics shown in the tables (nll duplicates ppl; entropy is a diagnostic kept in the JSON).
-TABLE_METRICS = ("ppl", "passkey", "needle", "mqar")
+# Eval metrics shown in the tables, with 95% intervals. ppl and nll average over [0, N) and so hide
+# where length generalisation breaks; they stay in the eval JSON and the ppl plot. Entropy is a diagnostic.
+TABLE_METRICS = ("delta_tail_nll", "tail_nll", "passkey", "needle", "mqar")
 
 
 # ---------------------------------------------------------------------------- loading
@@ -160,10 +163,11 @@ def _columns(groups: list[Group], baseline: Optional[Group], evals: list[str]) -
         ("train len", [_si(g.mean("train_seq_len")) for g in groups]),
         ("tokens", [_si(g.mean("tokens")) for g in groups]),
         ("tok/s", [_si(g.mean("tokens_per_s")) for g in groups]),
-        ("final loss", [_mean_std(g, "final_loss") for g in groups]),
-        ("val loss", [_mean_std(g, "val_loss") for g in groups]),
+        ("final loss", [report_stats.fmt(report_stats.field_estimate(g.ok, "final_loss")) for g in groups]),
+        ("val loss", [report_stats.fmt(report_stats.field_estimate(g.ok, "val_loss")) for g in groups]),
     ]
-    cols += [(k, [_mean_std(g, f"eval:{k}") for g in groups]) for k in evals]
+    cols += [(k, [report_stats.fmt(report_stats.estimate(g.ok, k)) for g in groups]) for k in evals]
+    cols += routing_health.table_columns([g.ok for g in groups])  # MoE runs only
     return cols
 
 
@@ -424,7 +428,9 @@ def build_report(sweep_dir: Path) -> Path:
     plots = sweep_dir / "plots"
     plots.mkdir(exist_ok=True)
     images = plot_loss(sweep_dir, groups, plots)
-    images += plot_ppl_vs_length(groups, keys, plots)
+    images += report_stats.plot_bucket_nll(groups, plots, plt)
+    ppl_keys = sorted({k for r in rows for k in r.get("eval", {}) or {} if k.startswith("ppl@") and ":" not in k})
+    images += plot_ppl_vs_length(groups, ppl_keys, plots)
     images += plot_passkey(groups, rows, plots)
     images += plot_expert_load(sweep_dir, groups, plots)
 
@@ -435,14 +441,20 @@ def build_report(sweep_dir: Path) -> Path:
     lines += [
         f"{len(rows)} runs, {len(groups)} configurations, {n_failed} failed. "
         f"Baseline for the ratio columns: `{baseline.run if baseline else '-'}`. "
-        "Values are mean ± std over seeds; `params` counts all parameters, `active` those used per token, "
-        "FLOPs/tok is training FLOPs per token at the training length.",
+        "Values are `mean [95% interval]`: a bootstrap over evaluation sequences and keys for one seed, "
+        "a t-interval over seeds for several (experiments/report_stats.py). `params` counts all parameters, "
+        "`active` those used per token, FLOPs/tok is training FLOPs per token at the training length. "
+        "`tail_nll@N` is the mean NLL over positions [N/2, N); `delta_tail_nll@N` its change from the "
+        "training length.",
         "",
+        *report_stats.headline_lines(groups, baseline),
         "## Results",
         "",
         markdown_table(_columns(groups, baseline, keys)) if groups else "(no results yet)",
         "",
     ]
+    lines += routing_health.report_lines(rows)  # routing columns explained, collapse warnings
+    lines += report_stats.bucket_lines(groups)
     notes = matching_notes(groups, baseline)
     if notes:
         lines += ["## Dense vs MoE: what is matched", "", *notes, ""]

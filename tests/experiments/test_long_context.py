@@ -439,3 +439,48 @@ def test_cli_exit_status_names_the_problem(heldout, tmp_path: Path, capsys) -> N
     assert "eval.long_context.passkey_trials" in capsys.readouterr().err
     assert cli_main([str(tmp_path / "nothing_here")]) == 2  # bad input, as every missing run directory
     assert "no checkpoint" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- tail NLL, buckets, intervals
+
+
+def test_tail_bucket_and_delta_keys_equal_a_hand_computation(heldout) -> None:
+    model = tiny_model(nope_every=None, chunk=None)
+    options = load_options(None, ["lengths=[32,64,128]", "evals=[ppl]", "sequences=5"])
+    result = evaluate(model, BYTES, options, train_len=32, heldout=heldout)
+    seqs, _ = heldout_windows(heldout.tokens, heldout.doc_offsets, 129, 5, options.calibration_sequences)
+    nll = token_nll(model, seqs).double()  # [5, 128]: NLL of token i+1 given tokens 0..i
+    tail = {n: nll[:, n // 2 : n].mean(dim=1) for n in (32, 64, 128)}
+    for n in (32, 64, 128):
+        assert result[f"tail_nll@{n}"] == pytest.approx(tail[n].mean().item(), abs=1e-6)
+        assert result[f"delta_tail_nll@{n}"] == pytest.approx((tail[n] - tail[32]).mean().item(), abs=1e-6)
+        assert result[f"nll@{n}"] == pytest.approx(nll[:, :n].mean().item(), abs=1e-6)
+    assert result["delta_tail_nll@32"] == 0.0
+    for a, b in [(0, 32), (32, 64), (64, 128)]:
+        assert result[f"bucket_nll@{a}-{b}"] == pytest.approx(nll[:, a:b].mean().item(), abs=1e-6)
+    lo, hi = result["ci95"]["delta_tail_nll@128"]
+    assert lo <= result["delta_tail_nll@128"] <= hi
+    per_sequence = (tail[128] - tail[32]).numpy()
+    assert per_sequence.min() <= lo and hi <= per_sequence.max()  # a bootstrap of the mean stays in the data's range
+
+
+def test_bootstrap_intervals_cover_a_known_mean_in_a_simulation() -> None:
+    from experiments.evals.stats import bootstrap_mean, bootstrap_ratio, t_interval
+
+    rng = np.random.default_rng(0)
+    trials = 300
+    covered = sum(lo <= 1.0 <= hi for lo, hi in
+                  (bootstrap_mean(rng.gamma(2.0, 0.5, size=64), n_boot=500, seed=t) for t in range(trials)))
+    assert 0.91 <= covered / trials <= 0.98  # nominal 0.95; 300 trials put 0.95 +- 0.025 at 2 sd
+    # a ratio of sums over clusters (queries per sequence, accuracy 0.3)
+    hits = 0
+    for t in range(trials):
+        asked = rng.integers(2, 9, size=40)
+        lo, hi = bootstrap_ratio(rng.binomial(asked, 0.3), asked, n_boot=500, seed=t)
+        hits += lo <= 0.3 <= hi
+    assert 0.91 <= hits / trials <= 0.98
+    covered_t = sum(lo <= 0.0 <= hi for lo, hi in (t_interval(rng.normal(0.0, 1.0, 3)) for _ in range(trials)))
+    assert 0.91 <= covered_t / trials <= 0.99
+    # and an interval is not a formality: a shifted mean falls outside it
+    lo, hi = bootstrap_mean(rng.normal(0.0, 1.0, size=400))
+    assert hi - lo < 0.25 and not lo <= 0.5 <= hi

@@ -67,11 +67,11 @@ def test_report_table_has_every_run_with_mean_and_std(sweep_dir: Path) -> None:
     text = (sweep_dir / "report.md").read_text()
     table = [ln for ln in text.splitlines() if ln.startswith("| ")]
     assert table[0].startswith("| run | seeds | params | active | active/base | FLOPs/tok | FLOPs/base")
-    assert table[0].endswith("| ppl@128 | ppl@256 | passkey@128 | passkey@256 |")  # no nll@, no :off variants
+    assert table[0].endswith("| passkey@128 | passkey@256 |")  # no ppl@/nll@ (they average failures away), no :off
     by_run = {ln.split("|")[1].strip(): ln for ln in table[1:]}
     assert set(by_run) == {"dense", "moe", "broken"}
-    # final loss of dense over seeds 0, 1: 3.0 and 4.0 -> mean 3.5, std 0.707
-    assert "3.500 ± 0.707" in by_run["dense"]
+    # final loss of dense over seeds 0, 1: 3.0 and 4.0 -> mean 3.5, t-interval 3.5 +- 12.706 * 0.707 / sqrt(2)
+    assert "3.500 [-2.853, 9.853]" in by_run["dense"]
     assert "| 2/2 |" in by_run["moe"] and "| 0/1 |" in by_run["broken"]
     assert "1.01x" in by_run["moe"] and "1.00x" in by_run["dense"]
     assert "0.750" in by_run["moe"]  # passkey@256
@@ -107,3 +107,24 @@ def test_terminal_table_lists_runs_and_eval_keys(sweep_dir: Path) -> None:
 def test_report_cli_rejects_a_non_sweep_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert report.main([str(tmp_path)]) == 2
     assert "results.jsonl" in capsys.readouterr().err
+
+
+def test_one_seed_cells_carry_the_bootstrap_interval_and_the_headline_compares_with_the_baseline(tmp_path: Path) -> None:
+    def row(run: str, delta: float, half: float) -> dict:
+        return {"run": run, "seed": 0, "run_dir": run, "status": "done", "train_seq_len": 64,
+                "eval": {"delta_tail_nll@512": delta, "tail_nll@512": 2.0 + delta, "bucket_nll@0-64": 1.5,
+                         "bucket_nll@64-128": 1.5 + delta},
+                "eval_ci95": {"delta_tail_nll@512": [delta - half, delta + half], "bucket_nll@0-64": [1.4, 1.6]}}
+
+    rows = [row("rope", 0.8, 0.03), row("irope", 0.1, 0.04), row("nope", 0.78, 0.05)]
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "sweep.json").write_text(json.dumps({"name": "lc", "baseline": "rope"}))
+    text = report.build_report(tmp_path).read_text()
+    head = text[text.index("## Headline: `delta_tail_nll@512`") : text.index("## Results")]
+    lines = {ln.split("|")[1].strip(): ln for ln in head.splitlines() if ln.startswith("| ") and "run |" not in ln}
+    assert "0.800 [0.770, 0.830]" in lines["rope"]
+    # irope - rope = -0.7, half-width hypot(0.04, 0.03) = 0.05
+    assert "-0.700 [-0.750, -0.650]" in lines["irope"] and "interval excludes 0" in lines["irope"]
+    assert "not a result" in lines["nope"]  # -0.02 +- 0.058
+    assert "| run | [0, 64) | [64, 128) |" in text and "1.500 [1.400, 1.600]" in text
+    assert (tmp_path / "plots" / "nll_by_position.png").is_file()

@@ -1,0 +1,151 @@
+"""Intervals in sweep reports: table cells "mean [low, high]", the headline comparison, NLL by position bucket.
+
+One run (one seed): the 95% bootstrap interval its evaluation wrote (`eval_ci95` in results.jsonl,
+experiments/evals/stats.py). Several seeds: a Student-t interval over the per-seed values, which
+holds the training noise as well as the evaluation noise. A difference between two runs gets the
+interval sqrt(h_a^2 + h_b^2) around it (h: half-widths; the runs are independent), and counts as a
+result only when that interval excludes 0.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from experiments.evals.stats import t_interval
+
+Estimate = tuple[float, float, float]  # mean, low, high
+
+
+def estimate(rows: Sequence[dict[str, Any]], key: str) -> Estimate | None:
+    """Mean and 95% interval of eval key `key` over the done rows of one run label (one row per seed)."""
+    values, intervals = [], []
+    for r in rows:
+        v = (r.get("eval") or {}).get(key)
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+            values.append(float(v))
+            intervals.append((r.get("eval_ci95") or {}).get(key))
+    if not values:
+        return None
+    mean = statistics.fmean(values)
+    if len(values) > 1:
+        lo, hi = t_interval(values) or (mean, mean)
+        return mean, lo, hi
+    if intervals[0] is None:
+        return mean, math.nan, math.nan
+    return mean, float(intervals[0][0]), float(intervals[0][1])
+
+
+def field_estimate(rows: Sequence[dict[str, Any]], key: str) -> Estimate | None:
+    """Mean and t-interval over seeds of a training field (final_loss, val_loss); no interval for one seed."""
+    values = [float(r[key]) for r in rows if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+    if not values:
+        return None
+    mean = statistics.fmean(values)
+    lo, hi = t_interval(values) or (math.nan, math.nan)
+    return mean, lo, hi
+
+
+def fmt(est: Estimate | None, digits: int = 3) -> str:
+    """'mean [low, high]', or the mean alone when there is no interval."""
+    if est is None:
+        return "-"
+    mean, lo, hi = est
+    if math.isnan(lo):
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
+
+
+def difference(a: Estimate, b: Estimate) -> Estimate | None:
+    """a - b with the interval of two independent estimates (normal approximation of each half-width)."""
+    if math.isnan(a[1]) or math.isnan(b[1]):
+        return None
+    half = math.hypot((a[2] - a[1]) / 2, (b[2] - b[1]) / 2)
+    d = a[0] - b[0]
+    return d, d - half, d + half
+
+
+def verdict(diff: Estimate | None) -> str:
+    if diff is None:
+        return "no interval"
+    return "inside its interval: not a result" if diff[1] <= 0 <= diff[2] else "interval excludes 0"
+
+
+def headline_key(rows: Sequence[dict[str, Any]]) -> str | None:
+    """`delta_tail_nll@<8 x train length>` when the rows have it, else the longest delta_tail_nll key."""
+    keys = {k for r in rows for k in (r.get("eval") or {}) if k.startswith("delta_tail_nll@") and ":" not in k}
+    if not keys:
+        return None
+    train_len = next((r.get("train_seq_len") for r in rows if r.get("train_seq_len")), None)
+    preferred = f"delta_tail_nll@{8 * train_len}" if train_len else None
+    return preferred if preferred in keys else max(keys, key=lambda k: int(k.split("@")[1]))
+
+
+def headline_lines(groups: Sequence[Any], baseline: Any) -> list[str]:
+    """The study's lead: each run's headline key with its interval, and its difference from the baseline."""
+    rows = [r for g in groups for r in g.ok]
+    key = headline_key(rows)
+    if key is None:
+        return []
+    base = estimate(baseline.ok, key) if baseline is not None else None
+    lines = [f"## Headline: `{key}`", "",
+             "Change of the mean NLL over positions [N/2, N) from the training length (nats; lower is better; "
+             "95% intervals).", "",
+             f"| run | {key} | vs `{baseline.run if baseline else '-'}` | |", "|---|---:|---:|---|"]
+    for g in groups:
+        est = estimate(g.ok, key)
+        diff = difference(est, base) if est is not None and base is not None and g is not baseline else None
+        vs = fmt(diff) if diff is not None else "-"
+        lines.append(f"| {g.run} | {fmt(est)} | {vs} | {verdict(diff) if diff is not None else ''} |")
+    return [*lines, ""]
+
+
+def _bucket_keys(rows: Sequence[dict[str, Any]]) -> list[str]:
+    keys = {k for r in rows for k in (r.get("eval") or {}) if k.startswith("bucket_nll@") and ":" not in k}
+    return sorted(keys, key=lambda k: int(k.split("@")[1].split("-")[0]))
+
+
+def bucket_lines(groups: Sequence[Any]) -> list[str]:
+    """A table of NLL by position bucket ([0, L), [L, 2L), ...) per run, with intervals."""
+    keys = _bucket_keys([r for g in groups for r in g.ok])
+    if not keys:
+        return []
+    heads = [f"[{k.split('@')[1].replace('-', ', ')})" for k in keys]
+    lines = ["## NLL by position bucket", "",
+             "Mean NLL (nats) of the tokens at positions in each bucket, on the longest evaluation length; "
+             "95% intervals.", "",
+             "| run | " + " | ".join(heads) + " |", "|---|" + "---:|" * len(keys)]
+    for g in groups:
+        lines.append(f"| {g.run} | " + " | ".join(fmt(estimate(g.ok, k)) for k in keys) + " |")
+    return [*lines, ""]
+
+
+def plot_bucket_nll(groups: Sequence[Any], plots: Path, plt: Any) -> list[Path]:
+    """NLL by position bucket (x: bucket end, log2) for every run, with 95% interval bars."""
+    keys = _bucket_keys([r for g in groups for r in g.ok])
+    if not keys:
+        return []
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, g in enumerate(groups):
+        pts = [(int(k.split("-")[1]), estimate(g.ok, k)) for k in keys]
+        pts = [(x, e) for x, e in pts if e is not None]
+        if not pts:
+            continue
+        ys = [e[0] for _, e in pts]
+        err = [[0 if math.isnan(e[1]) else e[0] - e[1] for _, e in pts],
+               [0 if math.isnan(e[2]) else e[2] - e[0] for _, e in pts]]
+        ax.errorbar([x for x, _ in pts], ys, yerr=err, marker="o", capsize=3, color=f"C{i % 10}", label=g.run)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("position bucket end (tokens)")
+    ax.set_ylabel("NLL (nats/token)")
+    ax.set_title("NLL by position bucket")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = plots / "nll_by_position.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [path]
