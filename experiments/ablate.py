@@ -35,6 +35,11 @@ runs are skipped, interrupted ones resume from their checkpoints, and a failed
 run leaves `error.txt` (its traceback) and a `failed` row without stopping the
 others. After the last run, results.jsonl, report.md and plots/ are written
 (see experiments/report.py) and a summary table is printed.
+
+The sweep process holds the sweep directory's lock, each worker its run directory's
+(experiments/runctl.py). SIGTERM or SIGINT to the sweep reaches every worker once: each
+saves a checkpoint and stops, its row says `interrupted`, no new run starts, and the
+sweep exits 128 + the signal; rerunning the same command resumes them.
 """
 
 from __future__ import annotations
@@ -45,7 +50,6 @@ import itertools
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import threading
@@ -56,6 +60,9 @@ from pathlib import Path
 from typing import Any, Callable, Optional, TextIO
 
 import yaml
+
+from experiments import runctl
+from experiments.errors import exit_status, report, write_failed
 
 BUILTIN_DIR = Path(__file__).parent / "configs" / "ablations"
 _TOP_KEYS = ("name", "description", "base", "overrides", "runs", "grid", "seeds", "baseline", "parallel", "eval")
@@ -432,6 +439,17 @@ def failed_row(plan: PlannedRun, message: str) -> dict[str, Any]:
     return {"run": plan.label, "seed": plan.seed, "run_dir": plan.name, "status": "failed", "error": message}
 
 
+def interrupted_row(plan: PlannedRun, status: int) -> dict[str, Any]:
+    """The results row of a run stopped on request (it saved a checkpoint; rerunning the sweep resumes it)."""
+    return {**failed_row(plan, f"stopped by {runctl.describe(status)}; rerun the sweep to resume"), "status": "interrupted"}
+
+
+def _stop_status(returncode: int) -> Optional[int]:
+    """The stop status of a worker that exited on request (128+N, 124, or killed by SIGTERM/SIGINT), else None."""
+    status = 128 - returncode if returncode < 0 else returncode
+    return status if status in (130, 143, runctl.TIME_LIMIT) else None
+
+
 def _error_summary(run_dir: Path, returncode: int) -> str:
     try:
         lines = [ln for ln in (run_dir / ERROR_FILE).read_text().splitlines() if ln.strip()]
@@ -444,8 +462,12 @@ def write_results(sweep_dir: Path, rows: list[dict[str, Any]]) -> Path:
     """results.jsonl: one JSON row per run, replaced atomically."""
     path = sweep_dir / RESULTS_FILE
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text("".join(json.dumps(r, default=str) + "\n" for r in rows))
-    os.replace(tmp, path)
+    try:
+        tmp.write_text("".join(json.dumps(r, default=str) + "\n" for r in rows))
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise write_failed("sweep results", path, e) from e
     return path
 
 
@@ -469,7 +491,9 @@ def _launch(plan: PlannedRun, sweep_dir: Path, threads: int, out: TextIO, lock: 
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
     cmd = [sys.executable, "-m", "experiments.ablate", "--worker", str(run_dir / PLAN_FILE), "--threads", str(threads)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, env=env)
+    proc = subprocess.Popen(  # its own session: a terminal's Ctrl-C reaches the sweep, which passes it on once
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, env=env, start_new_session=True
+    )
 
     def pump() -> None:
         assert proc.stdout is not None
@@ -499,6 +523,8 @@ def run_sweep(
     A run that fails gets a `failed` row and the others go on; an eval-only run
     waits for the run it reuses and fails if that one failed. results.jsonl is
     rewritten after every run, so a sweep in progress can already be inspected.
+    SIGTERM/SIGINT are passed on to the running workers; once they saved, this raises
+    runctl.Stopped (rows so far are in results.jsonl, stopped runs `interrupted`).
     """
     if parallel < 1:
         raise SweepError("--parallel", f"must be >= 1, got {parallel}")
@@ -521,9 +547,19 @@ def run_sweep(
         rows[plan.name] = row
         write_results(sweep_dir, [rows[p.name] for p in plans if p.name in rows])
 
+    def forward(signum: int) -> None:
+        for w in running.values():
+            if w.proc.poll() is None:
+                w.proc.send_signal(signum)
+
     say(f"{len(plans)} runs -> {sweep_dir} ({parallel} at a time, {threads} torch thread(s) each)")
+    signals = runctl.StopSignals(forward, announce=False)
     try:
+        signals.__enter__()
         while queue or running:
+            if signals.status and queue:
+                say(f"{runctl.describe(signals.status)}: waiting for {len(running)} run(s) to save; starting no more")
+                queue.clear()
             for plan in list(queue):
                 if len(running) >= parallel:
                     break
@@ -552,7 +588,11 @@ def run_sweep(
                 run_dir = sweep_dir / w.plan.name
                 row = completed_row(run_dir, w.plan) if w.proc.returncode == 0 else None
                 took = time.time() - w.started
-                if row is None:
+                stop = _stop_status(w.proc.returncode) if row is None else None
+                if stop is not None:
+                    record(w.plan, interrupted_row(w.plan, stop))
+                    say(f"{w.plan.name}: interrupted after {took:.0f}s ({runctl.describe(stop)}); it resumes on a rerun")
+                elif row is None:
                     message = _error_summary(run_dir, w.proc.returncode)
                     record(w.plan, failed_row(w.plan, message))
                     say(f"{w.plan.name}: FAILED after {took:.0f}s: {message} (traceback in {run_dir / ERROR_FILE})")
@@ -562,10 +602,16 @@ def run_sweep(
             if not finished:
                 time.sleep(0.2)
     finally:
-        for w in running.values():
+        signals.__exit__()
+        for w in running.values():  # only after an error or an abort: the workers abort too
             w.proc.terminate()
         for w in running.values():
             w.proc.wait()
+    if signals.status:
+        stopped = [p.name for p in plans if rows.get(p.name, {}).get("status") == "interrupted"]
+        raise runctl.Stopped(signals.status, f"sweep stopped by {runctl.describe(signals.status)}: "
+                             f"{len(stopped)} run(s) saved and interrupted ({', '.join(stopped) or 'none'}), "
+                             f"{len(plans) - len(rows)} not started; rerun the same command to resume")  # fmt: skip
     return [rows[p.name] for p in plans]
 
 
@@ -738,19 +784,32 @@ def cli_main(argv: list[str]) -> int:
         _print_plan(plans, sys.stdout)
         return 0
 
+    prog = "llamoe ablate"
+    try:
+        with runctl.DirLock(sweep_dir, "sweep directory"):
+            return _run_and_report(sweep, plans, sweep_dir, args)
+    except BaseException as e:  # re-raised unless it is a user error or a requested stop
+        status = exit_status(e)
+        if status is None:
+            raise
+        return report(prog, e, status)
+
+
+def _run_and_report(sweep: Sweep, plans: list[PlannedRun], sweep_dir: Path, args: argparse.Namespace) -> int:
+    """Run the sweep, then write its report and print the summary; the exit status."""
     from experiments import report
 
-    sweep_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(
         sweep_dir / "sweep.json",
         {"name": sweep.name, "description": sweep.description, "baseline": sweep.baseline, "runs": [p.name for p in plans]},
     )
-    # a terminated sweep stops its workers too (run_sweep's cleanup runs on SystemExit)
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     t0 = time.time()
     parallel = args.parallel if args.parallel is not None else sweep.parallel
     rows = run_sweep(sweep, sweep_dir, parallel=parallel, cli_overrides=parse_cli_overrides(args.overrides))
-    report_path = report.build_report(sweep_dir)
+    try:
+        report_path = report.build_report(sweep_dir)
+    except OSError as e:
+        raise write_failed("the sweep report in", sweep_dir, e) from e
     failed = [r for r in rows if r["status"] != "done"]
     print(f"\nsweep {sweep.name}: {len(rows) - len(failed)}/{len(rows)} runs done in {time.time() - t0:.0f}s\n")
     print(report.terminal_table(rows, sweep.baseline))
@@ -771,7 +830,10 @@ def _worker_main(plan_path: Path, threads: int) -> int:
     try:
         row = run_one(plan, run_dir)
         write_json_atomic(run_dir / DONE_FILE, {"fingerprint": plan.fingerprint(), "row": row})
-    except BaseException:  # noqa: BLE001  (any failure, interrupts included, is this run's to report)
+    except (runctl.Stopped, runctl.Aborted, KeyboardInterrupt) as e:  # stopped on request: resumes on a rerun
+        status = exit_status(e) or 130
+        return report("worker", e, status)
+    except BaseException:  # noqa: BLE001  (any failure is this run's to report)
         text = traceback.format_exc()
         (run_dir / ERROR_FILE).write_text(text)
         sys.stderr.write(text)

@@ -32,7 +32,9 @@ Cache: tokenised splits live in `cache_dir/<kind>-<split>-<key>/` (tokens file, 
 info.json), where the key hashes the corpus content, the tokenizer fingerprint, the split settings
 and this module's format version. Entries are built in a temporary directory and renamed into
 place, so a crash never leaves a half-written entry and concurrent builders (data-parallel ranks)
-are safe: the first rename wins.
+are safe: the first rename wins. A write that fails (disk full) removes its temporary directory
+and raises WriteError naming the entry; temporaries of builders that died on this host (their
+names carry host and pid) are removed by the next build.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import sysconfig
 import uuid
 from dataclasses import asdict, dataclass
@@ -51,6 +54,7 @@ from typing import Iterator
 import numpy as np
 
 from experiments.data.tokenizer import Tokenizer
+from experiments.errors import write_failed
 from models.config import ConfigError
 
 log = logging.getLogger(__name__)
@@ -288,9 +292,10 @@ def _build_entry(
 ) -> None:
     """Tokenise `texts` into a temporary directory, then rename it to `entry` (atomic)."""
     dtype = _token_dtype(tokenizer.vocab_size)
-    tmp = entry.parent / f".{entry.name}.tmp-{uuid.uuid4().hex}"
-    tmp.mkdir(parents=True)
+    _remove_dead_builders(entry)
+    tmp = entry.parent / f".{entry.name}.tmp-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
+        tmp.mkdir(parents=True)
         offsets = [0]
         with open(tmp / f"tokens.{dtype.name}", "wb") as f:
             for text in texts:
@@ -321,8 +326,31 @@ def _build_entry(
         except OSError:
             if not entry.is_dir():  # anything but "another builder got there first" is an error
                 raise
+    except OSError as e:
+        raise write_failed("the token cache", entry, e) from e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _remove_dead_builders(entry: Path) -> None:
+    """Remove temporaries of `entry` left by builders on this host whose process no longer exists."""
+    prefix = f".{entry.name}.tmp-{socket.gethostname()}-"
+    if not entry.parent.is_dir():
+        return
+    for path in entry.parent.iterdir():
+        pid = path.name[len(prefix) :].split("-")[0] if path.name.startswith(prefix) else ""
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _open_entry(entry: Path, source: str, from_cache: bool) -> Corpus:
