@@ -689,8 +689,10 @@ _TRAINING_FIELDS = ("tokens", "tokens_per_s", "final_loss", "val_loss")
 
 
 def _training_fields(summary: dict[str, Any], run_dir: Path) -> dict[str, Any]:
-    """tokens, tokens_per_s, final_loss, val_loss from the training summary, else the run's metrics.jsonl."""
+    """tokens, tokens_per_s, final_loss, val_loss from the training summary, else the run's metrics.jsonl;
+    plus, for MoE runs, the routing-health keys computed from metrics.jsonl."""
     from experiments.report import load_metrics
+    from experiments.routing_health import summarize
 
     metrics = load_metrics(run_dir)
     last = {"final_loss": "loss"}
@@ -701,6 +703,7 @@ def _training_fields(summary: dict[str, Any], run_dir: Path) -> dict[str, Any]:
             name = last.get(key, key)
             value = next((m[name] for m in reversed(metrics) if isinstance(m.get(name), (int, float))), None)
         out[key] = value
+    out.update(summarize(metrics))  # routing health of MoE runs (experiments/routing_health.py)
     return out
 
 

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from experiments import checkpoint as ckpt_io
-from experiments import runctl
+from experiments import routing_health, runctl
 from experiments.config import ConfigError, OptimConfig, RunConfig, load_run_config
 from experiments.data.batches import MixedBatches, PackedBatches, ResumableBatches, ValidationBatches
 from experiments.data.corpus import load_corpus
@@ -429,6 +429,8 @@ def _train(cfg: RunConfig, world: World, control: runctl.StopControl, t0: float)
         result = _loop(cfg, world, stepper, batches, validation, metrics, start, control)
     finally:
         metrics.close()
+    if world.is_main and (health := routing_health.summarize(read_metrics(run_dir))):
+        print(routing_health.describe(health), flush=True)
     return {**summary, **result, "wall_s": time.perf_counter() - t0}
 
 
