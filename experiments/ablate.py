@@ -655,8 +655,12 @@ def _eval_model(source_dir: Path, model_overrides: list[str]) -> tuple[Any, Any]
     return changed.eval(), cfg
 
 
-def _evaluate(plan: PlannedRun, source_dir: Path, run_dir: Path) -> tuple[Any, dict[str, float]]:
+def _evaluate(
+    plan: PlannedRun, source_dir: Path, run_dir: Path
+) -> tuple[Any, dict[str, float], dict[str, list[float]]]:
     """Run the sweep's evaluation suites on the source run's model; results go to run_dir/eval/<suite>.json.
+
+    Returns (run config, flat eval keys, their 95% intervals).
 
     Options layer as: the run config's `eval.<suite>` section, the sweep's `eval.<suite>`, then the
     run's `eval_overrides`.
@@ -669,8 +673,9 @@ def _evaluate(plan: PlannedRun, source_dir: Path, run_dir: Path) -> tuple[Any, d
 
     model, cfg = _eval_model(source_dir, _model_overrides(plan.eval_overrides))
     flat: dict[str, float] = {}
+    intervals: dict[str, list[float]] = {}
     if not plan.eval:
-        return cfg, flat
+        return cfg, flat, intervals
     tokenizer = cfg.tokenizer.build()
     heldout = load_corpus(
         cfg.data.source, tokenizer, "val", Path(cfg.data.cache_dir).expanduser(), val_fraction=cfg.data.val_fraction
@@ -682,7 +687,8 @@ def _evaluate(plan: PlannedRun, source_dir: Path, run_dir: Path) -> tuple[Any, d
         result = long_context.evaluate(model, tokenizer, opts, train_len=cfg.train.seq_len, heldout=heldout)
         long_context.write_results(result, run_dir / "eval", plots=opts.plots, suite=suite)
         flat.update({k: v for k, v in result.items() if "@" in k and isinstance(v, (int, float))})
-    return cfg, flat
+        intervals.update(result.get("ci95", {}))
+    return cfg, flat, intervals
 
 
 _TRAINING_FIELDS = ("tokens", "tokens_per_s", "final_loss", "val_loss")
@@ -720,7 +726,7 @@ def run_one(plan: PlannedRun, run_dir: Path) -> dict[str, Any]:
         source_dir = run_dir.parent / plan.reuse
         source_row = json.loads((source_dir / DONE_FILE).read_text())["row"]
         training = {k: source_row.get(k) for k in _TRAINING_FIELDS}
-    cfg, evals = _evaluate(plan, source_dir, run_dir)
+    cfg, evals, eval_ci = _evaluate(plan, source_dir, run_dir)
     model = cfg.model
     row: dict[str, Any] = {
         "run": plan.label,
@@ -733,6 +739,7 @@ def run_one(plan: PlannedRun, run_dir: Path) -> dict[str, Any]:
         "train_seq_len": cfg.train.seq_len,
         **training,
         "eval": evals,
+        "eval_ci95": eval_ci,  # 95% bootstrap interval of each eval key (experiments/evals/stats.py)
     }
     if plan.reuse is not None:
         row["source_run_dir"] = plan.reuse

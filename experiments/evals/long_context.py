@@ -291,13 +291,18 @@ def write_results(result: dict[str, Any], out_dir: Path, *, plots: bool = True, 
 
 
 def _summary(result: dict[str, Any]) -> str:
-    """A table of the flat keys of the primary setting: one row per length."""
-    columns = ("ppl", "passkey", "needle", "mqar", "entropy")
+    """A table of the flat keys of the primary setting: one row per length, values with their 95% intervals."""
+    columns = ("tail_nll", "delta_tail_nll", "ppl", "passkey", "needle", "mqar", "entropy")
     present = [c for c in columns if any(f"{c}@{n}" in result for n in result["lengths"])]
-    lines = [f"{'length':>8}" + "".join(f"{c:>10}" for c in present)]
+    width = 22
+    lines = [f"{'length':>8}" + "".join(f"{c:>{width}}" for c in present)]
     for n in result["lengths"]:
-        cells = [result.get(f"{c}@{n}") for c in present]
-        lines.append(f"{n:>8}" + "".join(f"{'-':>10}" if v is None else f"{v:>10.3f}" for v in cells))
+        cells = []
+        for c in present:
+            value, ci = result.get(f"{c}@{n}"), result.get("ci95", {}).get(f"{c}@{n}")
+            text = "-" if value is None else f"{value:.3f}" + (f" [{ci[0]:.2f},{ci[1]:.2f}]" if ci else "")
+            cells.append(f"{text:>{width}}")
+        lines.append(f"{n:>8}" + "".join(cells))
     return "\n".join(lines)
 
 

@@ -141,10 +141,15 @@ def test_dotlist_round_trips_values() -> None:
 
 def test_required_run_names_of_the_long_context_sweep() -> None:
     plans = {p.name: p for p in expand(ablate.load_sweep("long_context"))}
-    assert sorted(plans) == ["irope", "irope-temp", "nope", "rope"]
-    assert plans["irope-temp"].reuse == "irope"
-    assert plans["irope-temp"].eval_overrides == {"model.attention.temperature_tuning": True}
+    assert sorted(plans) == ["irope", "irope-evaltemp", "irope-temp", "nope", "rope"]
+    # temperature studied two ways: trained with it on (floor_scale below the training length), and eval-only
+    assert plans["irope-temp"].reuse is None
+    assert plans["irope-temp"].overrides["model.attention.temperature_tuning"] is True
+    assert plans["irope-temp"].overrides["model.attention.floor_scale"] < plans["irope-temp"].overrides["train.seq_len"]
+    assert plans["irope-evaltemp"].reuse == "irope"
+    assert plans["irope-evaltemp"].eval_overrides == {"eval.long_context.temperature": "calibrate"}
     assert plans["rope"].eval["long_context"]["multiples"] == [1, 2, 4, 8, 16]
+    assert "mqar" in plans["rope"].eval["long_context"]["evals"]
 
 
 # ---------------------------------------------------------------------------- running sweeps (tiny real runs)
