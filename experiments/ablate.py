@@ -17,6 +17,8 @@ product of overrides), seeds, and the evaluations to run after training:
     grid: {optim.lr: [1.0e-3, 3.0e-3]}  # optional; every run x every combination
     seeds: [0, 1]                     # optional; sets train.seed, adds -s<seed> to run names
     baseline: dense                   # optional; ratio columns are against it (default: the first run)
+    factors:                          # optional: a two-level factorial design over the runs; the report
+      ffn: {dense: [dense], moe: [moe, moe-temp]}   # attributes differences to each factor, with intervals
     parallel: 2                       # optional; runs trained at once unless --parallel says otherwise
     eval:                             # optional; evaluation suites run after training, with options
       long_context:                   # experiments/evals/options.py: LongContextEvalConfig
@@ -65,7 +67,9 @@ from experiments import runctl
 from experiments.errors import exit_status, report, write_failed
 
 BUILTIN_DIR = Path(__file__).parent / "configs" / "ablations"
-_TOP_KEYS = ("name", "description", "base", "overrides", "runs", "grid", "seeds", "baseline", "parallel", "eval")
+_TOP_KEYS = (
+    "name", "description", "base", "overrides", "runs", "grid", "seeds", "baseline", "parallel", "eval", "factors"
+)
 EVAL_SUITES = ("long_context",)  # experiments/evals/<suite>.py
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 
@@ -115,6 +119,7 @@ class Sweep:
     baseline: str
     parallel: int
     eval: dict[str, dict[str, Any]]
+    factors: dict[str, dict[str, list[str]]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -264,6 +269,31 @@ def _parse_grid(value: Any) -> dict[str, list[Any]]:
     return flat
 
 
+def _parse_factors(value: Any, runs: dict[str, RunSpec]) -> dict[str, dict[str, list[str]]]:
+    """factor -> {level: [run names]}: exactly two levels per factor, disjoint, naming runs of the sweep."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise SweepError("factors", "must map a factor name to {level: [run names]} with two levels")
+    out: dict[str, dict[str, list[str]]] = {}
+    for factor, levels in value.items():
+        key = f"factors.{factor}"
+        if not isinstance(levels, dict) or len(levels) != 2:
+            raise SweepError(key, f"must have exactly two levels, each a list of run names; got {levels!r}")
+        seen: set[str] = set()
+        for level, names in levels.items():
+            if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+                raise SweepError(f"{key}.{level}", f"must be a non-empty list of run names, got {names!r}")
+            unknown = [n for n in names if n not in runs]
+            if unknown:
+                raise SweepError(f"{key}.{level}", f"names no run of this sweep: {unknown} (runs: {', '.join(runs)})")
+            if seen & set(names):
+                raise SweepError(key, f"a run is at both levels: {sorted(seen & set(names))}")
+            seen |= set(names)
+        out[str(factor)] = {str(level): list(names) for level, names in levels.items()}
+    return out
+
+
 def _parse_seeds(value: Any) -> Optional[list[int]]:
     if value is None:
         return None
@@ -307,6 +337,7 @@ def parse_sweep(data: Any, sweep_path: Optional[Path] = None) -> Sweep:
         baseline=baseline,
         parallel=parallel,
         eval=_parse_eval(data.get("eval")),
+        factors=_parse_factors(data.get("factors"), runs),
     )
 
 
@@ -811,7 +842,13 @@ def _run_and_report(sweep: Sweep, plans: list[PlannedRun], sweep_dir: Path, args
 
     write_json_atomic(
         sweep_dir / "sweep.json",
-        {"name": sweep.name, "description": sweep.description, "baseline": sweep.baseline, "runs": [p.name for p in plans]},
+        {
+            "name": sweep.name,
+            "description": sweep.description,
+            "baseline": sweep.baseline,
+            "factors": sweep.factors,
+            "runs": [p.name for p in plans],
+        },
     )
     t0 = time.time()
     parallel = args.parallel if args.parallel is not None else sweep.parallel

@@ -454,6 +454,7 @@ def build_report(sweep_dir: Path) -> Path:
         "",
     ]
     lines += routing_health.report_lines(rows)  # routing columns explained, collapse warnings
+    lines += report_stats.factor_lines(groups, info.get("factors") or {})
     lines += report_stats.bucket_lines(groups)
     notes = matching_notes(groups, baseline)
     if notes:

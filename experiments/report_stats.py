@@ -149,3 +149,66 @@ def plot_bucket_nll(groups: Sequence[Any], plots: Path, plt: Any) -> list[Path]:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return [path]
+
+
+def _mean_of(estimates: Sequence[Estimate]) -> Estimate:
+    """The mean of independent estimates; its half-width is sqrt(sum of half-widths^2) / k."""
+    k = len(estimates)
+    mean = sum(e[0] for e in estimates) / k
+    half = math.sqrt(sum(((e[2] - e[1]) / 2) ** 2 for e in estimates)) / k
+    return mean, mean - half, mean + half
+
+
+def factor_lines(groups: Sequence[Any], factors: dict[str, dict[str, list[str]]]) -> list[str]:
+    """Attribution in a two-level factorial design: each factor's effect (second level minus first,
+    averaged over the other factors' runs) on held-out NLL at the training length and on the headline
+    key, with intervals; for two factors over four runs, also their interaction."""
+    if not factors:
+        return []
+    by_run = {g.run: g for g in groups}
+    rows = [r for g in groups for r in g.ok]
+    train_len = next((r.get("train_seq_len") for r in rows if r.get("train_seq_len")), None)
+    keys = [k for k in (f"nll@{train_len}" if train_len else None, headline_key(rows)) if k]
+    if not keys:
+        return []
+    lines = ["## Factor attribution", "",
+             "Effect of each factor: mean over its second level's runs minus mean over its first level's "
+             "(95% intervals; an effect whose interval holds 0 is not a result). "
+             f"`nll@{train_len}` is the held-out NLL at the training length.", "",
+             "| factor | levels | " + " | ".join(keys) + " |", "|---|---|" + "---:|" * len(keys)]
+
+    def level_estimate(names: list[str], key: str) -> Estimate | None:
+        ests = [estimate(by_run[n].ok, key) if n in by_run else None for n in names]
+        if any(e is None or math.isnan(e[1]) for e in ests):
+            return None
+        return _mean_of([e for e in ests if e is not None])
+
+    for factor, levels in factors.items():
+        (first, a), (second, b) = levels.items()
+        cells = []
+        for key in keys:
+            ea, eb = level_estimate(a, key), level_estimate(b, key)
+            diff = difference(eb, ea) if ea is not None and eb is not None else None
+            cells.append(f"{fmt(diff)} ({verdict(diff)})" if diff is not None else "-")
+        lines.append(f"| {factor} | {second} − {first} | " + " | ".join(cells) + " |")
+    if len(factors) == 2:
+        (f1, l1), (f2, l2) = factors.items()
+        cells_ok = True
+        cells = []
+        for key in keys:
+            corner = {}
+            for i, names1 in enumerate(l1.values()):
+                for j, names2 in enumerate(l2.values()):
+                    both = [n for n in names1 if n in names2]
+                    est = estimate(by_run[both[0]].ok, key) if len(both) == 1 and both[0] in by_run else None
+                    corner[i, j] = est
+            if any(e is None or math.isnan(e[1]) for e in corner.values()):
+                cells_ok = False
+                break
+            value = corner[1, 1][0] - corner[1, 0][0] - corner[0, 1][0] + corner[0, 0][0]
+            half = math.sqrt(sum(((e[2] - e[1]) / 2) ** 2 for e in corner.values() if e is not None))
+            diff = (value, value - half, value + half)
+            cells.append(f"{fmt(diff)} ({verdict(diff)})")
+        if cells_ok:
+            lines.append(f"| {f1} × {f2} | interaction | " + " | ".join(cells) + " |")
+    return [*lines, ""]

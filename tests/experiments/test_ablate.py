@@ -298,3 +298,29 @@ def test_eval_time_overrides_are_validated_against_the_reused_run() -> None:
     with pytest.raises(SweepError) as info:
         ablate.validate_plans(expand(parse_sweep(_sweep(runs=runs))))
     assert info.value.key == "runs.b.eval_overrides.eval.other_suite.x"
+
+
+def test_factors_must_name_two_disjoint_levels_of_runs() -> None:
+    base = {"name": "f", "base": {"model": "llama3.1-tiny"}, "runs": {"a": {}, "b": {}, "c": {}}}
+    ok = ablate.parse_sweep({**base, "factors": {"x": {"lo": ["a"], "hi": ["b", "c"]}}})
+    assert ok.factors == {"x": {"lo": ["a"], "hi": ["b", "c"]}}
+    for factors, key in (({"x": {"lo": ["a"]}}, "factors.x"), ({"x": {"lo": ["a"], "hi": ["zz"]}}, "factors.x.hi"),
+                         ({"x": {"lo": ["a"], "hi": ["a", "b"]}}, "factors.x"), ({"x": {"lo": [], "hi": ["b"]}}, "factors.x.lo")):
+        with pytest.raises(SweepError) as err:
+            ablate.parse_sweep({**base, "factors": factors})
+        assert err.value.key == key
+
+
+def test_the_quickstart_is_a_two_by_two_factorial_at_matched_active_parameters() -> None:
+    from experiments.config import load_run_config
+
+    sweep = ablate.load_sweep("quickstart")
+    plans = {p.name: p for p in expand(sweep)}
+    assert sorted(plans) == ["dense-irope", "dense-rope", "moe-irope", "moe-rope"]
+    models = {n: load_run_config(p.base, ablate.to_dotlist(p.overrides)).model for n, p in plans.items()}
+    active = {n: m.num_active_params() for n, m in models.items()}
+    assert active["dense-rope"] == active["dense-irope"] and active["moe-rope"] == active["moe-irope"]
+    assert abs(active["moe-rope"] / active["dense-rope"] - 1) < 0.01  # the router is the only difference
+    assert models["moe-rope"].attention == models["dense-rope"].attention
+    assert models["dense-irope"].attention == models["moe-irope"].attention
+    assert set(sweep.factors) == {"ffn", "attention"}

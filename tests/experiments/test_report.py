@@ -128,3 +128,22 @@ def test_one_seed_cells_carry_the_bootstrap_interval_and_the_headline_compares_w
     assert "not a result" in lines["nope"]  # -0.02 +- 0.058
     assert "| run | [0, 64) | [64, 128) |" in text and "1.500 [1.400, 1.600]" in text
     assert (tmp_path / "plots" / "nll_by_position.png").is_file()
+
+
+def test_factor_attribution_equals_a_hand_computation(tmp_path: Path) -> None:
+    nll = {"dense-rope": (2.0, 0.03), "dense-irope": (1.9, 0.04), "moe-rope": (1.8, 0.03), "moe-irope": (1.5, 0.04)}
+    rows = [{"run": run, "seed": 0, "run_dir": run, "status": "done", "train_seq_len": 64,
+             "eval": {"nll@64": v}, "eval_ci95": {"nll@64": [v - h, v + h]}} for run, (v, h) in nll.items()]
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    factors = {"ffn": {"dense": ["dense-rope", "dense-irope"], "moe": ["moe-rope", "moe-irope"]},
+               "attention": {"rope": ["dense-rope", "moe-rope"], "irope": ["dense-irope", "moe-irope"]}}
+    (tmp_path / "sweep.json").write_text(json.dumps({"name": "q", "baseline": "dense-rope", "factors": factors}))
+    text = report.build_report(tmp_path).read_text()
+    section = text[text.index("## Factor attribution") :].split("\n## ")[0]
+    lines = {ln.split("|")[1].strip(): ln for ln in section.splitlines() if ln.startswith("| ") and "factor |" not in ln}
+    # ffn: (1.8 + 1.5) / 2 - (2.0 + 1.9) / 2 = -0.3; each level mean has half-width sqrt(.03^2 + .04^2) / 2 = 0.025,
+    # so the difference has hypot(0.025, 0.025) = 0.0354
+    assert "-0.300 [-0.335, -0.265] (interval excludes 0)" in lines["ffn"] and "moe − dense" in lines["ffn"]
+    assert "-0.200 [-0.235, -0.165]" in lines["attention"]  # (1.9 + 1.5) / 2 - (2.0 + 1.8) / 2
+    # interaction: 1.5 - 1.8 - 1.9 + 2.0 = -0.2, half-width sqrt(2 * .03^2 + 2 * .04^2) = 0.0707
+    assert "-0.200 [-0.271, -0.129]" in lines["ffn × attention"]
