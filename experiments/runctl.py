@@ -199,10 +199,12 @@ class StopControl:
         self.started = started
         self.longest_step_s = 0.0
         self.save_s = 0.0
+        self.last_save_s = 0.0
 
     def saved(self, seconds: float) -> None:
         """Record how long a save took (the time limit keeps room for one)."""
         self.save_s = max(self.save_s, seconds)
+        self.last_save_s = seconds
 
     def should_stop(self, step_s: float, distributed: bool) -> int:
         """0 to go on, else the exit status to stop with (agreed across ranks)."""
@@ -220,7 +222,7 @@ class StopControl:
     def stopped(self, status: int, step: int, max_steps: int, checkpoint: Path) -> Stopped:
         """The Stopped of a run that saved `checkpoint` at `step` and stops with `status`."""
         return Stopped(status, f"stopped by {describe(status)} at step {step}/{max_steps} after saving "
-                               f"{checkpoint}; rerun the same command to resume")  # fmt: skip
+                               f"{checkpoint} ({self.last_save_s:.2f} s); rerun the same command to resume")  # fmt: skip
 
 
 def all_ok(ok: bool, distributed: bool) -> bool:
