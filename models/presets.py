@@ -43,7 +43,17 @@ def _irope(chunk_size: int, qk_norm: bool) -> AttentionConfig:
 
 
 def _llama4(num_experts: int, interleave_step: int, qk_norm: bool, rope: RopeConfig, max_seq_len: int) -> ModelConfig:
-    """Llama 4 text model (Meta Llama 4 model card and llama-models llama4 configs, April 2025)."""
+    """Llama 4 text model (Meta Llama 4 model card and llama-models llama4 configs, April 2025).
+
+    Load balancing keeps MoEConfig's defaults: no aux loss, no z-loss, no selection bias, no
+    jitter, dropless. That is what Meta's published reference code computes, and it is inference
+    code. Meta has not published how Llama 4 balanced its experts in training: whether it used a
+    Switch-style aux loss (and its weight), a router z-loss, aux-loss-free bias balancing (and its
+    update rate), router jitter, or a capacity factor with token dropping is unknown. Hugging Face's
+    Llama4TextConfig carries router_aux_loss_coef=0.001 and router_jitter_noise=0.0, but its model
+    code computes no aux loss; they are library defaults, not Meta's settings. Set these switches
+    explicitly when training a full-size preset.
+    """
     return ModelConfig(
         dim=5120,
         n_layers=48,
@@ -86,7 +96,14 @@ def _llama4_tiny() -> ModelConfig:
     """CPU-sized Llama 4: llama3.1-tiny with iRoPE (chunk 64, NoPE every 4th layer, QK-norm,
     temperature tuning) and MoE on every 2nd layer with 8 routed experts, top-1, and a shared
     expert; routed + shared hidden = llama3.1-tiny's FFN hidden, so active parameters match
-    llama3.1-tiny up to the router."""
+    llama3.1-tiny up to the router.
+
+    Unlike the full-size presets it balances its experts: without balancing its routers collapse
+    within 40 steps. DeepSeek-V3 aux-loss-free bias balancing at rate 3e-3 was picked over a Switch
+    aux loss of 0.01 and over rates 1e-3 and 1e-2 on 150-step quickstart runs (benchmarks/RESULTS.md,
+    "Load balancing of llama4-tiny"). Hugging Face's Llama 4 has no selection bias, so a run that
+    must convert to HF trains with model.moe.bias_balancing=false model.moe.aux_loss_weight=0.01.
+    """
     dense = _llama31_tiny()
     return replace(
         dense,
@@ -97,6 +114,8 @@ def _llama4_tiny() -> ModelConfig:
             interleave_step=2,
             expert_hidden_dim=dense.ffn_hidden // 2,
             num_shared_experts=1,
+            bias_balancing=True,
+            bias_update_rate=3e-3,
         ),
     )
 

@@ -54,6 +54,20 @@ def test_tiny_presets_match_active_params() -> None:
     assert moe.num_params() > 2 * dense.num_params()
 
 
+def test_tiny_moe_presets_balance_and_full_size_llama4_keeps_meta_settings() -> None:
+    """Unbalanced, the tiny MoE's routers collapse within 40 steps (benchmarks/RESULTS.md); Meta
+    publishes no balancing for Llama 4, so the full-size presets add none."""
+    tiny = presets.get("llama4-tiny").moe
+    assert tiny is not None and tiny.bias_balancing and tiny.bias_update_rate == 3e-3 and tiny.aux_loss_weight == 0
+    for name in presets.names():
+        moe = presets.get(name).moe
+        if name.endswith("-tiny") and moe is not None:
+            assert moe.bias_balancing or moe.aux_loss_weight > 0, name
+    for name in ("llama4-scout", "llama4-maverick"):
+        moe = presets.get(name).moe
+        assert moe is not None and not moe.bias_balancing and moe.aux_loss_weight == moe.z_loss_weight == 0, name
+
+
 def test_unknown_preset_lists_valid_names() -> None:
     with pytest.raises(KeyError, match="llama3.1-tiny"):
         presets.get("llama3-tiny")

@@ -244,6 +244,8 @@ def test_routing_hf_cannot_express_is_refused(change: dict[str, Any], field: str
 
 def test_fractional_floor_scale_is_refused() -> None:
     cfg = presets.get("llama4-tiny")
+    assert cfg.moe is not None
+    cfg.moe.bias_balancing = False  # HF has no selection bias; this test is about floor_scale
     cfg.attention.floor_scale = 16.5
     with pytest.raises(ConfigError, match="attention.floor_scale"):
         config_to_hf(cfg)
@@ -292,6 +294,7 @@ def test_native_moe_model_exports() -> None:
     cfg.attention.chunk_size, cfg.attention.floor_scale, cfg.attention.attn_scale = 8, 16.0, 0.5
     assert cfg.moe is not None
     cfg.moe.expert_hidden_dim = 32
+    cfg.moe.bias_balancing = False  # the tiny preset's selection bias has no HF counterpart
     ours = Transformer(cfg).eval()
     _randomize(ours)
     hf = to_hf(ours)
