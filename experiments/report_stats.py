@@ -85,21 +85,27 @@ def headline_key(rows: Sequence[dict[str, Any]]) -> str | None:
 
 
 def headline_lines(groups: Sequence[Any], baseline: Any) -> list[str]:
-    """The study's lead: each run's headline key with its interval, and its difference from the baseline."""
+    """The study's lead: each run's headline key with its interval and its difference from the baseline,
+    then retrieval accuracy (passkey, needle, MQAR) at the same length where it was measured."""
     rows = [r for g in groups for r in g.ok]
     key = headline_key(rows)
     if key is None:
         return []
+    length = key.split("@")[1]
+    retrieval = [f"{m}@{length}" for m in ("passkey", "needle", "mqar") if any(f"{m}@{length}" in (r.get("eval") or {}) for r in rows)]
     base = estimate(baseline.ok, key) if baseline is not None else None
     lines = [f"## Headline: `{key}`", "",
-             "Change of the mean NLL over positions [N/2, N) from the training length (nats; lower is better; "
-             "95% intervals).", "",
-             f"| run | {key} | vs `{baseline.run if baseline else '-'}` | |", "|---|---:|---:|---|"]
+             "Change of the mean NLL over positions [N/2, N) from the training length (nats; lower is better), "
+             "its difference from the baseline, and retrieval at the same length (exact-match fraction); "
+             "95% intervals.", "",
+             f"| run | {key} | vs `{baseline.run if baseline else '-'}` | | " + " | ".join(retrieval) + " |",
+             "|---|---:|---:|---|" + "---:|" * len(retrieval)]
     for g in groups:
         est = estimate(g.ok, key)
         diff = difference(est, base) if est is not None and base is not None and g is not baseline else None
         vs = fmt(diff) if diff is not None else "-"
-        lines.append(f"| {g.run} | {fmt(est)} | {vs} | {verdict(diff) if diff is not None else ''} |")
+        cells = " | ".join(fmt(estimate(g.ok, k)) for k in retrieval)
+        lines.append(f"| {g.run} | {fmt(est)} | {vs} | {verdict(diff) if diff is not None else ''} | {cells} |")
     return [*lines, ""]
 
 
