@@ -59,12 +59,12 @@ import time
 import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, TextIO
+from typing import Any, Optional, TextIO
 
 import yaml
 
 from experiments import runctl
-from experiments.errors import exit_status, report, write_failed
+from experiments.errors import USAGE, exit_status, report, write_failed
 
 BUILTIN_DIR = Path(__file__).parent / "configs" / "ablations"
 _TOP_KEYS = (
@@ -817,8 +817,7 @@ def cli_main(argv: list[str]) -> int:
         plans = expand(sweep, parse_cli_overrides(args.overrides))
         validate_plans(plans)
     except (SweepError, ValueError) as e:
-        print(f"llamoe ablate: invalid sweep {args.sweep!r}: {e}", file=sys.stderr)
-        return 2
+        return report("llamoe ablate", e, USAGE, f"invalid sweep {args.sweep!r}: ")
     sweep_dir = args.out if args.out is not None else Path("runs") / sweep.name
     if args.dry_run:
         print(f"sweep {sweep.name}: {len(plans)} runs -> {sweep_dir}")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import re
 import statistics
 import sys
@@ -25,6 +26,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 
 from experiments import report_stats, routing_health  # noqa: E402
+from experiments.errors import write_failed  # noqa: E402
 
 # An eval key is "<metric>@<length>", optionally followed by a qualifier such as a passkey depth.
 _EVAL_KEY = re.compile(r"^(?P<metric>[A-Za-z_]+)@(?P<length>\d+)(?P<rest>.*)$")
@@ -469,7 +471,13 @@ def build_report(sweep_dir: Path) -> Path:
         lines += [f"![{p.stem}](plots/{p.name})" for p in images]
         lines.append("")
     path = sweep_dir / "report.md"
-    path.write_text("\n".join(lines))
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # renamed into place: a failed write keeps the old report
+    try:
+        tmp.write_text("\n".join(lines))
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise write_failed("the sweep report", path, e) from e
     return path
 
 

@@ -582,12 +582,11 @@ def cli_main(argv: list[str]) -> int:
 
     in_worker = "WORLD_SIZE" in os.environ
     world_size = int(os.environ["WORLD_SIZE"]) if in_worker else args.nproc
+    prog = "llamoe train"
     try:
         cfg = load_run_config(args.config, args.overrides, world_size=world_size)
     except ConfigError as e:
-        print(f"llamoe train: invalid config: {e}", file=sys.stderr)
-        return 2
-    prog = "llamoe train"
+        return report(prog, e, USAGE, "invalid config: ")
     try:
         if args.nproc > 1 and not in_worker:
             runctl.check_unlocked(cfg.run_dir)

@@ -36,7 +36,10 @@ def install(pattern: str) -> None:
         if isinstance(file, int) or not any(c in mode for c in "wax") or not fnmatch(str(file), pattern):
             return real_open(file, mode, *args, **kwargs)
         raw = FullDisk(str(file), mode.replace("b", "").replace("t", ""))
-        return raw if "b" in mode else io.TextIOWrapper(raw, encoding=kwargs.get("encoding") or "utf-8")
+        if "b" in mode:
+            return raw
+        # text goes through a buffer, as with the real open: TextIOWrapper drops the rest of a short raw write
+        return io.TextIOWrapper(io.BufferedWriter(raw), encoding=kwargs.get("encoding") or "utf-8")
 
     builtins.open = io.open = open_
 

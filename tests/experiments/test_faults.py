@@ -123,6 +123,33 @@ def test_a_locked_sweep_directory_refuses_a_second_sweep(tmp_path: Path, capsys:
     assert f"sweep directory {tmp_path / 'out'} is in use by pid {os.getpid()}" in err and "Traceback" not in err
 
 
+# ---------------------------------------------------------------------- error display
+@pytest.mark.parametrize("debug", ["", "flag", "env"])
+@pytest.mark.parametrize(
+    "argv, message, error",
+    [
+        (["train", "/dev/null", "model.no_such_key=1"], "llamoe train: invalid config: model.no_such_key: unknown key",
+         "ConfigError"),
+        (["ablate", "/no/such/sweep.yaml"], "llamoe ablate: invalid sweep '/no/such/sweep.yaml': SWEEP: no sweep file",
+         "SweepError"),
+    ],
+)  # fmt: skip
+def test_a_user_error_is_one_line_and_debug_adds_the_traceback(
+    debug: str, argv: list[str], message: str, error: str, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    from experiments.cli import main
+
+    monkeypatch.setenv("LLAMOE_DEBUG", "1" if debug == "env" else "0")  # restored after the test (--debug sets it)
+    assert main(["--debug", *argv] if debug == "flag" else argv) == 2
+    err = capsys.readouterr().err
+    assert message in err.splitlines()[-1], err
+    if debug:
+        assert err.startswith("Traceback (most recent call last):") and error in err, err
+    else:
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+
+
 # ---------------------------------------------------------------------- stopping
 def test_a_second_signal_aborts_at_once() -> None:
     with runctl.StopSignals(announce=False) as signals:
@@ -191,6 +218,45 @@ def test_disk_full_while_caching_the_tokenised_corpus(tmp_path: Path, dense: Cal
     shutil.rmtree(entry)
     assert cli_main(["/dev/null", *dense(tmp_path / "again", 1, f"data.cache_dir={cache}")]) == 0
     assert entry.is_dir() and not dead.exists()
+
+
+@pytest.mark.slow
+def test_disk_full_while_writing_the_sweep_results_and_report(
+    tmp_path: Path, corpus: list[str], tiny_dense: list[str]
+) -> None:
+    from experiments.ablate import DONE_FILE
+    from experiments.report import load_results
+
+    spec = tmp_path / "sweep.yaml"
+    spec.write_text(json.dumps({"name": "toy", "base": {"model": "llama3.1-tiny"}, "runs": {"a": {}},
+                                "eval": {"long_context": {"evals": ["ppl"], "multiples": [1], "sequences": 1,
+                                                          "plots": False}}}))  # fmt: skip
+    overrides = [*corpus, *tiny_dense[1:], "train.seq_len=16", "train.batch_size=2", "train.max_steps=1",
+                 "train.val_every=0", "train.val_batches=1", "train.progress=false"]  # fmt: skip
+    out = tmp_path / "out"
+    out.mkdir()
+    before = '{"run": "old", "run_dir": "old", "status": "done"}\n'  # what an earlier sweep left
+    (out / "results.jsonl").write_text(before)
+
+    # the run trains and completes; rewriting results.jsonl then fails: one line, the old file intact
+    failed = _inject(f"{out}/.results.jsonl.*.tmp", "ablate", str(spec), *overrides, "--out", str(out))
+    assert failed.returncode == 1 and "Traceback" not in failed.stderr, failed.stderr
+    line = failed.stderr.strip()
+    assert "\n" not in line and line.startswith(f"llamoe ablate: could not write sweep results {out / 'results.jsonl'}: ")
+    assert "[Errno 28] No space left on device" in line
+    assert (out / "results.jsonl").read_text() == before and not list(out.glob(".results.jsonl.*"))
+    assert (out / "a" / DONE_FILE).is_file()  # the finished run is kept: the rerun below does not train it again
+
+    # the rerun writes results.jsonl; writing report.md then fails: one line, the old report intact
+    (out / "report.md").write_text("the previous report\n")
+    failed = _inject(f"{out}/.report.md.*.tmp", "ablate", str(spec), *overrides, "--out", str(out))
+    assert failed.returncode == 1 and "Traceback" not in failed.stderr, failed.stderr
+    line = failed.stderr.strip()
+    assert "\n" not in line and line.startswith(f"llamoe ablate: could not write the sweep report {out / 'report.md'}: ")
+    assert "[Errno 28] No space left on device" in line
+    assert "a: already complete, skipped" in failed.stdout
+    assert [(r["run_dir"], r["status"]) for r in load_results(out)] == [("a", "done")]
+    assert (out / "report.md").read_text() == "the previous report\n" and not list(out.glob(".report.md.*"))
 
 
 def test_a_torn_last_line_in_metrics_is_dropped_on_resume(tmp_path: Path, dense: Callable[..., list[str]]) -> None:
