@@ -32,7 +32,6 @@ import argparse
 import json
 import logging
 import math
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -313,6 +312,7 @@ def cli_main(argv: list[str]) -> int:
     """
     from experiments.checkpoint import CheckpointError, checkpoint_path, load_model, read_meta
     from experiments.data.corpus import load_corpus
+    from experiments.errors import report
     from experiments.evals.options import KEY_PREFIX, load_options
 
     parser = argparse.ArgumentParser(
@@ -348,11 +348,9 @@ def cli_main(argv: list[str]) -> int:
             )
         result = evaluate(model, tokenizer, options, train_len=cfg.train.seq_len, heldout=heldout)
     except ConfigError as e:
-        print(f"llamoe eval: invalid options: {e}", file=sys.stderr)
-        return 2
+        return report("llamoe eval", e, 2, prefix="invalid options: ")
     except CheckpointError as e:  # exit 2 for a missing run directory or checkpoint (experiments/errors.py)
-        print(f"llamoe eval: {e}", file=sys.stderr)
-        return e.exit_status
+        return report("llamoe eval", e, e.exit_status)
     result = {"run_dir": str(args.run_dir), "step": step, **result}
     path = write_results(result, args.run_dir / "eval", plots=options.plots, suite=args.suite)
     print(_summary(result))
