@@ -17,27 +17,37 @@ from torch import nn
 
 from attention.backends import get_backend
 from attention.cache import LayerKVCache
+from attention.config import AttentionConfig
 from attention.irope import layer_attention_kind, qk_norm, temperature_scale
 from attention.rope import apply_rope
-from models.config import AttentionConfig, ModelConfig
 
 
 class Attention(nn.Module):
     """Multi-head attention with grouped key/value heads and no biases (Ainslie et al., 2023)."""
 
-    def __init__(self, cfg: ModelConfig, layer_id: int) -> None:
+    def __init__(
+        self,
+        dim: int,
+        n_heads: int,
+        n_kv_heads: int,
+        head_dim: int,
+        norm_eps: float,
+        settings: AttentionConfig,
+        layer_id: int,
+    ) -> None:
         super().__init__()
-        self.n_heads = cfg.n_heads
-        self.n_kv_heads = cfg.kv_heads
-        self.head_dim = cfg.head_size
-        self.norm_eps = cfg.norm_eps
-        self.kind = layer_attention_kind(cfg, layer_id)
-        # Shared with the model config, so eval-time temperature / backend changes reach every layer.
-        self.settings: AttentionConfig = cfg.attention
-        self.wq = nn.Linear(cfg.dim, self.n_heads * self.head_dim, bias=False)
-        self.wk = nn.Linear(cfg.dim, self.n_kv_heads * self.head_dim, bias=False)
-        self.wv = nn.Linear(cfg.dim, self.n_kv_heads * self.head_dim, bias=False)
-        self.wo = nn.Linear(self.n_heads * self.head_dim, cfg.dim, bias=False)
+        self.n_heads = n_heads
+        self.n_kv_heads = n_kv_heads
+        self.head_dim = head_dim
+        self.norm_eps = norm_eps
+        self.kind = layer_attention_kind(settings, layer_id)  # structure: fixed once built
+        # Eval-time knobs (temperature, backend): this layer's own state, replaced whole (frozen) by
+        # `Transformer.set_attention`, never shared with a config another object holds.
+        self.settings = settings
+        self.wq = nn.Linear(dim, n_heads * head_dim, bias=False)
+        self.wk = nn.Linear(dim, n_kv_heads * head_dim, bias=False)
+        self.wv = nn.Linear(dim, n_kv_heads * head_dim, bias=False)
+        self.wo = nn.Linear(n_heads * head_dim, dim, bias=False)
 
     def forward(
         self,

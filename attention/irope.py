@@ -14,8 +14,7 @@ from typing import Optional
 
 import torch
 
-from models.config import ModelConfig
-from models.layers import rms_norm
+from attention.config import AttentionConfig
 
 
 @dataclass(frozen=True)
@@ -27,19 +26,23 @@ class LayerAttentionKind:
     qk_norm: bool
 
 
-def layer_attention_kind(cfg: ModelConfig, layer_id: int) -> LayerAttentionKind:
+def layer_attention_kind(cfg: AttentionConfig, layer_id: int) -> LayerAttentionKind:
     """The iRoPE schedule: NoPE iff (i+1) % nope_layer_interval == 0; RoPE layers chunked if chunk_size is set."""
     uses_rope = cfg.uses_rope(layer_id)
     return LayerAttentionKind(
         uses_rope=uses_rope,
-        chunk_size=cfg.attention.chunk_size if cfg.is_chunked(layer_id) else None,
-        qk_norm=cfg.attention.qk_norm and uses_rope,
+        chunk_size=cfg.chunk_size if cfg.is_chunked(layer_id) else None,
+        qk_norm=cfg.qk_norm and uses_rope,
     )
 
 
 def qk_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
-    """Weightless RMS normalisation of q or k over the head dim (applied after RoPE)."""
-    return rms_norm(x, eps)
+    """Weightless RMS normalisation of q or k over the head dim (applied after RoPE), computed in fp32.
+
+    The same formula as `models.layers.rms_norm`, kept here because `attention` imports nothing from `models`.
+    """
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).type_as(x)
 
 
 def temperature_scale(positions: torch.Tensor, floor_scale: float, attn_scale: float) -> torch.Tensor:

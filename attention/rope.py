@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from models.config import RopeConfig
+from attention.config import RopeConfig
 
 
 def llama3_scale_frequencies(freqs: torch.Tensor, cfg: RopeConfig) -> torch.Tensor:

@@ -24,6 +24,7 @@ import multiprocessing
 import resource
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -69,7 +70,8 @@ def time_per_token(layer: Attention, cfg: ModelConfig, length: int, reps: int) -
 
 def scaling(max_len: int, chunk: int, reps: int) -> None:
     cfg = layer_config(chunk)
-    layers = {"chunked": Attention(cfg, 0).eval(), "global": Attention(cfg, 1).eval()}
+    sizes = (cfg.dim, cfg.n_heads, cfg.kv_heads, cfg.head_size, cfg.norm_eps, cfg.attention)
+    layers = {"chunked": Attention(*sizes, 0).eval(), "global": Attention(*sizes, 1).eval()}
     for layer in layers.values():
         layer.init_weights(0.02, 0.02)
     lengths = [1024 * 2**i for i in range(max_len.bit_length()) if 1024 * 2**i <= max_len]
@@ -109,8 +111,7 @@ def prefill_memory(cache_len: int, block: int) -> None:
 
 def cache_bytes() -> None:
     scout = presets.get("llama4-scout")
-    all_global = presets.get("llama4-scout")
-    all_global.attention.chunk_size = None
+    all_global = replace(scout, attention=replace(scout.attention, chunk_size=None))
     print("\n3. KV cache, Llama 4 Scout attention layout, batch 1, bf16 (meta device: nothing allocated)")
     print(f"{'positions':>10s} {'iRoPE GiB':>10s} {'all-global GiB':>15s} {'ratio':>6s}")
     with torch.device("meta"):

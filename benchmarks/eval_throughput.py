@@ -22,6 +22,7 @@ import argparse
 import resource
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -35,9 +36,7 @@ from models.transformer import Transformer  # noqa: E402
 
 def configs() -> dict[str, ModelConfig]:
     """The baseline and the iRoPE variant; everything but attention is identical."""
-    irope = presets.get("llama3.1-tiny")
-    irope.attention = presets.get("llama4-tiny").attention
-    irope.validate()
+    irope = replace(presets.get("llama3.1-tiny"), attention=presets.get("llama4-tiny").attention)
     return {"global": presets.get("llama3.1-tiny"), "irope": irope, "llama4-tiny": presets.get("llama4-tiny")}
 
 

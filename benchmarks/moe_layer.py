@@ -23,6 +23,7 @@ import argparse
 import statistics
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -79,7 +80,7 @@ def layer_benchmark(rounds: int, warmup: int) -> None:
             steps: dict[str, Callable[[], None]] = {"dense": lambda m=dense: m(x).backward(grad)}
             for backend in backends:
                 moe_cfg = MoEConfig(num_experts=num_experts, top_k=top_k, expert_hidden_dim=hidden, backend=backend)
-                layer = MoE(ModelConfig(dim=DIM, n_layers=1, n_heads=4, vocab_size=256, moe=moe_cfg))
+                layer = MoE(DIM, moe_cfg)
                 layer.init_weights(0.02, 0.02)
                 steps[backend] = lambda m=layer: m(x).out.backward(grad)
             t = median_times(steps, rounds, warmup)
@@ -90,17 +91,11 @@ def layer_benchmark(rounds: int, warmup: int) -> None:
 def model_configs() -> tuple[ModelConfig, ModelConfig]:
     """llama4-tiny's attention and sizes with 8 layers, 16 experts top-1 + shared on every layer,
     and its dense twin whose FFN hidden equals routed + shared hidden."""
-    moe = presets.get("llama4-tiny")
-    moe.n_layers = 8
-    assert moe.moe is not None
-    moe.moe.num_experts = 16
-    moe.moe.interleave_step = 1
-    moe.validate()
-    dense = presets.get("llama4-tiny")
-    dense.n_layers = 8
-    dense.moe = None
-    dense.ffn_hidden_dim = moe.moe.expert_hidden_dim * (moe.moe.top_k + 1)
-    dense.validate()
+    tiny = presets.get("llama4-tiny")
+    assert tiny.moe is not None
+    moe = replace(tiny, n_layers=8, moe=replace(tiny.moe, num_experts=16, interleave_step=1))
+    hidden = tiny.moe.expert_hidden_dim * (tiny.moe.top_k + 1)
+    dense = replace(tiny, n_layers=8, moe=None, ffn_hidden_dim=hidden)
     return moe, dense
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -44,10 +45,11 @@ def dense_1b(small: bool) -> ModelConfig:
 def moe_1b(small: bool) -> ModelConfig:
     cfg = dense_1b(small)
     hidden = cfg.ffn_hidden // 2
-    cfg.moe = MoEConfig(num_experts=16, top_k=1, interleave_step=1, expert_hidden_dim=hidden, num_shared_experts=1)
-    cfg.attention = AttentionConfig(nope_layer_interval=4, chunk_size=2048 if not small else 64)
-    cfg.validate()
-    return cfg
+    return replace(
+        cfg,
+        moe=MoEConfig(num_experts=16, top_k=1, interleave_step=1, expert_hidden_dim=hidden, num_shared_experts=1),
+        attention=AttentionConfig(nope_layer_interval=4, chunk_size=2048 if not small else 64),
+    )
 
 
 def available_backends(device: str) -> tuple[list[str], list[str]]:
@@ -89,9 +91,9 @@ def main() -> None:
         baseline = None
         for attn, experts in itertools.product(attn_backends, expert_backends if name == "moe" else ["-"]):
             cfg = build(small)
-            cfg.attention.backend = attn
+            cfg = replace(cfg, attention=replace(cfg.attention, backend=attn))
             if cfg.moe is not None:
-                cfg.moe.backend = experts
+                cfg = replace(cfg, moe=replace(cfg.moe, backend=experts))
             result = measure_training_throughput(
                 cfg, batch_size=batch, seq_len=seq, steps=args.steps, dtype=dtype, device=device
             )

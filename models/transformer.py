@@ -20,6 +20,7 @@ from torch import nn
 from attention.attention import Attention
 from attention.backends import get_backend
 from attention.cache import KVCache, LayerKVCache
+from attention.config import AttentionConfig
 from attention.rope import rope_angles, rope_frequencies
 from models.config import ModelConfig
 from models.layers import FeedForward, RMSNorm
@@ -43,11 +44,15 @@ class Block(nn.Module):
         self.layer_id = layer_id
         self.is_moe = cfg.is_moe(layer_id)  # Llama 4 interleaves MoE and dense FFN layers
         self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.attention = Attention(cfg, layer_id)
-        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.feed_forward: Union[MoE, FeedForward] = (
-            MoE(cfg) if self.is_moe else FeedForward(cfg.dim, cfg.ffn_hidden)
+        self.attention = Attention(
+            cfg.dim, cfg.n_heads, cfg.kv_heads, cfg.head_size, cfg.norm_eps, cfg.attention, layer_id
         )
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.feed_forward: Union[MoE, FeedForward]
+        if cfg.moe is not None and self.is_moe:
+            self.feed_forward = MoE(cfg.dim, cfg.moe)
+        else:
+            self.feed_forward = FeedForward(cfg.dim, cfg.ffn_hidden)
 
     def forward(
         self,
@@ -70,7 +75,12 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    """Dense Llama 3.1 or Llama 4 style MoE + iRoPE decoder, chosen entirely by its ModelConfig."""
+    """Dense Llama 3.1 or Llama 4 style MoE + iRoPE decoder, chosen entirely by its ModelConfig.
+
+    `cfg` is the frozen config the model was built from; nothing the model does changes it, so
+    two models built from one config never affect each other. Eval-time attention knobs live in
+    the layers (`attention_settings`, changed by `set_attention`).
+    """
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -143,6 +153,11 @@ class Transformer(nn.Module):
             ]
         )
 
+    @property
+    def attention_settings(self) -> AttentionConfig:
+        """The attention settings the layers use now: `cfg.attention` unless `set_attention` changed them."""
+        return self.layers[0].attention.settings
+
     def set_attention(
         self,
         *,
@@ -151,7 +166,11 @@ class Transformer(nn.Module):
         attn_scale: Optional[float] = None,
         backend: Optional[str] = None,
     ) -> None:
-        """Change eval-time attention settings (temperature tuning, backend) on every layer without retraining."""
+        """Change eval-time attention settings (temperature tuning, backend) on every layer without retraining.
+
+        The new settings are validated before any layer changes; `cfg` (what the model was trained
+        with) stays as it is.
+        """
         if backend is not None:  # fail now, before changing anything, not at the next forward
             get_backend(backend, self.tok_embeddings.weight.device)
         changes = {
@@ -164,6 +183,6 @@ class Transformer(nn.Module):
             )
             if value is not None
         }
-        replace(self.cfg, attention=replace(self.cfg.attention, **changes))  # validates a copy first
-        for name, value in changes.items():  # the layers share this AttentionConfig object
-            setattr(self.cfg.attention, name, value)
+        settings = replace(self.attention_settings, **changes)  # validates
+        for layer in self.layers:
+            layer.attention.settings = settings

@@ -30,11 +30,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from models.config import ConfigError, ModelConfig
-from models.layers import FeedForward
+from config_error import ConfigError
+from moe.config import MoEConfig
 from moe.dispatch import AllToAllExchange, LocalExchange, expert_capacity, permute, plan_dispatch, unpermute
 from moe.experts import build_experts
 from moe.router import Router, Routing
+from moe.swiglu import FeedForward
 
 
 @dataclass
@@ -49,20 +50,18 @@ class MoEOutput:
 class MoE(nn.Module):
     """Routed SwiGLU experts plus an optional always-on shared SwiGLU expert."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, dim: int, moe: MoEConfig) -> None:
         super().__init__()
-        if cfg.moe is None:
-            raise ConfigError("moe", "an MoE layer needs a moe config; set model.moe")
-        moe = cfg.moe
         self.num_experts = moe.num_experts
         self.top_k = moe.top_k
         self.score_on = moe.score_on
         self.capacity_factor = moe.capacity_factor
         self.aux_loss_weight = moe.aux_loss_weight
         self.z_loss_weight = moe.z_loss_weight
-        self.router = Router(cfg.dim, moe)
-        self.experts = build_experts(moe.backend, moe.num_experts, cfg.dim, moe.expert_hidden_dim)
-        self.shared_expert = FeedForward(cfg.dim, cfg.shared_expert_hidden) if cfg.shared_expert_hidden > 0 else None
+        self.router = Router(dim, moe)
+        self.experts = build_experts(moe.backend, moe.num_experts, dim, moe.expert_hidden_dim)
+        shared = moe.shared_expert_hidden
+        self.shared_expert = FeedForward(dim, shared) if shared > 0 else None
         self.exchange: LocalExchange = LocalExchange()
 
     def init_weights(self, init_std: float, out_std: float) -> None:

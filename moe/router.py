@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.config import MoEConfig
+from moe.config import MoEConfig
 
 
 @dataclass

@@ -56,7 +56,7 @@ SUITE = "long_context"
 
 def _candidates(model: Transformer, options: LongContextEvalConfig) -> list[TemperatureSetting]:
     """The (floor_scale, attn_scale) grid of sweeps and calibration."""
-    floor_scales = options.floor_scales or [model.cfg.attention.floor_scale * f for f in (0.5, 1, 2, 4)]
+    floor_scales = options.floor_scales or [model.attention_settings.floor_scale * f for f in (0.5, 1, 2, 4)]
     return grid(floor_scales, options.attn_scales)
 
 

@@ -42,8 +42,8 @@ class TemperatureSetting:
 
     @classmethod
     def of(cls, model: Transformer) -> TemperatureSetting:
-        """The setting the model uses now."""
-        att = model.cfg.attention
+        """The setting the model uses now (its eval-time state, not necessarily `model.cfg`)."""
+        att = model.attention_settings
         return cls(bool(att.temperature_tuning), float(att.floor_scale), float(att.attn_scale))
 
     def switched(self, on: bool) -> TemperatureSetting:

@@ -30,7 +30,7 @@ Selecting a backend that cannot run here raises ConfigError naming `moe.backend`
 
 from __future__ import annotations
 
-from models.config import ConfigError
+from config_error import ConfigError
 from moe.experts.base import Experts
 from moe.experts.grouped_mm import GroupedMMExperts
 from moe.experts.megablocks_dmoe import MegaBlocksExperts

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from models.config import ConfigError
+from config_error import ConfigError
 from moe.experts.base import Experts
 
 

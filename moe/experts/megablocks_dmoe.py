@@ -20,7 +20,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from models.config import ConfigError
+from config_error import ConfigError
 from moe.experts.base import Experts
 
 BLOCK = 128  # MegaBlocks' block size; token groups and F are tiled by it

@@ -21,7 +21,7 @@ def _cfg(**attention: object) -> ModelConfig:
 
 
 def test_llama4_schedule_nope_every_fourth_layer() -> None:
-    kinds = [layer_attention_kind(_cfg(), i) for i in range(8)]
+    kinds = [layer_attention_kind(_cfg().attention, i) for i in range(8)]
     assert [k.uses_rope for k in kinds] == [True, True, True, False] * 2  # layers 3 and 7 are NoPE
     assert [k.chunk_size for k in kinds] == [8, 8, 8, None] * 2  # RoPE layers chunked, NoPE global
     assert [k.qk_norm for k in kinds] == [True, True, True, False] * 2  # QK-norm on RoPE layers only
@@ -32,7 +32,7 @@ def test_schedule_none_is_rope_everywhere_and_one_is_nope_everywhere(
     interval: int | None, rope: list[bool], chunked: list[int | None]
 ) -> None:
     cfg = _cfg(nope_layer_interval=interval)
-    kinds = [layer_attention_kind(cfg, i) for i in range(8)]
+    kinds = [layer_attention_kind(cfg.attention, i) for i in range(8)]
     assert [k.uses_rope for k in kinds] == rope
     assert [k.chunk_size for k in kinds] == chunked
     assert [k.qk_norm for k in kinds] == rope
@@ -96,7 +96,7 @@ def test_qk_norm_makes_rope_layers_invariant_to_query_key_scale() -> None:
     x = torch.randn(1, 12, 64)
     rope = rope_angles(Transformer(cfg).rope_freqs, torch.arange(12))
     for layer_id, uses_rope in ((0, True), (1, False)):
-        attn = Attention(cfg, layer_id)
+        attn = Attention(cfg.dim, cfg.n_heads, cfg.kv_heads, cfg.head_size, cfg.norm_eps, cfg.attention, layer_id)
         attn.init_weights(0.3, 0.3)
         with torch.no_grad():
             before = attn(x, rope)
@@ -127,12 +127,12 @@ def test_setting_an_unavailable_backend_fails_before_changing_anything() -> None
     model = Transformer(_cfg())
     with pytest.raises(RuntimeError, match="attention.backend='flash'"):
         model.set_attention(backend="flash", temperature_tuning=False)  # no CUDA here
-    assert model.cfg.attention.backend == "sdpa" and model.cfg.attention.temperature_tuning
+    assert model.attention_settings.backend == "sdpa" and model.attention_settings.temperature_tuning
 
 
 def test_invalid_set_attention_changes_nothing() -> None:
     model = Transformer(presets.get("llama4-tiny"))
-    before = dict(vars(model.cfg.attention))
+    before = model.attention_settings
     with pytest.raises(ConfigError, match="attention.floor_scale"):
         model.set_attention(temperature_tuning=False, floor_scale=-1.0)
-    assert vars(model.cfg.attention) == before
+    assert all(layer.attention.settings is before for layer in model.layers)

@@ -277,7 +277,7 @@ def test_calibrate_applies_each_candidate_and_returns_a_grid_point() -> None:
     seen = []
 
     def score() -> float:
-        att = model.cfg.attention
+        att = model.attention_settings
         seen.append((att.floor_scale, att.attn_scale))
         return -abs(att.attn_scale - 0.3) - abs(att.floor_scale - 8.0)
 

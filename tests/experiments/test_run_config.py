@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -31,8 +32,9 @@ def test_yaml_then_overrides_take_precedence(tmp_path: Path) -> None:
 
 def test_model_preset_with_field_overrides_is_stored_in_full() -> None:
     cfg = load_run_config({"model": "llama4-tiny"}, ["model.dim=128", "model.moe.top_k=2"])
-    expected = presets.get("llama4-tiny")
-    expected.dim, expected.moe.top_k = 128, 2
+    preset = presets.get("llama4-tiny")
+    assert preset.moe is not None
+    expected = replace(preset, dim=128, moe=replace(preset.moe, top_k=2))
     assert cfg.model == expected and cfg.model_preset == "llama4-tiny"
     saved = cfg.to_dict()["model"]
     assert saved["preset"] == "llama4-tiny" and saved["dim"] == 128 and saved["moe"]["top_k"] == 2

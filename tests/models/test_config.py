@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 import torch
 
@@ -38,8 +40,7 @@ def test_meta_model_matches_analytic_count(name: str) -> None:
 
 
 def test_tied_embeddings_counted_once() -> None:
-    cfg = presets.get("llama3.1-tiny")
-    cfg.tie_embeddings = True
+    cfg = dataclasses.replace(presets.get("llama3.1-tiny"), tie_embeddings=True)
     model = Transformer(cfg)
     assert sum(p.numel() for p in model.parameters()) == cfg.num_params()
     assert model.output.weight is model.tok_embeddings.weight

@@ -193,8 +193,7 @@ def test_unsupported_hf_config_names_the_field(override: dict[str, Any], field: 
 
 
 def test_llama_export_refuses_llama4_features() -> None:
-    cfg = presets.get("llama3.1-tiny")
-    cfg.attention = AttentionConfig(nope_layer_interval=4)
+    cfg = dataclasses.replace(presets.get("llama3.1-tiny"), attention=AttentionConfig(nope_layer_interval=4))
     with pytest.raises(ConfigError, match="attention.nope_layer_interval"):
         config_to_hf(cfg, architecture="llama")
 

@@ -237,7 +237,7 @@ def test_unsupported_hf_config_names_the_field(override: dict[str, Any], field: 
 def test_routing_hf_cannot_express_is_refused(change: dict[str, Any], field: str) -> None:
     cfg = presets.get("llama4-scout")
     assert isinstance(cfg.moe, MoEConfig)
-    cfg.moe = dataclasses.replace(cfg.moe, **change)
+    cfg = dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, **change))
     with pytest.raises(ConfigError, match=field):
         config_to_hf(cfg)
 
@@ -245,8 +245,11 @@ def test_routing_hf_cannot_express_is_refused(change: dict[str, Any], field: str
 def test_fractional_floor_scale_is_refused() -> None:
     cfg = presets.get("llama4-tiny")
     assert cfg.moe is not None
-    cfg.moe.bias_balancing = False  # HF has no selection bias; this test is about floor_scale
-    cfg.attention.floor_scale = 16.5
+    cfg = dataclasses.replace(
+        cfg,
+        moe=dataclasses.replace(cfg.moe, bias_balancing=False),  # HF has no selection bias; this test is about
+        attention=dataclasses.replace(cfg.attention, floor_scale=16.5),  # floor_scale
+    )
     with pytest.raises(ConfigError, match="attention.floor_scale"):
         config_to_hf(cfg)
 
@@ -290,11 +293,17 @@ def test_moe_experts_are_fused_gate_then_up() -> None:
 def test_native_moe_model_exports() -> None:
     """From our side: a llamoe MoE + iRoPE model exports to HF with the same logits."""
     cfg = presets.get("llama4-tiny")
-    cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.vocab_size = 64, 4, 2, VOCAB
-    cfg.attention.chunk_size, cfg.attention.floor_scale, cfg.attention.attn_scale = 8, 16.0, 0.5
     assert cfg.moe is not None
-    cfg.moe.expert_hidden_dim = 32
-    cfg.moe.bias_balancing = False  # the tiny preset's selection bias has no HF counterpart
+    cfg = dataclasses.replace(
+        cfg,
+        dim=64,
+        n_heads=4,
+        n_kv_heads=2,
+        vocab_size=VOCAB,
+        attention=dataclasses.replace(cfg.attention, chunk_size=8, floor_scale=16.0, attn_scale=0.5),
+        # the tiny preset's selection bias has no HF counterpart
+        moe=dataclasses.replace(cfg.moe, expert_hidden_dim=32, bias_balancing=False),
+    )
     ours = Transformer(cfg).eval()
     _randomize(ours)
     hf = to_hf(ours)

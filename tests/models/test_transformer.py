@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -6,11 +8,10 @@ from models.generate import generate, sample_next
 
 
 def _dense_irope() -> Transformer:
-    cfg = presets.get("llama3.1-tiny")
-    cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.n_layers = 64, 4, 2, 4
-    cfg.attention = AttentionConfig(
+    attention = AttentionConfig(
         nope_layer_interval=2, chunk_size=8, qk_norm=True, temperature_tuning=True, floor_scale=6, attn_scale=0.3
     )
+    cfg = replace(presets.get("llama3.1-tiny"), dim=64, n_heads=4, n_kv_heads=2, n_layers=4, attention=attention)
     return Transformer(cfg).eval()
 
 
@@ -19,8 +20,7 @@ def test_token_by_token_decode_equals_full_forward(irope: bool) -> None:
     if irope:
         model = _dense_irope()
     else:
-        cfg = presets.get("llama3.1-tiny")
-        cfg.dim, cfg.n_heads, cfg.n_kv_heads = 64, 4, 1
+        cfg = replace(presets.get("llama3.1-tiny"), dim=64, n_heads=4, n_kv_heads=1)
         model = Transformer(cfg).eval()
     tokens = torch.randint(0, model.cfg.vocab_size, (2, 29))
     with torch.no_grad():

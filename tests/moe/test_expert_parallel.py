@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from models.config import ModelConfig, MoEConfig
+from moe.config import MoEConfig
 from moe.layer import MoE
 
 WORLD = 2
@@ -22,11 +22,10 @@ def free_port() -> int:
 
 def check_layer(rank: int, top_k: int, score_on: str) -> None:
     moe = MoEConfig(num_experts=6, top_k=top_k, expert_hidden_dim=8, score_on=score_on)
-    cfg = ModelConfig(dim=12, n_layers=1, n_heads=2, vocab_size=32, moe=moe)
     torch.manual_seed(0)  # identical weights on both ranks
-    full = MoE(cfg)
+    full = MoE(12, moe)
     full.init_weights(0.3, 0.2)
-    sharded = MoE(cfg)
+    sharded = MoE(12, moe)
     sharded.load_state_dict(full.state_dict())
     sharded.set_expert_parallel(dist.group.WORLD, ep_rank=rank, ep_size=WORLD)
     assert sharded.experts.w1.shape[0] == 3

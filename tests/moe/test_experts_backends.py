@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from models.config import ConfigError, ModelConfig, MoEConfig
+from moe.config import ConfigError, MoEConfig
 from moe.experts import BACKENDS, build_experts
 from moe.experts.grouped_mm import GroupedMMExperts
 from moe.experts.torch_loop import TorchExperts
@@ -52,11 +52,10 @@ def test_grouped_mm_matches_torch_on_cpu_bf16() -> None:
 
 
 def test_grouped_mm_in_moe_layer_matches_torch_backend() -> None:
-    def cfg(backend: str) -> ModelConfig:
-        moe = MoEConfig(num_experts=4, top_k=2, expert_hidden_dim=8, backend=backend)
-        return ModelConfig(dim=16, n_layers=1, n_heads=2, vocab_size=32, moe=moe)
+    def cfg(backend: str) -> MoEConfig:
+        return MoEConfig(num_experts=4, top_k=2, expert_hidden_dim=8, backend=backend)
 
-    ref, fast = MoE(cfg("torch")), MoE(cfg("grouped_mm"))
+    ref, fast = MoE(16, cfg("torch")), MoE(16, cfg("grouped_mm"))
     ref.init_weights(0.2, 0.1)
     fast.load_state_dict(ref.state_dict())
     x = torch.randn(2, 9, 16)

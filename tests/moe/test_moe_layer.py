@@ -6,19 +6,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.config import ConfigError, ModelConfig, MoEConfig
+from moe.config import MoEConfig
 from moe.layer import MoE, MoEOutput, update_expert_biases
 
 DIM = 16
 
 
-def make_cfg(**moe_kw) -> ModelConfig:
+def make_cfg(**moe_kw) -> MoEConfig:
     moe = {"num_experts": 6, "top_k": 2, "expert_hidden_dim": 12, "shared_expert_hidden_dim": 20, **moe_kw}
-    return ModelConfig(dim=DIM, n_layers=2, n_heads=4, vocab_size=64, moe=MoEConfig(**moe))
+    return MoEConfig(**moe)
 
 
 def make_moe(**moe_kw) -> MoE:
-    layer = MoE(make_cfg(**moe_kw))
+    layer = MoE(DIM, make_cfg(**moe_kw))
     layer.init_weights(0.3, 0.2)
     return layer
 
@@ -53,7 +53,7 @@ CASES = list(itertools.product(["sigmoid", "softmax"], ["input", "output"], [1, 
 @pytest.mark.parametrize("score_func,score_on,top_k,renormalize", CASES)
 def test_matches_dense_reference_forward_and_backward(score_func, score_on, top_k, renormalize) -> None:
     layer = make_moe(score_func=score_func, score_on=score_on, top_k=top_k, renormalize=renormalize)
-    cfg = make_cfg(score_func=score_func, score_on=score_on, top_k=top_k, renormalize=renormalize).moe
+    cfg = make_cfg(score_func=score_func, score_on=score_on, top_k=top_k, renormalize=renormalize)
     x = torch.randn(3, 7, DIM, requires_grad=True)
     out = layer(x)
     assert isinstance(out, MoEOutput) and out.out.shape == x.shape
@@ -71,7 +71,8 @@ def test_without_shared_expert() -> None:
     layer = make_moe(num_shared_experts=0)
     assert layer.shared_expert is None
     x = torch.randn(2, 5, DIM)
-    torch.testing.assert_close(layer(x).out, dense_reference(layer, x, make_cfg(num_shared_experts=0).moe), rtol=0, atol=1e-5)
+    reference = dense_reference(layer, x, make_cfg(num_shared_experts=0))
+    torch.testing.assert_close(layer(x).out, reference, rtol=0, atol=1e-5)
 
 
 def test_gradients_reach_router_experts_and_shared_expert() -> None:
@@ -151,12 +152,9 @@ def test_update_expert_biases_is_noop_without_bias_balancing() -> None:
 
 
 def test_meta_construction_does_not_allocate() -> None:
-    cfg = ModelConfig(
-        dim=5120, n_layers=48, n_heads=40, n_kv_heads=8,
-        moe=MoEConfig(num_experts=128, expert_hidden_dim=8192, interleave_step=2, bias_balancing=True),
-    )
+    cfg = MoEConfig(num_experts=128, expert_hidden_dim=8192, interleave_step=2, bias_balancing=True)
     with torch.device("meta"):
-        layer = MoE(cfg)
+        layer = MoE(5120, cfg)
     tensors = list(layer.parameters()) + list(layer.buffers())
     assert all(t.is_meta for t in tensors)
     n = sum(p.numel() for p in layer.parameters())
@@ -166,7 +164,7 @@ def test_meta_construction_does_not_allocate() -> None:
 def test_meta_then_materialise_and_init() -> None:
     cfg = make_cfg(bias_balancing=True)
     with torch.device("meta"):
-        layer = MoE(cfg)
+        layer = MoE(DIM, cfg)
     layer.to_empty(device="cpu")
     layer.init_weights(0.02, 0.01)
     assert layer.router.expert_bias.abs().sum() == 0 and layer.router.expert_load.abs().sum() == 0
@@ -183,7 +181,3 @@ def test_bf16_input_keeps_dtype() -> None:
     ref.load_state_dict({k: v.float() for k, v in layer.state_dict().items()})
     torch.testing.assert_close(out.float(), ref(x.bfloat16().float()).out, rtol=0.05, atol=0.02)
 
-
-def test_requires_moe_config() -> None:
-    with pytest.raises(ConfigError, match="^moe"):
-        MoE(ModelConfig(dim=DIM, n_layers=1, n_heads=4, vocab_size=64))
