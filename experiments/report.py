@@ -18,7 +18,7 @@ import statistics
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any, Iterable, Optional, Sequence
 
 import matplotlib
 
@@ -129,21 +129,6 @@ def _si(x: Optional[float]) -> str:
         if abs(x) >= scale:
             return f"{x / scale:.3g}{unit}"
     return f"{x:.3g}"
-
-
-def _num(x: Optional[float]) -> str:
-    if x is None:
-        return "-"
-    return f"{x:.3f}" if abs(x) < 1000 else _si(x)
-
-
-def _mean_std(group: Group, key: str, fmt: Callable[[Optional[float]], str] = _num) -> str:
-    vals = group.values(key)
-    if not vals:
-        return "-"
-    if len(vals) == 1:
-        return fmt(vals[0])
-    return f"{fmt(statistics.fmean(vals))} ± {fmt(statistics.stdev(vals))}"
 
 
 def _ratio(x: Optional[float], base: Optional[float]) -> str:
