@@ -86,9 +86,9 @@ class Group:
     def values(self, key: str) -> list[float]:
         out = []
         for r in self.ok:
-            v = r.get("eval", {}).get(key[5:]) if key.startswith("eval:") else r.get(key)
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
-                out.append(float(v))
+            v = report_stats.number(r.get("eval", {}).get(key[5:]) if key.startswith("eval:") else r.get(key))
+            if v is not None:
+                out.append(v)
         return out
 
     def mean(self, key: str) -> Optional[float]:
@@ -273,6 +273,15 @@ def _lengths(keys: list[str], metric: str) -> list[int]:
     return sorted({int(m.group("length")) for k in keys if (m := _EVAL_KEY.match(k)) and m.group("metric") == metric})
 
 
+def plot_bucket_nll(groups: list[Group], plots: Path) -> list[Path]:
+    """NLL by position bucket for every run, with 95% interval bars (experiments/report_stats.py)."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    if not report_stats.draw_bucket_nll(ax, groups):
+        plt.close(fig)
+        return []
+    return [_save(fig, plots / "nll_by_position.png")]
+
+
 def plot_ppl_vs_length(groups: list[Group], keys: list[str], plots: Path) -> list[Path]:
     """Perplexity against evaluation length (mean ± std over seeds), with the training length marked."""
     lengths = _lengths(keys, "ppl")
@@ -415,7 +424,7 @@ def build_report(sweep_dir: Path) -> Path:
     plots = sweep_dir / "plots"
     plots.mkdir(exist_ok=True)
     images = plot_loss(sweep_dir, groups, plots)
-    images += report_stats.plot_bucket_nll(groups, plots, plt)
+    images += plot_bucket_nll(groups, plots)
     ppl_keys = sorted({k for r in rows for k in r.get("eval", {}) or {} if k.startswith("ppl@") and ":" not in k})
     images += plot_ppl_vs_length(groups, ppl_keys, plots)
     images += plot_passkey(groups, rows, plots)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 import statistics
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from experiments.evals.stats import t_interval
@@ -20,13 +19,20 @@ from experiments.evals.stats import t_interval
 Estimate = tuple[float, float, float]  # mean, low, high
 
 
+def number(value: Any) -> float | None:
+    """`value` as a float when it is a finite int or float (not a bool), else None."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    return None
+
+
 def estimate(rows: Sequence[dict[str, Any]], key: str) -> Estimate | None:
     """Mean and 95% interval of eval key `key` over the done rows of one run label (one row per seed)."""
     values, intervals = [], []
     for r in rows:
-        v = (r.get("eval") or {}).get(key)
-        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
-            values.append(float(v))
+        v = number((r.get("eval") or {}).get(key))
+        if v is not None:
+            values.append(v)
             intervals.append((r.get("eval_ci95") or {}).get(key))
     if not values:
         return None
@@ -41,7 +47,7 @@ def estimate(rows: Sequence[dict[str, Any]], key: str) -> Estimate | None:
 
 def field_estimate(rows: Sequence[dict[str, Any]], key: str) -> Estimate | None:
     """Mean and t-interval over seeds of a training field (final_loss, val_loss); no interval for one seed."""
-    values = [float(r[key]) for r in rows if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+    values = [v for r in rows if (v := number(r.get(key))) is not None]
     if not values:
         return None
     mean = statistics.fmean(values)
@@ -59,13 +65,24 @@ def fmt(est: Estimate | None, digits: int = 3) -> str:
     return f"{mean:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
 
 
-def difference(a: Estimate, b: Estimate) -> Estimate | None:
-    """a - b with the interval of two independent estimates (normal approximation of each half-width)."""
-    if math.isnan(a[1]) or math.isnan(b[1]):
+def combine(terms: Sequence[tuple[float, Estimate | None]]) -> Estimate | None:
+    """sum(c * e) of independent estimates, with half-width sqrt(sum((c * h)^2)) (normal approximation
+    of each half-width h); None when any estimate is missing or has no interval."""
+    known = [(c, e) for c, e in terms if e is not None and not math.isnan(e[1])]
+    if len(known) < len(terms):
         return None
-    half = math.hypot((a[2] - a[1]) / 2, (b[2] - b[1]) / 2)
-    d = a[0] - b[0]
-    return d, d - half, d + half
+    value = sum(c * e[0] for c, e in known)
+    half = math.sqrt(sum((c * (e[2] - e[1]) / 2) ** 2 for c, e in known))
+    return value, value - half, value + half
+
+
+def difference(a: Estimate, b: Estimate) -> Estimate | None:
+    """a - b with the interval of two independent estimates."""
+    return combine([(1.0, a), (-1.0, b)])
+
+
+def _effect_cell(diff: Estimate | None) -> str:
+    return f"{fmt(diff)} ({verdict(diff)})" if diff is not None else "-"
 
 
 def verdict(diff: Estimate | None) -> str:
@@ -129,12 +146,12 @@ def bucket_lines(groups: Sequence[Any]) -> list[str]:
     return [*lines, ""]
 
 
-def plot_bucket_nll(groups: Sequence[Any], plots: Path, plt: Any) -> list[Path]:
-    """NLL by position bucket (x: bucket end, log2) for every run, with 95% interval bars."""
+def draw_bucket_nll(ax: Any, groups: Sequence[Any]) -> bool:
+    """Draw NLL by position bucket (x: bucket end, log2) for every run, with 95% interval bars, on `ax`;
+    False when the rows hold no bucket keys."""
     keys = _bucket_keys([r for g in groups for r in g.ok])
     if not keys:
-        return []
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+        return False
     for i, g in enumerate(groups):
         pts = [(int(k.split("-")[1]), estimate(g.ok, k)) for k in keys]
         pts = [(x, e) for x, e in pts if e is not None]
@@ -150,19 +167,7 @@ def plot_bucket_nll(groups: Sequence[Any], plots: Path, plt: Any) -> list[Path]:
     ax.set_title("NLL by position bucket")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = plots / "nll_by_position.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return [path]
-
-
-def _mean_of(estimates: Sequence[Estimate]) -> Estimate:
-    """The mean of independent estimates; its half-width is sqrt(sum of half-widths^2) / k."""
-    k = len(estimates)
-    mean = sum(e[0] for e in estimates) / k
-    half = math.sqrt(sum(((e[2] - e[1]) / 2) ** 2 for e in estimates)) / k
-    return mean, mean - half, mean + half
+    return True
 
 
 def factor_lines(groups: Sequence[Any], factors: dict[str, dict[str, list[str]]]) -> list[str]:
@@ -183,38 +188,26 @@ def factor_lines(groups: Sequence[Any], factors: dict[str, dict[str, list[str]]]
              f"`nll@{train_len}` is the held-out NLL at the training length.", "",
              "| factor | levels | " + " | ".join(keys) + " |", "|---|---|" + "---:|" * len(keys)]
 
-    def level_estimate(names: list[str], key: str) -> Estimate | None:
-        ests = [estimate(by_run[n].ok, key) if n in by_run else None for n in names]
-        if any(e is None or math.isnan(e[1]) for e in ests):
-            return None
-        return _mean_of([e for e in ests if e is not None])
+    def effect(key: str, low: list[str], high: list[str]) -> str:
+        """mean over `high`'s runs minus mean over `low`'s, as a table cell."""
+        terms = [(1 / len(high), estimate(by_run[n].ok, key) if n in by_run else None) for n in high]
+        terms += [(-1 / len(low), estimate(by_run[n].ok, key) if n in by_run else None) for n in low]
+        return _effect_cell(combine(terms))
 
     for factor, levels in factors.items():
         (first, a), (second, b) = levels.items()
-        cells = []
-        for key in keys:
-            ea, eb = level_estimate(a, key), level_estimate(b, key)
-            diff = difference(eb, ea) if ea is not None and eb is not None else None
-            cells.append(f"{fmt(diff)} ({verdict(diff)})" if diff is not None else "-")
-        lines.append(f"| {factor} | {second} − {first} | " + " | ".join(cells) + " |")
-    if len(factors) == 2:
+        lines.append(f"| {factor} | {second} − {first} | " + " | ".join(effect(k, a, b) for k in keys) + " |")
+    if len(factors) == 2:  # interaction: (high-high - high-low) - (low-high - low-low), one run per corner
         (f1, l1), (f2, l2) = factors.items()
-        cells_ok = True
-        cells = []
-        for key in keys:
-            corner = {}
-            for i, names1 in enumerate(l1.values()):
-                for j, names2 in enumerate(l2.values()):
-                    both = [n for n in names1 if n in names2]
-                    est = estimate(by_run[both[0]].ok, key) if len(both) == 1 and both[0] in by_run else None
-                    corner[i, j] = est
-            if any(e is None or math.isnan(e[1]) for e in corner.values()):
-                cells_ok = False
-                break
-            value = corner[1, 1][0] - corner[1, 0][0] - corner[0, 1][0] + corner[0, 0][0]
-            half = math.sqrt(sum(((e[2] - e[1]) / 2) ** 2 for e in corner.values() if e is not None))
-            diff = (value, value - half, value + half)
-            cells.append(f"{fmt(diff)} ({verdict(diff)})")
-        if cells_ok:
-            lines.append(f"| {f1} × {f2} | interaction | " + " | ".join(cells) + " |")
+        corners = {
+            (i, j): [n for n in n1 if n in n2] for i, n1 in enumerate(l1.values()) for j, n2 in enumerate(l2.values())
+        }
+        if all(len(runs) == 1 and runs[0] in by_run for runs in corners.values()):
+            sign = {(1, 1): 1.0, (0, 0): 1.0, (1, 0): -1.0, (0, 1): -1.0}
+            cells = [
+                _effect_cell(combine([(sign[c], estimate(by_run[runs[0]].ok, key)) for c, runs in corners.items()]))
+                for key in keys
+            ]
+            if "-" not in cells:
+                lines.append(f"| {f1} × {f2} | interaction | " + " | ".join(cells) + " |")
     return [*lines, ""]
