@@ -64,7 +64,7 @@ from typing import Any, Optional, TextIO
 import yaml
 
 from experiments import runctl
-from experiments.errors import USAGE, exit_status, report, write_failed
+from experiments.errors import USAGE, exit_status, report, write_failed, write_text_atomic
 
 BUILTIN_DIR = Path(__file__).parent / "configs" / "ablations"
 _TOP_KEYS = (
@@ -492,13 +492,7 @@ def _error_summary(run_dir: Path, returncode: int) -> str:
 def write_results(sweep_dir: Path, rows: list[dict[str, Any]]) -> Path:
     """results.jsonl: one JSON row per run, replaced atomically."""
     path = sweep_dir / RESULTS_FILE
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text("".join(json.dumps(r, default=str) + "\n" for r in rows))
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise write_failed("sweep results", path, e) from e
+    write_text_atomic(path, "".join(json.dumps(r, default=str) + "\n" for r in rows), "sweep results")
     return path
 
 

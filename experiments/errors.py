@@ -101,6 +101,18 @@ def write_failed(what: str, path: Union[str, Path], error: BaseException, needed
     return WriteError(message)
 
 
+def write_text_atomic(path: Path, text: str, what: str) -> None:
+    """Write `text` to a temporary file beside `path` and rename it into place, so a reader sees the old
+    file or the new one; a failed write removes the temporary file and raises write_failed(what, path)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise write_failed(what, path, e) from e
+
+
 __all__ = [
     "FAILED",
     "TIME_LIMIT",
@@ -114,4 +126,5 @@ __all__ = [
     "io_reason",
     "report",
     "write_failed",
+    "write_text_atomic",
 ]

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import re
 import statistics
 import sys
@@ -26,7 +25,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 
 from experiments import report_stats, routing_health  # noqa: E402
-from experiments.errors import write_failed  # noqa: E402
+from experiments.errors import write_text_atomic  # noqa: E402
 
 # An eval key is "<metric>@<length>", optionally followed by a qualifier such as a passkey depth.
 _EVAL_KEY = re.compile(r"^(?P<metric>[A-Za-z_]+)@(?P<length>\d+)(?P<rest>.*)$")
@@ -465,13 +464,7 @@ def build_report(sweep_dir: Path) -> Path:
         lines += [f"![{p.stem}](plots/{p.name})" for p in images]
         lines.append("")
     path = sweep_dir / "report.md"
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # renamed into place: a failed write keeps the old report
-    try:
-        tmp.write_text("\n".join(lines))
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise write_failed("the sweep report", path, e) from e
+    write_text_atomic(path, "\n".join(lines), "the sweep report")  # a failed write keeps the old report
     return path
 
 
