@@ -19,6 +19,8 @@ product of overrides), seeds, and the evaluations to run after training:
     baseline: dense                   # optional; ratio columns are against it (default: the first run)
     factors:                          # optional: a two-level factorial design over the runs; the report
       ffn: {dense: [dense], moe: [moe, moe-temp]}   # attributes differences to each factor, with intervals
+    headline: [nll@256, val_loss]     # optional: the report's lead keys (eval keys or row fields), each
+                                      # with its difference from the baseline, paired over seeds
     parallel: 2                       # optional; runs trained at once unless --parallel says otherwise
     eval:                             # optional; evaluation suites run after training, with options
       long_context:                   # experiments/evals/options.py: LongContextEvalConfig
@@ -64,11 +66,13 @@ from typing import Any, Optional, TextIO
 import yaml
 
 from experiments import runctl
+from experiments.routing_health import KEYS as ROUTING_KEYS
 from experiments.errors import USAGE, exit_status, report, write_failed, write_text_atomic
 
 BUILTIN_DIR = Path(__file__).parent / "configs" / "ablations"
 _TOP_KEYS = (
-    "name", "description", "base", "overrides", "runs", "grid", "seeds", "baseline", "parallel", "eval", "factors"
+    "name", "description", "base", "overrides", "runs", "grid", "seeds", "baseline", "parallel", "eval", "factors",
+    "headline",
 )
 EVAL_SUITES = ("long_context",)  # experiments/evals/<suite>.py
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
@@ -120,6 +124,7 @@ class Sweep:
     parallel: int
     eval: dict[str, dict[str, Any]]
     factors: dict[str, dict[str, list[str]]] = field(default_factory=dict)
+    headline: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -294,6 +299,16 @@ def _parse_factors(value: Any, runs: dict[str, RunSpec]) -> dict[str, dict[str, 
     return out
 
 
+def _parse_headline(value: Any) -> tuple[str, ...]:
+    """The report's lead keys: one key or a list (eval keys such as `nll@256`, or row fields)."""
+    if value is None:
+        return ()
+    keys = [value] if isinstance(value, str) else value
+    if not isinstance(keys, list) or not keys or not all(isinstance(k, str) and k for k in keys):
+        raise SweepError("headline", f"must be a key or a non-empty list of keys (e.g. nll@256, val_loss), got {value!r}")
+    return tuple(keys)
+
+
 def _parse_seeds(value: Any) -> Optional[list[int]]:
     if value is None:
         return None
@@ -338,6 +353,7 @@ def parse_sweep(data: Any, sweep_path: Optional[Path] = None) -> Sweep:
         parallel=parallel,
         eval=_parse_eval(data.get("eval")),
         factors=_parse_factors(data.get("factors"), runs),
+        headline=_parse_headline(data.get("headline")),
     )
 
 
@@ -750,7 +766,7 @@ def run_one(plan: PlannedRun, run_dir: Path) -> dict[str, Any]:
     else:
         source_dir = run_dir.parent / plan.reuse
         source_row = json.loads((source_dir / DONE_FILE).read_text())["row"]
-        training = {k: source_row.get(k) for k in _TRAINING_FIELDS}
+        training = {k: source_row[k] for k in (*_TRAINING_FIELDS, *ROUTING_KEYS) if k in source_row}
     cfg, evals, eval_ci = _evaluate(plan, source_dir, run_dir)
     model = cfg.model
     row: dict[str, Any] = {
@@ -840,6 +856,7 @@ def _run_and_report(sweep: Sweep, plans: list[PlannedRun], sweep_dir: Path, args
             "description": sweep.description,
             "baseline": sweep.baseline,
             "factors": sweep.factors,
+            "headline": list(sweep.headline),
             "runs": [p.name for p in plans],
         },
     )

@@ -149,8 +149,8 @@ def _columns(groups: list[Group], baseline: Optional[Group], evals: list[str]) -
         ("train len", [_si(g.mean("train_seq_len")) for g in groups]),
         ("tokens", [_si(g.mean("tokens")) for g in groups]),
         ("tok/s", [_si(g.mean("tokens_per_s")) for g in groups]),
-        ("final loss", [report_stats.fmt(report_stats.field_estimate(g.ok, "final_loss")) for g in groups]),
-        ("val loss", [report_stats.fmt(report_stats.field_estimate(g.ok, "val_loss")) for g in groups]),
+        ("final loss", [report_stats.fmt(report_stats.estimate(g.ok, "final_loss")) for g in groups]),
+        ("val loss", [report_stats.fmt(report_stats.estimate(g.ok, "val_loss")) for g in groups]),
     ]
     cols += [(k, [report_stats.fmt(report_stats.estimate(g.ok, k)) for g in groups]) for k in evals]
     cols += routing_health.table_columns([g.ok for g in groups])  # MoE runs only
@@ -442,7 +442,7 @@ def build_report(sweep_dir: Path) -> Path:
         "`tail_nll@N` is the mean NLL over positions [N/2, N); `delta_tail_nll@N` its change from the "
         "training length.",
         "",
-        *report_stats.headline_lines(groups, baseline),
+        *report_stats.headline_lines(groups, baseline, info.get("headline") or ()),
         "## Results",
         "",
         markdown_table(_columns(groups, baseline, keys)) if groups else "(no results yet)",

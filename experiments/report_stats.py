@@ -26,33 +26,42 @@ def number(value: Any) -> float | None:
     return None
 
 
+def value(row: dict[str, Any], key: str) -> float | None:
+    """A row's value of `key`: its evaluation key when the evaluation wrote one, else its training field
+    (val_loss, final_loss, routing_imbalance, ...)."""
+    evals = row.get("eval") or {}
+    return number(evals[key]) if key in evals else number(row.get(key))
+
+
 def estimate(rows: Sequence[dict[str, Any]], key: str) -> Estimate | None:
-    """Mean and 95% interval of eval key `key` over the done rows of one run label (one row per seed)."""
-    values, intervals = [], []
-    for r in rows:
-        v = number((r.get("eval") or {}).get(key))
-        if v is not None:
-            values.append(v)
-            intervals.append((r.get("eval_ci95") or {}).get(key))
-    if not values:
+    """Mean and 95% interval of `key` over the done rows of one run label (one row per seed): a t-interval
+    over seeds, or for one seed the bootstrap interval its evaluation wrote (none for a training field)."""
+    pairs = [(v, (r.get("eval_ci95") or {}).get(key)) for r in rows if (v := value(r, key)) is not None]
+    if not pairs:
         return None
+    values = [v for v, _ in pairs]
     mean = statistics.fmean(values)
     if len(values) > 1:
         lo, hi = t_interval(values) or (mean, mean)
         return mean, lo, hi
-    if intervals[0] is None:
-        return mean, math.nan, math.nan
-    return mean, float(intervals[0][0]), float(intervals[0][1])
+    ci = pairs[0][1]
+    return (mean, math.nan, math.nan) if ci is None else (mean, float(ci[0]), float(ci[1]))
 
 
-def field_estimate(rows: Sequence[dict[str, Any]], key: str) -> Estimate | None:
-    """Mean and t-interval over seeds of a training field (final_loss, val_loss); no interval for one seed."""
-    values = [v for r in rows if (v := number(r.get(key))) is not None]
-    if not values:
-        return None
-    mean = statistics.fmean(values)
-    lo, hi = t_interval(values) or (math.nan, math.nan)
-    return mean, lo, hi
+def paired_difference(rows_a: Sequence[dict[str, Any]], rows_b: Sequence[dict[str, Any]], key: str) -> Estimate | None:
+    """a - b for one key. When both runs have two or more seeds in common, the t-interval of the per-seed
+    differences (runs of one seed share data order and evaluation windows, so their difference cancels that
+    noise); otherwise the difference of two independent estimates."""
+    by_seed_b = {r.get("seed"): value(r, key) for r in rows_b}
+    diffs = [va - vb for r in rows_a
+             if r.get("seed") is not None and (va := value(r, key)) is not None
+             and (vb := by_seed_b.get(r.get("seed"))) is not None]
+    if len(diffs) >= 2:
+        mean = statistics.fmean(diffs)
+        lo, hi = t_interval(diffs) or (mean, mean)
+        return mean, lo, hi
+    a, b = estimate(rows_a, key), estimate(rows_b, key)
+    return difference(a, b) if a is not None and b is not None else None
 
 
 def fmt(est: Estimate | None, digits: int = 3) -> str:
@@ -101,9 +110,12 @@ def headline_key(rows: Sequence[dict[str, Any]]) -> str | None:
     return preferred if preferred in keys else max(keys, key=lambda k: int(k.split("@")[1]))
 
 
-def headline_lines(groups: Sequence[Any], baseline: Any) -> list[str]:
-    """The study's lead: each run's headline key with its interval and its difference from the baseline,
-    then retrieval accuracy (passkey, needle, MQAR) at the same length where it was measured."""
+def headline_lines(groups: Sequence[Any], baseline: Any, keys: Sequence[str] = ()) -> list[str]:
+    """The study's lead. With `keys` (a sweep's `headline:`), each key per run with its interval and its
+    difference from the baseline (paired over seeds where it can be), beside the active parameters and
+    FLOPs/token each run paid. Without, the long-context lead: `delta_tail_nll@8L` and retrieval at 8L."""
+    if keys:
+        return _compare_lines(groups, baseline, list(keys))
     rows = [r for g in groups for r in g.ok]
     key = headline_key(rows)
     if key is None:
@@ -123,6 +135,34 @@ def headline_lines(groups: Sequence[Any], baseline: Any) -> list[str]:
         vs = fmt(diff) if diff is not None else "-"
         cells = " | ".join(fmt(estimate(g.ok, k)) for k in retrieval)
         lines.append(f"| {g.run} | {fmt(est)} | {vs} | {verdict(diff) if diff is not None else ''} | {cells} |")
+    return [*lines, ""]
+
+
+def _compare_lines(groups: Sequence[Any], baseline: Any, keys: list[str]) -> list[str]:
+    """One row per run: seeds, active params and FLOPs/token against the baseline, then per key the
+    run's estimate, its difference from the baseline and whether that difference is a result."""
+    base_name = baseline.run if baseline is not None else "-"
+    lines = ["## Headline: " + ", ".join(f"`{k}`" for k in keys), "",
+             f"Each key per run and its difference from `{base_name}`, 95% intervals: a t-interval over seeds, "
+             "and for a difference the t-interval of the per-seed differences (runs of one seed share data "
+             "order and evaluation windows), or for one seed the evaluation's bootstrap interval. "
+             "A difference whose interval holds 0 is not a result.", "",
+             "| run | seeds | active/base | FLOPs/base | " + " | ".join(f"{k} | vs `{base_name}`" for k in keys) + " |",
+             "|---|---:|---:|---:|" + "---:|---:|" * len(keys)]
+
+    def ratio(g: Any, key: str) -> str:
+        vals = [number(r.get(key)) for r in g.ok]
+        base = [number(r.get(key)) for r in (baseline.ok if baseline is not None else [])]
+        if not vals or not base or None in vals or None in base:
+            return "-"
+        return f"{statistics.fmean(vals) / statistics.fmean(base):.2f}x"
+
+    for g in groups:
+        cells = [str(len(g.ok)), ratio(g, "active_params"), ratio(g, "flops_per_token")]
+        for k in keys:
+            diff = paired_difference(g.ok, baseline.ok, k) if baseline is not None and g is not baseline else None
+            cells += [fmt(estimate(g.ok, k)), "-" if diff is None else f"{fmt(diff)} ({verdict(diff)})"]
+        lines.append(f"| {g.run} | " + " | ".join(cells) + " |")
     return [*lines, ""]
 
 

@@ -147,3 +147,34 @@ def test_factor_attribution_equals_a_hand_computation(tmp_path: Path) -> None:
     assert "-0.200 [-0.235, -0.165]" in lines["attention"]  # (1.9 + 1.5) / 2 - (2.0 + 1.8) / 2
     # interaction: 1.5 - 1.8 - 1.9 + 2.0 = -0.2, half-width sqrt(2 * .03^2 + 2 * .04^2) = 0.0707
     assert "-0.200 [-0.271, -0.129]" in lines["ffn × attention"]
+
+
+def test_declared_headline_pairs_differences_by_seed(tmp_path: Path) -> None:
+    """A sweep's `headline:` keys lead the report; with shared seeds the difference's interval is the
+    t-interval of the per-seed differences, here much narrower than the unpaired one."""
+    base = {0: 2.0, 1: 2.3, 2: 2.6}  # large seed-to-seed spread ...
+    diff = {0: -0.10, 1: -0.12, 2: -0.08}  # ... but a steady per-seed difference
+    rows = []
+    for seed in base:
+        for run, nll in (("dense", base[seed]), ("moe", base[seed] + diff[seed])):
+            rows.append({"run": run, "seed": seed, "run_dir": f"{run}-s{seed}", "status": "done",
+                         "active_params": 100, "flops_per_token": 600.0, "train_seq_len": 64,
+                         "val_loss": nll + 0.5, "eval": {"nll@64": nll}, "eval_ci95": {"nll@64": [nll - 0.01, nll + 0.01]}})
+    rows.append({**rows[-1], "seed": 3, "run_dir": "moe-s3"})  # an unpaired seed is left out of the differences
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "sweep.json").write_text(json.dumps({"name": "m", "baseline": "dense", "headline": ["nll@64", "val_loss"]}))
+    text = report.build_report(tmp_path).read_text()
+    head = text[text.index("## Headline: `nll@64`, `val_loss`") : text.index("## Results")]
+    moe = next(ln for ln in head.splitlines() if ln.startswith("| moe |"))
+    # per-seed differences -0.10, -0.12, -0.08: mean -0.1, sd 0.02, t(2) = 4.303 -> half-width 0.0497
+    assert moe.count("-0.100 [-0.150, -0.050] (interval excludes 0)") == 2  # nll@64 and val_loss
+    assert "| 4 | 1.00x | 1.00x |" in moe
+
+
+def test_headline_must_be_keys() -> None:
+    from experiments.ablate import SweepError, parse_sweep
+
+    data = {"name": "s", "base": {"model": "llama3.1-tiny"}, "runs": {"a": {}}}
+    assert parse_sweep({**data, "headline": "nll@64"}).headline == ("nll@64",)
+    with pytest.raises(SweepError, match="headline"):
+        parse_sweep({**data, "headline": [1]})
