@@ -87,4 +87,3 @@ class Attention(nn.Module):
         for w in (self.wq, self.wk, self.wv):
             nn.init.trunc_normal_(w.weight, std=init_std, a=-3 * init_std, b=3 * init_std)
         nn.init.trunc_normal_(self.wo.weight, std=out_std, a=-3 * out_std, b=3 * out_std)
-

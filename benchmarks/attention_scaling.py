@@ -75,8 +75,10 @@ def scaling(max_len: int, chunk: int, reps: int) -> None:
     for layer in layers.values():
         layer.init_weights(0.02, 0.02)
     lengths = [1024 * 2**i for i in range(max_len.bit_length()) if 1024 * 2**i <= max_len]
-    print(f"\n1. forward time per token, one attention layer (D={cfg.dim}, H={cfg.n_heads}, K={cfg.kv_heads}, "
-          f"Dh={cfg.head_size}, C={chunk}), batch 1, best of {reps}")
+    print(
+        f"\n1. forward time per token, one attention layer (D={cfg.dim}, H={cfg.n_heads}, K={cfg.kv_heads}, "
+        f"Dh={cfg.head_size}, C={chunk}), batch 1, best of {reps}"
+    )
     print(f"{'L':>7s} {'chunked us/tok':>15s} {'ratio':>6s} {'global us/tok':>14s} {'ratio':>6s}")
     base: dict[str, float] = {}
     for length in lengths:
@@ -106,7 +108,9 @@ def prefill_memory(cache_len: int, block: int) -> None:
     for name, budget in budgets.items():
         with multiprocessing.get_context("spawn").Pool(1) as pool:  # a fresh process per measurement
             peak = pool.apply(_last_block_peak_gib, (cache_len, block, budget))
-        print(f"   {name:30s} mask elements per call {min(budget, block * cache_len):>11d}: peak memory +{peak:.3f} GiB")
+        print(
+            f"   {name:30s} mask elements per call {min(budget, block * cache_len):>11d}: peak memory +{peak:.3f} GiB"
+        )
 
 
 def cache_bytes() -> None:

@@ -74,10 +74,14 @@ def main() -> None:
     models = {name: Transformer(cfg).eval() for name, cfg in configs().items()}
     for model in models.values():  # warm up kernels and allocator before timing
         measure(model, 2 * args.block, args.block, 2)
-    print(f"threads={args.threads} block={args.block} decode_steps={args.decode_steps} repeats={args.repeats} "
-          "batch=1 fp32")
-    print(f"{'length':>7} {'model':>11} {'prefill tok/s':>14} {'ratio':>6} {'decode tok/s':>13} {'ratio':>6} "
-          f"{'cache MiB':>10} {'ratio':>6}")
+    print(
+        f"threads={args.threads} block={args.block} decode_steps={args.decode_steps} repeats={args.repeats} "
+        "batch=1 fp32"
+    )
+    print(
+        f"{'length':>7} {'model':>11} {'prefill tok/s':>14} {'ratio':>6} {'decode tok/s':>13} {'ratio':>6} "
+        f"{'cache MiB':>10} {'ratio':>6}"
+    )
     for length in args.lengths:
         best: dict[str, dict[str, float]] = {}
         for _ in range(args.repeats):  # rounds interleave the models, so a change in machine load hits all alike

@@ -132,8 +132,10 @@ def model_benchmark(rounds: int, warmup: int, batch_size: int, seq_len: int) -> 
         f"\n## Whole model training step: 8 layers all MoE (16 experts top-1 + shared, F={moe_cfg.moe.expert_hidden_dim}),"
         f" d={DIM}, batch {batch_size} x seq {seq_len}; logits max |llamoe - HF| = {diff:.1e}"
     )
-    print(f"params: MoE {moe_cfg.num_params():,} (active {moe_cfg.num_active_params():,}); "
-          f"dense {dense_cfg.num_params():,}")
+    print(
+        f"params: MoE {moe_cfg.num_params():,} (active {moe_cfg.num_active_params():,}); "
+        f"dense {dense_cfg.num_params():,}"
+    )
     print("| model | step ms | tokens/s | llamoe MoE throughput relative to it |")
     print("|---|---|---|---|")
     for name, sec in t.items():

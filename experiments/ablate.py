@@ -66,12 +66,22 @@ from typing import Any, Optional, TextIO
 import yaml
 
 from experiments import runctl
-from experiments.routing_health import KEYS as ROUTING_KEYS
 from experiments.errors import USAGE, exit_status, report, write_failed, write_text_atomic
+from experiments.routing_health import KEYS as ROUTING_KEYS
 
 BUILTIN_DIR = Path(__file__).parent / "configs" / "ablations"
 _TOP_KEYS = (
-    "name", "description", "base", "overrides", "runs", "grid", "seeds", "baseline", "parallel", "eval", "factors",
+    "name",
+    "description",
+    "base",
+    "overrides",
+    "runs",
+    "grid",
+    "seeds",
+    "baseline",
+    "parallel",
+    "eval",
+    "factors",
     "headline",
 )
 EVAL_SUITES = ("long_context",)  # experiments/evals/<suite>.py
@@ -165,7 +175,9 @@ def resolve_sweep_path(sweep: str) -> Path:
         return path
     builtin = BUILTIN_DIR / f"{sweep}.yaml"
     if not builtin.is_file():
-        raise SweepError("SWEEP", f"{sweep!r} is neither a YAML file nor a built-in sweep ({', '.join(builtin_sweeps())})")
+        raise SweepError(
+            "SWEEP", f"{sweep!r} is neither a YAML file nor a built-in sweep ({', '.join(builtin_sweeps())})"
+        )
     return builtin
 
 
@@ -305,14 +317,20 @@ def _parse_headline(value: Any) -> tuple[str, ...]:
         return ()
     keys = [value] if isinstance(value, str) else value
     if not isinstance(keys, list) or not keys or not all(isinstance(k, str) and k for k in keys):
-        raise SweepError("headline", f"must be a key or a non-empty list of keys (e.g. nll@256, val_loss), got {value!r}")
+        raise SweepError(
+            "headline", f"must be a key or a non-empty list of keys (e.g. nll@256, val_loss), got {value!r}"
+        )
     return tuple(keys)
 
 
 def _parse_seeds(value: Any) -> Optional[list[int]]:
     if value is None:
         return None
-    if not isinstance(value, list) or not value or not all(isinstance(s, int) and not isinstance(s, bool) for s in value):
+    if (
+        not isinstance(value, list)
+        or not value
+        or not all(isinstance(s, int) and not isinstance(s, bool) for s in value)
+    ):
         raise SweepError("seeds", f"must be a non-empty list of integers, got {value!r}")
     if len(set(value)) != len(value):
         raise SweepError("seeds", f"seeds must be distinct, got {value!r}")
@@ -426,7 +444,6 @@ def parse_cli_overrides(items: list[str]) -> dict[str, Any]:
     return out
 
 
-
 def validate_plans(plans: list[PlannedRun]) -> None:
     """Resolve every run's config and evaluation options without training; SweepError names run and key."""
     from experiments.config import load_run_config
@@ -443,7 +460,9 @@ def validate_plans(plans: list[PlannedRun]) -> None:
             raise SweepError(f"runs.{plan.name}", str(e)) from None
         for key in plan.eval_overrides:
             if key.startswith("eval.") and key.split(".")[1] not in plan.eval:
-                raise SweepError(f"runs.{plan.name}.eval_overrides.{key}", "names a suite missing from the eval section")
+                raise SweepError(
+                    f"runs.{plan.name}.eval_overrides.{key}", "names a suite missing from the eval section"
+                )
 
 
 def _model_overrides(eval_overrides: dict[str, Any]) -> list[str]:
@@ -488,7 +507,10 @@ def failed_row(plan: PlannedRun, message: str) -> dict[str, Any]:
 
 def interrupted_row(plan: PlannedRun, status: int) -> dict[str, Any]:
     """The results row of a run stopped on request (it saved a checkpoint; rerunning the sweep resumes it)."""
-    return {**failed_row(plan, f"stopped by {runctl.describe(status)}; rerun the sweep to resume"), "status": "interrupted"}
+    return {
+        **failed_row(plan, f"stopped by {runctl.describe(status)}; rerun the sweep to resume"),
+        "status": "interrupted",
+    }
 
 
 def _stop_status(returncode: int) -> Optional[int]:
@@ -632,7 +654,9 @@ def run_sweep(
                 stop = _stop_status(w.proc.returncode) if row is None else None
                 if stop is not None:
                     record(w.plan, interrupted_row(w.plan, stop))
-                    say(f"{w.plan.name}: interrupted after {took:.0f}s ({runctl.describe(stop)}); it resumes on a rerun")
+                    say(
+                        f"{w.plan.name}: interrupted after {took:.0f}s ({runctl.describe(stop)}); it resumes on a rerun"
+                    )
                 elif row is None:
                     message = _error_summary(run_dir, w.proc.returncode)
                     record(w.plan, failed_row(w.plan, message))
@@ -656,7 +680,6 @@ def run_sweep(
     return [rows[p.name] for p in plans]
 
 
-
 def to_dotlist(overrides: dict[str, Any]) -> list[str]:
     """Dotted overrides as `key=value` strings whose values parse back (as YAML) to the same values."""
     items = []
@@ -667,7 +690,6 @@ def to_dotlist(overrides: dict[str, Any]) -> list[str]:
             text = json.dumps(value)
         items.append(f"{key}={text}")
     return items
-
 
 
 # ---------------------------------------------------------------------------- one run (in a worker process)
@@ -787,10 +809,15 @@ def run_one(plan: PlannedRun, run_dir: Path) -> dict[str, Any]:
         row["eval_overrides"] = plan.eval_overrides
     return row
 
+
 # ---------------------------------------------------------------------------- command line
 def _print_plan(plans: list[PlannedRun], out: TextIO) -> None:
     for p in plans:
-        what = f"eval-only, reuses {p.reuse}: {to_dotlist(p.eval_overrides)}" if p.reuse else " ".join(to_dotlist(p.overrides))
+        what = (
+            f"eval-only, reuses {p.reuse}: {to_dotlist(p.eval_overrides)}"
+            if p.reuse
+            else " ".join(to_dotlist(p.overrides))
+        )
         out.write(f"  {p.name:<28} {what}\n")
 
 

@@ -68,9 +68,7 @@ def measure_training_throughput(
     model = Transformer(cfg).to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=dev.type == "cuda")
     tokens = torch.randint(0, cfg.vocab_size, (batch_size, seq_len + 1), device=dev)
-    autocast = (
-        torch.autocast(dev.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
-    )
+    autocast = torch.autocast(dev.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
 
     def step() -> None:
         with autocast:

@@ -197,7 +197,9 @@ def save_checkpoint(
             assert model_state is not None, "rank 0 must pass the full model state"
             _write_file(tmp / "model.pt", lambda f: torch.save(model_state, f))
             _write_text(tmp / "config.yaml", config_yaml)
-            _write_text(tmp / "meta.json", json.dumps({**meta, "step": step, "format": FORMAT_VERSION}, indent=1) + "\n")
+            _write_text(
+                tmp / "meta.json", json.dumps({**meta, "step": step, "format": FORMAT_VERSION}, indent=1) + "\n"
+            )
     except Exception as e:  # filtered just below; every rank must reach all_ok
         if not _is_write_failure(e):
             raise

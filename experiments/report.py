@@ -30,7 +30,9 @@ from experiments.errors import write_text_atomic  # noqa: E402
 # An eval key is "<metric>@<length>", optionally followed by a qualifier such as a passkey depth.
 _EVAL_KEY = re.compile(r"^(?P<metric>[A-Za-z_]+)@(?P<length>\d+)(?P<rest>.*)$")
 _DEPTH = re.compile(r"(?:depth|d)=?(?P<depth>[0-9.]+)")
-_ROUTER_KEY = re.compile(r"^(?:router|moe)[./](?:layers?[./])?(?P<layer>\d+)[./](?P<stat>tokens_per_expert|load|expert_load|counts)$")
+_ROUTER_KEY = re.compile(
+    r"^(?:router|moe)[./](?:layers?[./])?(?P<layer>\d+)[./](?P<stat>tokens_per_expert|load|expert_load|counts)$"
+)
 MATCH_TOLERANCE = 0.05  # ratios within 5% of 1 count as "matched"
 # Eval metrics shown in the tables, with 95% intervals. ppl and nll average over [0, N) and so hide
 # where length generalisation breaks; they stay in the eval JSON and the ppl plot. Entropy is a diagnostic.
@@ -186,7 +188,11 @@ def matching_notes(groups: list[Group], baseline: Optional[Group]) -> list[str]:
         if g is baseline:
             continue
         parts, matched = [], []
-        for key, what in (("active_params", "active params"), ("params", "total params"), ("flops_per_token", "FLOPs/token")):
+        for key, what in (
+            ("active_params", "active params"),
+            ("params", "total params"),
+            ("flops_per_token", "FLOPs/token"),
+        ):
             x, b = g.mean(key), baseline.mean(key)
             if x is None or not b:
                 continue
@@ -251,7 +257,9 @@ def plot_loss(sweep_dir: Path, groups: list[Group], plots: Path) -> list[Path]:
                 drawn = True
                 label = (g.run if key == "loss" else f"{g.run} (val)") if j == 0 else None
                 figs["tokens"][1].plot(xs, ys, style, color=color, alpha=0.85, label=label, markersize=3)
-                figs["flops"][1].plot([x * flops for x in xs], ys, style, color=color, alpha=0.85, label=label, markersize=3)
+                figs["flops"][1].plot(
+                    [x * flops for x in xs], ys, style, color=color, alpha=0.85, label=label, markersize=3
+                )
     if not drawn:
         for fig, _ in figs.values():
             plt.close(fig)
@@ -341,7 +349,9 @@ def _plot_passkey_depths(groups: list[Group], plots: Path) -> list[Path]:
                 m = _EVAL_KEY.match(k)
                 d = _DEPTH.search(m.group("rest")) if m and m.group("metric") == "passkey" else None
                 if d and isinstance(v, (int, float)):
-                    cells.setdefault(g.run, {}).setdefault((float(d.group("depth")), int(m.group("length"))), []).append(v)
+                    cells.setdefault(g.run, {}).setdefault(
+                        (float(d.group("depth")), int(m.group("length"))), []
+                    ).append(v)
     if not cells:
         return []
     fig, axes = plt.subplots(1, len(cells), figsize=(3.5 * len(cells) + 1, 3.5), squeeze=False)
@@ -457,7 +467,9 @@ def build_report(sweep_dir: Path) -> Path:
     failed = [r for r in rows if r.get("status") != "done"]
     if failed:
         lines += ["## Failed runs", ""]
-        lines += [f"- `{r['run_dir']}`: {r.get('error', 'unknown error')} (see `{r['run_dir']}/error.txt`)" for r in failed]
+        lines += [
+            f"- `{r['run_dir']}`: {r.get('error', 'unknown error')} (see `{r['run_dir']}/error.txt`)" for r in failed
+        ]
         lines.append("")
     if images:
         lines += ["## Plots", ""]

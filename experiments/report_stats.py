@@ -53,9 +53,13 @@ def paired_difference(rows_a: Sequence[dict[str, Any]], rows_b: Sequence[dict[st
     differences (runs of one seed share data order and evaluation windows, so their difference cancels that
     noise); otherwise the difference of two independent estimates."""
     by_seed_b = {r.get("seed"): value(r, key) for r in rows_b}
-    diffs = [va - vb for r in rows_a
-             if r.get("seed") is not None and (va := value(r, key)) is not None
-             and (vb := by_seed_b.get(r.get("seed"))) is not None]
+    diffs = [
+        va - vb
+        for r in rows_a
+        if r.get("seed") is not None
+        and (va := value(r, key)) is not None
+        and (vb := by_seed_b.get(r.get("seed"))) is not None
+    ]
     if len(diffs) >= 2:
         mean = statistics.fmean(diffs)
         lo, hi = t_interval(diffs) or (mean, mean)
@@ -121,14 +125,22 @@ def headline_lines(groups: Sequence[Any], baseline: Any, keys: Sequence[str] = (
     if key is None:
         return []
     length = key.split("@")[1]
-    retrieval = [f"{m}@{length}" for m in ("passkey", "needle", "mqar") if any(f"{m}@{length}" in (r.get("eval") or {}) for r in rows)]
+    retrieval = [
+        f"{m}@{length}"
+        for m in ("passkey", "needle", "mqar")
+        if any(f"{m}@{length}" in (r.get("eval") or {}) for r in rows)
+    ]
     base = estimate(baseline.ok, key) if baseline is not None else None
-    lines = [f"## Headline: `{key}`", "",
-             "Change of the mean NLL over positions [N/2, N) from the training length (nats; lower is better), "
-             "its difference from the baseline, and retrieval at the same length (exact-match fraction); "
-             "95% intervals.", "",
-             f"| run | {key} | vs `{baseline.run if baseline else '-'}` | | " + " | ".join(retrieval) + " |",
-             "|---|---:|---:|---|" + "---:|" * len(retrieval)]
+    lines = [
+        f"## Headline: `{key}`",
+        "",
+        "Change of the mean NLL over positions [N/2, N) from the training length (nats; lower is better), "
+        "its difference from the baseline, and retrieval at the same length (exact-match fraction); "
+        "95% intervals.",
+        "",
+        f"| run | {key} | vs `{baseline.run if baseline else '-'}` | | " + " | ".join(retrieval) + " |",
+        "|---|---:|---:|---|" + "---:|" * len(retrieval),
+    ]
     for g in groups:
         est = estimate(g.ok, key)
         diff = difference(est, base) if est is not None and base is not None and g is not baseline else None
@@ -142,13 +154,17 @@ def _compare_lines(groups: Sequence[Any], baseline: Any, keys: list[str]) -> lis
     """One row per run: seeds, active params and FLOPs/token against the baseline, then per key the
     run's estimate, its difference from the baseline and whether that difference is a result."""
     base_name = baseline.run if baseline is not None else "-"
-    lines = ["## Headline: " + ", ".join(f"`{k}`" for k in keys), "",
-             f"Each key per run and its difference from `{base_name}`, 95% intervals: a t-interval over seeds, "
-             "and for a difference the t-interval of the per-seed differences (runs of one seed share data "
-             "order and evaluation windows), or for one seed the evaluation's bootstrap interval. "
-             "A difference whose interval holds 0 is not a result.", "",
-             "| run | seeds | active/base | FLOPs/base | " + " | ".join(f"{k} | vs `{base_name}`" for k in keys) + " |",
-             "|---|---:|---:|---:|" + "---:|---:|" * len(keys)]
+    lines = [
+        "## Headline: " + ", ".join(f"`{k}`" for k in keys),
+        "",
+        f"Each key per run and its difference from `{base_name}`, 95% intervals: a t-interval over seeds, "
+        "and for a difference the t-interval of the per-seed differences (runs of one seed share data "
+        "order and evaluation windows), or for one seed the evaluation's bootstrap interval. "
+        "A difference whose interval holds 0 is not a result.",
+        "",
+        "| run | seeds | active/base | FLOPs/base | " + " | ".join(f"{k} | vs `{base_name}`" for k in keys) + " |",
+        "|---|---:|---:|---:|" + "---:|---:|" * len(keys),
+    ]
 
     def ratio(g: Any, key: str) -> str:
         vals = [number(r.get(key)) for r in g.ok]
@@ -177,10 +193,14 @@ def bucket_lines(groups: Sequence[Any]) -> list[str]:
     if not keys:
         return []
     heads = [f"[{k.split('@')[1].replace('-', ', ')})" for k in keys]
-    lines = ["## NLL by position bucket", "",
-             "Mean NLL (nats) of the tokens at positions in each bucket, on the longest evaluation length; "
-             "95% intervals.", "",
-             "| run | " + " | ".join(heads) + " |", "|---|" + "---:|" * len(keys)]
+    lines = [
+        "## NLL by position bucket",
+        "",
+        "Mean NLL (nats) of the tokens at positions in each bucket, on the longest evaluation length; 95% intervals.",
+        "",
+        "| run | " + " | ".join(heads) + " |",
+        "|---|" + "---:|" * len(keys),
+    ]
     for g in groups:
         lines.append(f"| {g.run} | " + " | ".join(fmt(estimate(g.ok, k)) for k in keys) + " |")
     return [*lines, ""]
@@ -198,8 +218,10 @@ def draw_bucket_nll(ax: Any, groups: Sequence[Any]) -> bool:
         if not pts:
             continue
         ys = [e[0] for _, e in pts]
-        err = [[0 if math.isnan(e[1]) else e[0] - e[1] for _, e in pts],
-               [0 if math.isnan(e[2]) else e[2] - e[0] for _, e in pts]]
+        err = [
+            [0 if math.isnan(e[1]) else e[0] - e[1] for _, e in pts],
+            [0 if math.isnan(e[2]) else e[2] - e[0] for _, e in pts],
+        ]
         ax.errorbar([x for x, _ in pts], ys, yerr=err, marker="o", capsize=3, color=f"C{i % 10}", label=g.run)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("position bucket end (tokens)")
@@ -222,11 +244,16 @@ def factor_lines(groups: Sequence[Any], factors: dict[str, dict[str, list[str]]]
     keys = [k for k in (f"nll@{train_len}" if train_len else None, headline_key(rows)) if k]
     if not keys:
         return []
-    lines = ["## Factor attribution", "",
-             "Effect of each factor: mean over its second level's runs minus mean over its first level's "
-             "(95% intervals; an effect whose interval holds 0 is not a result). "
-             f"`nll@{train_len}` is the held-out NLL at the training length.", "",
-             "| factor | levels | " + " | ".join(keys) + " |", "|---|---|" + "---:|" * len(keys)]
+    lines = [
+        "## Factor attribution",
+        "",
+        "Effect of each factor: mean over its second level's runs minus mean over its first level's "
+        "(95% intervals; an effect whose interval holds 0 is not a result). "
+        f"`nll@{train_len}` is the held-out NLL at the training length.",
+        "",
+        "| factor | levels | " + " | ".join(keys) + " |",
+        "|---|---|" + "---:|" * len(keys),
+    ]
 
     def effect(key: str, low: list[str], high: list[str]) -> str:
         """mean over `high`'s runs minus mean over `low`'s, as a table cell."""

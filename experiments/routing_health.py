@@ -118,7 +118,6 @@ def warning_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
     return lines
 
 
-
 def report_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
     """report.md's routing-health section: what the columns mean, then the collapse warnings;
     empty when no run is MoE."""

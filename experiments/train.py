@@ -158,9 +158,7 @@ class LocalStepper:
 def train_batches(cfg: RunConfig, tokenizer: Tokenizer, world: World) -> ResumableBatches:
     """This rank's endless training batches of batch_size / world_size sequences: the corpus, mixed
     with synthetic task batches when data.tasks asks for them."""
-    corpus = load_corpus(
-        cfg.data.source, tokenizer, "train", cfg.data.cache_dir, val_fraction=cfg.data.val_fraction
-    )
+    corpus = load_corpus(cfg.data.source, tokenizer, "train", cfg.data.cache_dir, val_fraction=cfg.data.val_fraction)
     t, per_rank = cfg.train, cfg.train.batch_size // world.size
     packed = PackedBatches(corpus, t.seq_len, per_rank, t.seed, world.rank, world.size)
     mix = cfg.data.tasks
@@ -563,7 +561,6 @@ def _save(
         keep=cfg.train.keep_checkpoints,
     )
     control.saved(time.perf_counter() - started)
-
 
 
 # ---------------------------------------------------------------------- command line

@@ -60,7 +60,7 @@ _HUB_PREFIX = "language_model."  # Llama 4 hub checkpoints wrap the text model i
 
 # ----------------------------------------------------------------------------- format choice
 def hf_architecture(cfg: ModelConfig) -> str:
-    """"llama" for a plain dense RoPE model, "llama4" when it needs MoE, NoPE layers, chunking or QK-norm."""
+    """ "llama" for a plain dense RoPE model, "llama4" when it needs MoE, NoPE layers, chunking or QK-norm."""
     att = cfg.attention
     plain = cfg.moe is None and att.nope_layer_interval is None and att.chunk_size is None and not att.qk_norm
     return LLAMA if plain else LLAMA4

@@ -16,6 +16,7 @@ def test_ci_runs_exactly_the_readme_test_command() -> None:
     ci_lines = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
     assert tests in ci_lines
     assert "pytest" in tests and "torch==2.13.0" in tests
+    assert "ruff check ." in tests and "ruff format --check ." in tests  # the tree stays lint- and format-clean
 
 
 def test_main_job_is_the_quickstart_ablation() -> None:

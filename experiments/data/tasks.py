@@ -225,8 +225,14 @@ class Passkey:
         out.add(self._question)
         out.add(answer, answer=True)
         out.add(rest)
-        meta = {"task": self.name, "key": key, "depth": depth, "key_position": len(self._intro) + before,
-                "filler": n_filler, "tail": tail}
+        meta = {
+            "task": self.name,
+            "key": key,
+            "depth": depth,
+            "key_position": len(self._intro) + before,
+            "filler": n_filler,
+            "tail": tail,
+        }
         return out.build(meta)
 
     def sample(self, length: int, seed: Seed) -> TaskExample:
@@ -289,7 +295,13 @@ class Needle:
         out.add(question)
         out.add(answer, answer=True)
         out.add(hay[n_hay:])
-        meta = {"task": self.name, "key": keys[asked], "value": values[asked], "depth": float(depths[asked]), "tail": tail}
+        meta = {
+            "task": self.name,
+            "key": keys[asked],
+            "value": values[asked],
+            "depth": float(depths[asked]),
+            "tail": tail,
+        }
         return out.build(meta)
 
     def sample(self, length: int, seed: Seed) -> TaskExample:
@@ -453,9 +465,7 @@ class TaskMix:
             if not 0.0 <= w <= 1.0:
                 raise ConfigError(f"data.tasks.{name}", f"is a fraction of batches in [0, 1], got {w}")
         if self.corpus_weight < -1e-9:
-            raise ConfigError(
-                "data.tasks", f"the task fractions sum to {1 - self.corpus_weight:.3g} > 1; lower them"
-            )
+            raise ConfigError("data.tasks", f"the task fractions sum to {1 - self.corpus_weight:.3g} > 1; lower them")
         if len(self.mqar_pairs) != 2 or not 1 <= self.mqar_pairs[0] <= self.mqar_pairs[1]:
             raise ConfigError(
                 "data.tasks.mqar_pairs", f"must be [min, max] with 1 <= min <= max, got {self.mqar_pairs}"

@@ -109,7 +109,10 @@ def _evaluate_setting(
         ),
         "mqar": lambda: mqar_accuracy(model, tokenizer, lengths, o.mqar_pairs, o.mqar_trials, seed=o.seed, **memory),
         "entropy": lambda: nope_attention_entropy(
-            model, sequences[: o.entropy_sequences], [0, *lengths], queries_per_bucket=o.entropy_queries,
+            model,
+            sequences[: o.entropy_sequences],
+            [0, *lengths],
+            queries_per_bucket=o.entropy_queries,
             block=o.block,
         ),
     }
@@ -259,8 +262,14 @@ def _calibrate(
             model,
             candidates,
             lambda: passkey_grid(
-                model, tokenizer, [longest], options.passkey_depths, options.passkey_trials,
-                seed=options.seed, stream="calibration", **memory,
+                model,
+                tokenizer,
+                [longest],
+                options.passkey_depths,
+                options.passkey_trials,
+                seed=options.seed,
+                stream="calibration",
+                **memory,
             )["accuracy"][0],
             maximize=True,
         )
@@ -354,6 +363,8 @@ def cli_main(argv: list[str]) -> int:
     result = {"run_dir": str(args.run_dir), "step": step, **result}
     path = write_results(result, args.run_dir / "eval", plots=options.plots, suite=args.suite)
     print(_summary(result))
-    print(f"temperature: {result['temperature']['label']} ({result['temperature']['mode']}) | "
-          f"{result['details']['seconds']['total']:.0f}s | wrote {path}")
+    print(
+        f"temperature: {result['temperature']['label']} ({result['temperature']['mode']}) | "
+        f"{result['details']['seconds']['total']:.0f}s | wrote {path}"
+    )
     return 0

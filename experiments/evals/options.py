@@ -93,20 +93,46 @@ class LongContextEvalConfig:
         need(
             not unknown and bool(self.evals), "evals", f"must be a non-empty subset of {list(EVALS)}, got {self.evals}"
         )
-        for key in ("sequences", "block", "max_batch_tokens", "passkey_trials", "needle_trials", "needles",
-                    "mqar_pairs", "mqar_trials", "entropy_sequences", "entropy_queries", "stride"):
+        for key in (
+            "sequences",
+            "block",
+            "max_batch_tokens",
+            "passkey_trials",
+            "needle_trials",
+            "needles",
+            "mqar_pairs",
+            "mqar_trials",
+            "entropy_sequences",
+            "entropy_queries",
+            "stride",
+        ):
             need(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
-        need(self.window is None or self.window >= self.stride, "window",
-             f"must be null or >= stride={self.stride}, got {self.window}")
-        need(all(0.0 <= d <= 1.0 for d in self.passkey_depths) and bool(self.passkey_depths), "passkey_depths",
-             f"must be depths in [0, 1], got {self.passkey_depths}")
-        need(self.temperature in TEMPERATURE_MODES, "temperature",
-             f"must be one of {'|'.join(TEMPERATURE_MODES)}, got {self.temperature!r}")
+        need(
+            self.window is None or self.window >= self.stride,
+            "window",
+            f"must be null or >= stride={self.stride}, got {self.window}",
+        )
+        need(
+            all(0.0 <= d <= 1.0 for d in self.passkey_depths) and bool(self.passkey_depths),
+            "passkey_depths",
+            f"must be depths in [0, 1], got {self.passkey_depths}",
+        )
+        need(
+            self.temperature in TEMPERATURE_MODES,
+            "temperature",
+            f"must be one of {'|'.join(TEMPERATURE_MODES)}, got {self.temperature!r}",
+        )
         need(all(f > 0 for f in self.floor_scales), "floor_scales", f"must be > 0, got {self.floor_scales}")
-        need(all(a >= 0 for a in self.attn_scales) and bool(self.attn_scales), "attn_scales",
-             f"must be a non-empty list of values >= 0, got {self.attn_scales}")
-        need(self.calibrate_by in CALIBRATION_CRITERIA, "calibrate_by",
-             f"must be one of {'|'.join(CALIBRATION_CRITERIA)}, got {self.calibrate_by!r}")
+        need(
+            all(a >= 0 for a in self.attn_scales) and bool(self.attn_scales),
+            "attn_scales",
+            f"must be a non-empty list of values >= 0, got {self.attn_scales}",
+        )
+        need(
+            self.calibrate_by in CALIBRATION_CRITERIA,
+            "calibrate_by",
+            f"must be one of {'|'.join(CALIBRATION_CRITERIA)}, got {self.calibrate_by!r}",
+        )
         need(self.calibration_sequences >= 1, "calibration_sequences", "must be >= 1")
         need(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
 

@@ -137,6 +137,7 @@ def perplexity_vs_length(
     nll_full = _batched_nll(model, sequences[:, : max(full) + 1], window=None, **kw) if full else None
     slid = [n for n in lengths if n not in full]
     nll_slid = _batched_nll(model, sequences[:, : max(slid) + 1], window=window, **kw) if slid else None
+
     def nll_of(length: int) -> torch.Tensor:
         source = nll_full if length in full else nll_slid
         assert source is not None
@@ -147,8 +148,16 @@ def perplexity_vs_length(
 
     reference = tail(nll_of(train_len)) if train_len in lengths else None
     results: dict[str, Any] = {
-        "lengths": [], "nll": [], "nll_ci": [], "ppl": [], "method": [], "buckets": [],
-        "tail_nll": [], "tail_nll_ci": [], "delta_tail_nll": [], "delta_tail_nll_ci": [],
+        "lengths": [],
+        "nll": [],
+        "nll_ci": [],
+        "ppl": [],
+        "method": [],
+        "buckets": [],
+        "tail_nll": [],
+        "tail_nll_ci": [],
+        "delta_tail_nll": [],
+        "delta_tail_nll_ci": [],
         "sequences": int(sequences.size(0)),
     }
     for length in lengths:

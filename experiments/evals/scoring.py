@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from models.transformer import Transformer
 
+
 def model_device(model: torch.nn.Module) -> torch.device:
     """Where the model's parameters live (CPU for a parameter-free module)."""
     param = next(model.parameters(), None)

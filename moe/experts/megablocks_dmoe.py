@@ -87,8 +87,14 @@ class MegaBlocksExperts(Experts):
         gate = stk.ops.sdd(xp, w1, topo)  # sparse [P, E·F]
         up = stk.ops.sdd(xp, w3, topo)
         act = stk.Matrix(
-            gate.size(), F.silu(gate.data), gate.row_indices, gate.column_indices, gate.offsets,
-            gate.column_indices_t, gate.offsets_t, gate.block_offsets_t,
+            gate.size(),
+            F.silu(gate.data),
+            gate.row_indices,
+            gate.column_indices,
+            gate.offsets,
+            gate.column_indices_t,
+            gate.offsets_t,
+            gate.block_offsets_t,
         )
         out = stk.ops.dsd(stk.ops.mul(act, up), w2)  # [P, D]
         return out.index_select(0, dest)  # [N, D], padding dropped

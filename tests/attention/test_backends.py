@@ -149,7 +149,12 @@ def test_model_on_cuda_gives_sdpa_logits_with_every_backend(name: str) -> None:
     from models import AttentionConfig, ModelConfig, Transformer
 
     cfg = ModelConfig(
-        dim=128, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=97, ffn_hidden_dim=256,
+        dim=128,
+        n_layers=4,
+        n_heads=4,
+        n_kv_heads=2,
+        vocab_size=97,
+        ffn_hidden_dim=256,
         attention=AttentionConfig(
             nope_layer_interval=2, chunk_size=64, qk_norm=True, temperature_tuning=True, floor_scale=64.0
         ),

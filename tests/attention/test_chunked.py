@@ -78,7 +78,5 @@ def test_earlier_chunks_never_reach_later_queries() -> None:
 
 def test_square_sdpa_path_equals_reference() -> None:
     q, k, v = torch.randn(2, 4, 30, 8), torch.randn(2, 2, 30, 8), torch.randn(2, 2, 30, 8)
-    want = F.scaled_dot_product_attention(
-        q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), is_causal=True
-    )
+    want = F.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), is_causal=True)
     torch.testing.assert_close(sdpa_attention(q, k, v), want, atol=1e-6, rtol=0)

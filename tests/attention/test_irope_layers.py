@@ -15,7 +15,12 @@ def _cfg(**attention: object) -> ModelConfig:
     )
     settings.update(attention)
     return ModelConfig(
-        dim=64, n_layers=8, n_heads=4, n_kv_heads=2, vocab_size=97, ffn_hidden_dim=96,
+        dim=64,
+        n_layers=8,
+        n_heads=4,
+        n_kv_heads=2,
+        vocab_size=97,
+        ffn_hidden_dim=96,
         attention=AttentionConfig(**settings),  # type: ignore[arg-type]
     )
 

@@ -10,11 +10,22 @@ CHUNK, FLOOR = 8, 8.0
 def _irope_model(**attention: object) -> Transformer:
     """Dense 4-layer iRoPE model: layers 1 and 3 NoPE/global, 0 and 2 RoPE/chunked (C=8), GQA 4:1."""
     settings = dict(
-        nope_layer_interval=2, chunk_size=CHUNK, qk_norm=True, temperature_tuning=True, floor_scale=FLOOR, attn_scale=0.5
+        nope_layer_interval=2,
+        chunk_size=CHUNK,
+        qk_norm=True,
+        temperature_tuning=True,
+        floor_scale=FLOOR,
+        attn_scale=0.5,
     )
     settings.update(attention)
     cfg = ModelConfig(
-        dim=64, n_layers=4, n_heads=4, n_kv_heads=1, vocab_size=97, ffn_hidden_dim=96, max_seq_len=4096,
+        dim=64,
+        n_layers=4,
+        n_heads=4,
+        n_kv_heads=1,
+        vocab_size=97,
+        ffn_hidden_dim=96,
+        max_seq_len=4096,
         attention=AttentionConfig(**settings),  # type: ignore[arg-type]
     )
     return Transformer(cfg).eval()

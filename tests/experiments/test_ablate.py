@@ -93,7 +93,10 @@ def test_eval_only_run_reuses_the_run_of_the_same_seed() -> None:
         (_sweep(parallel=0), "parallel"),
         (_sweep(eval={"long_context": [1, 2]}), "eval.long_context"),
         (_sweep(eval={"lenghts": [1]}), "eval.lenghts"),
-        (_sweep(runs={"a": {}, "b": {"reuse": "a", "eval_overrides": {"optim.lr": 1}}}), "runs.b.eval_overrides.optim.lr"),
+        (
+            _sweep(runs={"a": {}, "b": {"reuse": "a", "eval_overrides": {"optim.lr": 1}}}),
+            "runs.b.eval_overrides.optim.lr",
+        ),
     ],
 )
 def test_invalid_sweep_files_name_the_key(data: dict[str, Any], key: str) -> None:
@@ -123,7 +126,9 @@ def test_unknown_sweep_name_lists_the_builtin_ones() -> None:
 
 
 def test_cli_overrides_parse_as_yaml_values() -> None:
-    assert ablate.parse_cli_overrides(["train.max_steps=3", "model.moe=null", "optim.lr=1e-3", "model=llama4-tiny"]) == {
+    assert ablate.parse_cli_overrides(
+        ["train.max_steps=3", "model.moe=null", "optim.lr=1e-3", "model=llama4-tiny"]
+    ) == {
         "train.max_steps": 3,
         "model.moe": None,
         "optim.lr": 1e-3,
@@ -164,12 +169,27 @@ def _corpus(tmp_path: Path) -> Path:
 
 def _tiny_sweep(tmp_path: Path, runs: dict[str, Any]) -> ablate.Sweep:
     base = {
-        "model": {"preset": "llama3.1-tiny", "dim": 32, "n_layers": 2, "n_heads": 2, "n_kv_heads": 1, "multiple_of": 16},
+        "model": {
+            "preset": "llama3.1-tiny",
+            "dim": 32,
+            "n_layers": 2,
+            "n_heads": 2,
+            "n_kv_heads": 1,
+            "multiple_of": 16,
+        },
         "data": {"source": str(_corpus(tmp_path)), "val_fraction": 0.5, "cache_dir": str(tmp_path / "cache")},
         "optim": {"warmup_steps": 1},
         "train": {"max_steps": 2, "batch_size": 2, "seq_len": 16, "log_every": 1, "val_every": 0, "val_batches": 1},
     }
-    eval_ = {"long_context": {"evals": ["ppl"], "multiples": [1, 2], "sequences": 1, "calibration_sequences": 1, "plots": False}}
+    eval_ = {
+        "long_context": {
+            "evals": ["ppl"],
+            "multiples": [1, 2],
+            "sequences": 1,
+            "calibration_sequences": 1,
+            "plots": False,
+        }
+    }
     return parse_sweep({"name": "tiny", "base": base, "runs": runs, "eval": eval_})
 
 
@@ -178,8 +198,19 @@ def _rows(sweep_dir: Path) -> dict[str, dict[str, Any]]:
 
 
 RESULT_KEYS = {
-    "run", "seed", "run_dir", "status", "params", "active_params", "flops_per_token", "train_seq_len",
-    "tokens", "tokens_per_s", "final_loss", "val_loss", "eval",
+    "run",
+    "seed",
+    "run_dir",
+    "status",
+    "params",
+    "active_params",
+    "flops_per_token",
+    "train_seq_len",
+    "tokens",
+    "tokens_per_s",
+    "final_loss",
+    "val_loss",
+    "eval",
 }
 
 
@@ -233,7 +264,10 @@ def test_eval_only_run_evaluates_the_reused_checkpoint(finished_sweep: tuple[Pat
     assert not (out / "ok-temp" / "checkpoints").exists()  # nothing trained
     result = json.loads((out / "ok-temp" / "eval" / "long_context.json").read_text())
     assert result["temperature"]["temperature_tuning"] is True
-    assert json.loads((out / "ok" / "eval" / "long_context.json").read_text())["temperature"]["temperature_tuning"] is False
+    assert (
+        json.loads((out / "ok" / "eval" / "long_context.json").read_text())["temperature"]["temperature_tuning"]
+        is False
+    )
 
 
 @pytest.mark.slow
@@ -304,8 +338,12 @@ def test_factors_must_name_two_disjoint_levels_of_runs() -> None:
     base = {"name": "f", "base": {"model": "llama3.1-tiny"}, "runs": {"a": {}, "b": {}, "c": {}}}
     ok = ablate.parse_sweep({**base, "factors": {"x": {"lo": ["a"], "hi": ["b", "c"]}}})
     assert ok.factors == {"x": {"lo": ["a"], "hi": ["b", "c"]}}
-    for factors, key in (({"x": {"lo": ["a"]}}, "factors.x"), ({"x": {"lo": ["a"], "hi": ["zz"]}}, "factors.x.hi"),
-                         ({"x": {"lo": ["a"], "hi": ["a", "b"]}}, "factors.x"), ({"x": {"lo": [], "hi": ["b"]}}, "factors.x.lo")):
+    for factors, key in (
+        ({"x": {"lo": ["a"]}}, "factors.x"),
+        ({"x": {"lo": ["a"], "hi": ["zz"]}}, "factors.x.hi"),
+        ({"x": {"lo": ["a"], "hi": ["a", "b"]}}, "factors.x"),
+        ({"x": {"lo": [], "hi": ["b"]}}, "factors.x.lo"),
+    ):
         with pytest.raises(SweepError) as err:
             ablate.parse_sweep({**base, "factors": factors})
         assert err.value.key == key

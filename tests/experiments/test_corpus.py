@@ -137,7 +137,10 @@ def test_jsonl_source(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "lines, message",
-    [(['{"text": "ok"}', "{broken"], r"data.jsonl:2: not a UTF-8 JSON object"), (['{"body": "x"}'], r":1: .*'text' field")],
+    [
+        (['{"text": "ok"}', "{broken"], r"data.jsonl:2: not a UTF-8 JSON object"),
+        (['{"body": "x"}'], r":1: .*'text' field"),
+    ],
 )
 def test_jsonl_errors_name_the_line(tmp_path: Path, lines: list[str], message: str) -> None:
     path = tmp_path / "data.jsonl"

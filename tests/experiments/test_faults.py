@@ -102,7 +102,9 @@ def test_a_lock_left_by_a_dead_process_is_taken_over(
     run = tmp_path / "run"
     holder = "from experiments.runctl import DirLock; import os, signal, sys; DirLock(sys.argv[1]).acquire(); " \
              "os.kill(os.getpid(), signal.SIGKILL)"  # fmt: skip
-    dead = subprocess.Popen([sys.executable, "-c", holder, str(run)], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    dead = subprocess.Popen(
+        [sys.executable, "-c", holder, str(run)], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}
+    )
     assert dead.wait() == -signal.SIGKILL
     left = json.loads((run / runctl.LOCK_FILE).read_text())
     assert left["pid"] == dead.pid
@@ -242,7 +244,9 @@ def test_disk_full_while_writing_the_sweep_results_and_report(
     failed = _inject(f"{out}/.results.jsonl.*.tmp", "ablate", str(spec), *overrides, "--out", str(out))
     assert failed.returncode == 1 and "Traceback" not in failed.stderr, failed.stderr
     line = failed.stderr.strip()
-    assert "\n" not in line and line.startswith(f"llamoe ablate: could not write sweep results {out / 'results.jsonl'}: ")
+    assert "\n" not in line and line.startswith(
+        f"llamoe ablate: could not write sweep results {out / 'results.jsonl'}: "
+    )
     assert "[Errno 28] No space left on device" in line
     assert (out / "results.jsonl").read_text() == before and not list(out.glob(".results.jsonl.*"))
     assert (out / "a" / DONE_FILE).is_file()  # the finished run is kept: the rerun below does not train it again
@@ -252,7 +256,9 @@ def test_disk_full_while_writing_the_sweep_results_and_report(
     failed = _inject(f"{out}/.report.md.*.tmp", "ablate", str(spec), *overrides, "--out", str(out))
     assert failed.returncode == 1 and "Traceback" not in failed.stderr, failed.stderr
     line = failed.stderr.strip()
-    assert "\n" not in line and line.startswith(f"llamoe ablate: could not write the sweep report {out / 'report.md'}: ")
+    assert "\n" not in line and line.startswith(
+        f"llamoe ablate: could not write the sweep report {out / 'report.md'}: "
+    )
     assert "[Errno 28] No space left on device" in line
     assert "a: already complete, skipped" in failed.stdout
     assert [(r["run_dir"], r["status"]) for r in load_results(out)] == [("a", "done")]
@@ -369,7 +375,10 @@ def test_sigterm_to_an_expert_parallel_run_saves_every_rank_and_resume_is_exact(
     plan = [moe(tmp_path / "straight", step + 2), moe(run, step + 2), moe(tmp_path / "corrupt", step + 2)]
     (tmp_path / "plan.json").write_text(json.dumps(plan))
     capfd.readouterr()
-    assert launch(2, [str(Path(__file__).parent / "distributed_worker.py"), str(tmp_path / "plan.json")], module=False) == 1
+    assert (
+        launch(2, [str(Path(__file__).parent / "distributed_worker.py"), str(tmp_path / "plan.json")], module=False)
+        == 1
+    )
     out, err = capfd.readouterr()
     assert f"resuming from {saved} at step {step}" in out
     assert f"checkpoint file {shard} is unreadable" in err and "another rank could not read its part" in err

@@ -34,10 +34,21 @@ def tiny_model(nope_every: int | None = 2, chunk: int | None = 16, floor_scale: 
     """A 4-layer byte-level iRoPE model (NoPE layers 1 and 3, chunk 16) with temperature tuning on."""
     torch.manual_seed(0)
     cfg = ModelConfig(
-        dim=32, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=BYTES.vocab_size, multiple_of=32, max_seq_len=4096,
+        dim=32,
+        n_layers=4,
+        n_heads=4,
+        n_kv_heads=2,
+        vocab_size=BYTES.vocab_size,
+        multiple_of=32,
+        max_seq_len=4096,
         rope=RopeConfig(theta=10000.0),
-        attention=AttentionConfig(nope_layer_interval=nope_every, chunk_size=chunk, temperature_tuning=True,
-                                  floor_scale=floor_scale, attn_scale=0.5),
+        attention=AttentionConfig(
+            nope_layer_interval=nope_every,
+            chunk_size=chunk,
+            temperature_tuning=True,
+            floor_scale=floor_scale,
+            attn_scale=0.5,
+        ),
     )
     return Transformer(cfg).eval()
 
@@ -332,13 +343,35 @@ def test_nope_entropy_is_blocking_independent_and_below_uniform() -> None:
 
 def test_evaluate_reports_flat_keys_and_temperature_only_matters_past_floor_scale(heldout, tmp_path: Path) -> None:
     model = tiny_model(floor_scale=64.0)
-    options = load_options(None, ["lengths=[48,200]", "temperature=compare", "passkey_trials=1",
-                                  "passkey_depths=[0.5]", "needle_trials=1", "needles=1", "mqar_trials=1",
-                                  "sequences=2", "entropy_queries=4"])
+    options = load_options(
+        None,
+        [
+            "lengths=[48,200]",
+            "temperature=compare",
+            "passkey_trials=1",
+            "passkey_depths=[0.5]",
+            "needle_trials=1",
+            "needles=1",
+            "mqar_trials=1",
+            "sequences=2",
+            "entropy_queries=4",
+        ],
+    )
     result = evaluate(model, BYTES, options, train_len=48, heldout=heldout)
     assert result["lengths"] == [48, 200] and result["temperature"]["label"] == "fs64_as0.5"
-    for key in ("ppl@48", "ppl@200", "nll@200", "passkey@200", "needle@200", "mqar@48", "mqar@200",
-                "entropy@48", "entropy@200", "ppl@200:off", "passkey@200:off"):
+    for key in (
+        "ppl@48",
+        "ppl@200",
+        "nll@200",
+        "passkey@200",
+        "needle@200",
+        "mqar@48",
+        "mqar@200",
+        "entropy@48",
+        "entropy@200",
+        "ppl@200:off",
+        "passkey@200:off",
+    ):
         assert isinstance(result[key], float), key
     assert "passkey@48" not in result  # too short for a passkey example
     assert result["ppl@48"] == result["ppl@48:off"] and result["entropy@48"] == result["entropy@48:off"]
@@ -347,13 +380,26 @@ def test_evaluate_reports_flat_keys_and_temperature_only_matters_past_floor_scal
     path = write_results(result, tmp_path / "eval")
     assert json.loads(path.read_text())["ppl@200"] == result["ppl@200"]
     assert sorted(p.name for p in (tmp_path / "eval").glob("*.png")) == [
-        "long_context_passkey.png", "long_context_position_nll.png", "long_context_ppl.png"]
+        "long_context_passkey.png",
+        "long_context_position_nll.png",
+        "long_context_ppl.png",
+    ]
 
 
 def test_evaluate_calibrates_on_held_out_data_and_evaluates_the_best(heldout) -> None:
     model = tiny_model(floor_scale=16.0)
-    options = load_options(None, ["lengths=[64]", "evals=[ppl]", "temperature=calibrate", "floor_scales=[8,16]",
-                                  "attn_scales=[0.1,1.0]", "sequences=1", "calibration_sequences=1"])
+    options = load_options(
+        None,
+        [
+            "lengths=[64]",
+            "evals=[ppl]",
+            "temperature=calibrate",
+            "floor_scales=[8,16]",
+            "attn_scales=[0.1,1.0]",
+            "sequences=1",
+            "calibration_sequences=1",
+        ],
+    )
     result = evaluate(model, BYTES, options, train_len=32, heldout=heldout)
     calibration = result["details"]["calibration"]
     labels = [row["label"] for row in calibration["scores"]]
@@ -370,8 +416,18 @@ def test_evaluate_calibrates_on_held_out_data_and_evaluates_the_best(heldout) ->
 
 def test_calibration_by_passkey_needs_no_held_out_text_and_breaks_ties_to_off() -> None:
     model = tiny_model(floor_scale=16.0)
-    options = load_options(None, ["lengths=[200]", "evals=[passkey]", "temperature=calibrate", "calibrate_by=passkey",
-                                  "floor_scales=[16]", "attn_scales=[0.1]", "passkey_depths=[0.5]"])
+    options = load_options(
+        None,
+        [
+            "lengths=[200]",
+            "evals=[passkey]",
+            "temperature=calibrate",
+            "calibrate_by=passkey",
+            "floor_scales=[16]",
+            "attn_scales=[0.1]",
+            "passkey_depths=[0.5]",
+        ],
+    )
     result = evaluate(model, BYTES, options, train_len=200)
     calibration = result["details"]["calibration"]
     assert calibration["maximize"] and calibration["criterion"] == "passkey"
@@ -403,13 +459,27 @@ def test_options_name_the_bad_key() -> None:
 def make_run(tmp_path: Path, heldout_source: Path) -> Path:
     """A run directory with one checkpoint of a tiny iRoPE model (written the way training writes it)."""
     run_dir = tmp_path / "run"
-    cfg = load_run_config(None, [
-        f"run_dir={run_dir}", "model.dim=32", "model.n_layers=4", "model.n_heads=4", "model.n_kv_heads=2",
-        "model.multiple_of=32", "model.attention.nope_layer_interval=2", "model.attention.chunk_size=16",
-        "model.attention.temperature_tuning=true", "model.attention.floor_scale=16",
-        f"data.source={heldout_source}", "data.val_fraction=0.5", f"data.cache_dir={tmp_path / 'cache'}",
-        "train.seq_len=64", "eval.long_context.mqar_trials=1", "eval.long_context.sequences=1",
-    ])
+    cfg = load_run_config(
+        None,
+        [
+            f"run_dir={run_dir}",
+            "model.dim=32",
+            "model.n_layers=4",
+            "model.n_heads=4",
+            "model.n_kv_heads=2",
+            "model.multiple_of=32",
+            "model.attention.nope_layer_interval=2",
+            "model.attention.chunk_size=16",
+            "model.attention.temperature_tuning=true",
+            "model.attention.floor_scale=16",
+            f"data.source={heldout_source}",
+            "data.val_fraction=0.5",
+            f"data.cache_dir={tmp_path / 'cache'}",
+            "train.seq_len=64",
+            "eval.long_context.mqar_trials=1",
+            "eval.long_context.sequences=1",
+        ],
+    )
     torch.manual_seed(0)
     model = Transformer(cfg.model)
     save_checkpoint(run_dir, 3, model_state=model.state_dict(), rank_state={}, meta={}, config_yaml=cfg.to_yaml())
@@ -424,8 +494,9 @@ def test_cli_writes_the_suite_json_for_a_run_directory(heldout, tmp_path: Path, 
     assert result["details"]["options"]["mqar_trials"] == 1  # from the run's eval.long_context section
     assert result["details"]["settings"]["fs16_as0.1"]["mqar"]["pairs"] == [4, 4]  # the command line wins
     model, _ = load_model(run_dir)
-    options = load_options(None, ["lengths=[64,128]", "evals=[ppl,mqar]", "mqar_pairs=4", "mqar_trials=1",
-                                  "sequences=1"])
+    options = load_options(
+        None, ["lengths=[64,128]", "evals=[ppl,mqar]", "mqar_pairs=4", "mqar_trials=1", "sequences=1"]
+    )
     direct = evaluate(model, BYTES, options, train_len=64, heldout=heldout)
     assert result["ppl@128"] == direct["ppl@128"] and result["mqar@64"] == direct["mqar@64"]
     assert "ppl" in capsys.readouterr().out
@@ -469,8 +540,10 @@ def test_bootstrap_intervals_cover_a_known_mean_in_a_simulation() -> None:
 
     rng = np.random.default_rng(0)
     trials = 300
-    covered = sum(lo <= 1.0 <= hi for lo, hi in
-                  (bootstrap_mean(rng.gamma(2.0, 0.5, size=64), n_boot=500, seed=t) for t in range(trials)))
+    covered = sum(
+        lo <= 1.0 <= hi
+        for lo, hi in (bootstrap_mean(rng.gamma(2.0, 0.5, size=64), n_boot=500, seed=t) for t in range(trials))
+    )
     assert 0.91 <= covered / trials <= 0.98  # nominal 0.95; 300 trials put 0.95 +- 0.025 at 2 sd
     # a ratio of sums over clusters (queries per sequence, accuracy 0.3)
     hits = 0

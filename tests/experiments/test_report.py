@@ -109,12 +109,24 @@ def test_report_cli_rejects_a_non_sweep_directory(tmp_path: Path, capsys: pytest
     assert "results.jsonl" in capsys.readouterr().err
 
 
-def test_one_seed_cells_carry_the_bootstrap_interval_and_the_headline_compares_with_the_baseline(tmp_path: Path) -> None:
+def test_one_seed_cells_carry_the_bootstrap_interval_and_the_headline_compares_with_the_baseline(
+    tmp_path: Path,
+) -> None:
     def row(run: str, delta: float, half: float) -> dict:
-        return {"run": run, "seed": 0, "run_dir": run, "status": "done", "train_seq_len": 64,
-                "eval": {"delta_tail_nll@512": delta, "tail_nll@512": 2.0 + delta, "bucket_nll@0-64": 1.5,
-                         "bucket_nll@64-128": 1.5 + delta},
-                "eval_ci95": {"delta_tail_nll@512": [delta - half, delta + half], "bucket_nll@0-64": [1.4, 1.6]}}
+        return {
+            "run": run,
+            "seed": 0,
+            "run_dir": run,
+            "status": "done",
+            "train_seq_len": 64,
+            "eval": {
+                "delta_tail_nll@512": delta,
+                "tail_nll@512": 2.0 + delta,
+                "bucket_nll@0-64": 1.5,
+                "bucket_nll@64-128": 1.5 + delta,
+            },
+            "eval_ci95": {"delta_tail_nll@512": [delta - half, delta + half], "bucket_nll@0-64": [1.4, 1.6]},
+        }
 
     rows = [row("rope", 0.8, 0.03), row("irope", 0.1, 0.04), row("nope", 0.78, 0.05)]
     (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -132,15 +144,29 @@ def test_one_seed_cells_carry_the_bootstrap_interval_and_the_headline_compares_w
 
 def test_factor_attribution_equals_a_hand_computation(tmp_path: Path) -> None:
     nll = {"dense-rope": (2.0, 0.03), "dense-irope": (1.9, 0.04), "moe-rope": (1.8, 0.03), "moe-irope": (1.5, 0.04)}
-    rows = [{"run": run, "seed": 0, "run_dir": run, "status": "done", "train_seq_len": 64,
-             "eval": {"nll@64": v}, "eval_ci95": {"nll@64": [v - h, v + h]}} for run, (v, h) in nll.items()]
+    rows = [
+        {
+            "run": run,
+            "seed": 0,
+            "run_dir": run,
+            "status": "done",
+            "train_seq_len": 64,
+            "eval": {"nll@64": v},
+            "eval_ci95": {"nll@64": [v - h, v + h]},
+        }
+        for run, (v, h) in nll.items()
+    ]
     (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    factors = {"ffn": {"dense": ["dense-rope", "dense-irope"], "moe": ["moe-rope", "moe-irope"]},
-               "attention": {"rope": ["dense-rope", "moe-rope"], "irope": ["dense-irope", "moe-irope"]}}
+    factors = {
+        "ffn": {"dense": ["dense-rope", "dense-irope"], "moe": ["moe-rope", "moe-irope"]},
+        "attention": {"rope": ["dense-rope", "moe-rope"], "irope": ["dense-irope", "moe-irope"]},
+    }
     (tmp_path / "sweep.json").write_text(json.dumps({"name": "q", "baseline": "dense-rope", "factors": factors}))
     text = report.build_report(tmp_path).read_text()
     section = text[text.index("## Factor attribution") :].split("\n## ")[0]
-    lines = {ln.split("|")[1].strip(): ln for ln in section.splitlines() if ln.startswith("| ") and "factor |" not in ln}
+    lines = {
+        ln.split("|")[1].strip(): ln for ln in section.splitlines() if ln.startswith("| ") and "factor |" not in ln
+    }
     # ffn: (1.8 + 1.5) / 2 - (2.0 + 1.9) / 2 = -0.3; each level mean has half-width sqrt(.03^2 + .04^2) / 2 = 0.025,
     # so the difference has hypot(0.025, 0.025) = 0.0354
     assert "-0.300 [-0.335, -0.265] (interval excludes 0)" in lines["ffn"] and "moe − dense" in lines["ffn"]
@@ -157,12 +183,25 @@ def test_declared_headline_pairs_differences_by_seed(tmp_path: Path) -> None:
     rows = []
     for seed in base:
         for run, nll in (("dense", base[seed]), ("moe", base[seed] + diff[seed])):
-            rows.append({"run": run, "seed": seed, "run_dir": f"{run}-s{seed}", "status": "done",
-                         "active_params": 100, "flops_per_token": 600.0, "train_seq_len": 64,
-                         "val_loss": nll + 0.5, "eval": {"nll@64": nll}, "eval_ci95": {"nll@64": [nll - 0.01, nll + 0.01]}})
+            rows.append(
+                {
+                    "run": run,
+                    "seed": seed,
+                    "run_dir": f"{run}-s{seed}",
+                    "status": "done",
+                    "active_params": 100,
+                    "flops_per_token": 600.0,
+                    "train_seq_len": 64,
+                    "val_loss": nll + 0.5,
+                    "eval": {"nll@64": nll},
+                    "eval_ci95": {"nll@64": [nll - 0.01, nll + 0.01]},
+                }
+            )
     rows.append({**rows[-1], "seed": 3, "run_dir": "moe-s3"})  # an unpaired seed is left out of the differences
     (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (tmp_path / "sweep.json").write_text(json.dumps({"name": "m", "baseline": "dense", "headline": ["nll@64", "val_loss"]}))
+    (tmp_path / "sweep.json").write_text(
+        json.dumps({"name": "m", "baseline": "dense", "headline": ["nll@64", "val_loss"]})
+    )
     text = report.build_report(tmp_path).read_text()
     head = text[text.index("## Headline: `nll@64`, `val_loss`") : text.index("## Results")]
     moe = next(ln for ln in head.splitlines() if ln.startswith("| moe |"))

@@ -34,8 +34,24 @@ def text(ids) -> str:
 
 def bpe_tokenizer(tmp_path: Path) -> Tokenizer:
     """A small BPE file whose merges cut digits, words and spaces differently from bytes."""
-    merges = [b"12", b"123", b"45", b"Th", b"The", b" p", b" pa", b" pas", b" pass", b" k", b" ke", b" key",
-              b"is", b" is", b"=1", b"ab"]
+    merges = [
+        b"12",
+        b"123",
+        b"45",
+        b"Th",
+        b"The",
+        b" p",
+        b" pa",
+        b" pas",
+        b" pass",
+        b" k",
+        b" ke",
+        b" key",
+        b"is",
+        b" is",
+        b"=1",
+        b"ab",
+    ]
     ranks = [bytes([b]) for b in range(256)] + merges
     path = tmp_path / "tokenizer.model"
     path.write_text("".join(f"{base64.b64encode(t).decode()} {i}\n" for i, t in enumerate(ranks)))
@@ -257,8 +273,11 @@ def test_training_rows_have_the_layout_of_evaluation_examples_of_the_same_length
     train_starts = np.array([int(np.flatnonzero(r != IGNORE_INDEX)[0]) + 1 for r in rows])  # target i is token i+1
     # the evaluation examples, built as experiments/evals/retrieval.py builds them at this length
     if task == "passkey":
-        evals = [source.example(length, d, [0, STREAMS["eval"], length, j, t])
-                 for j, d in enumerate([0.0, 0.25, 0.5, 0.75, 1.0]) for t in range(80)]
+        evals = [
+            source.example(length, d, [0, STREAMS["eval"], length, j, t])
+            for j, d in enumerate([0.0, 0.25, 0.5, 0.75, 1.0])
+            for t in range(80)
+        ]
     else:
         evals = [source.example(length, 4, [0, STREAMS["eval"], length, t]) for t in range(400)]
     assert all(len(ex.tokens) == length for ex in evals)

@@ -39,7 +39,9 @@ from models.hf import config_from_hf, config_to_hf, from_hf, load_hf, save_hf, t
 VOCAB, SEQ = 97, 100  # 100 tokens: 12+ chunks of 8, past floor_scale 16 six times
 
 
-def _text_config(layers: int = 4, nope_every: int | None = 2, chunk: int | None = 8, **overrides: Any) -> dict[str, Any]:
+def _text_config(
+    layers: int = 4, nope_every: int | None = 2, chunk: int | None = 8, **overrides: Any
+) -> dict[str, Any]:
     no_rope = [int(nope_every is None or (i + 1) % nope_every != 0) for i in range(layers)]
     cfg: dict[str, Any] = dict(
         vocab_size=VOCAB,
@@ -132,7 +134,12 @@ def test_every_irope_feature_is_exercised() -> None:
     tokens = torch.randint(0, VOCAB, (1, SEQ))
     reference = _logits(hf, tokens)
     att = ours.cfg.attention
-    for change in ({"chunk_size": None}, {"qk_norm": False}, {"temperature_tuning": False}, {"nope_layer_interval": None}):
+    for change in (
+        {"chunk_size": None},
+        {"qk_norm": False},
+        {"temperature_tuning": False},
+        {"nope_layer_interval": None},
+    ):
         variant = Transformer(dataclasses.replace(ours.cfg, attention=dataclasses.replace(att, **change))).eval()
         variant.load_state_dict(ours.state_dict())
         assert (_logits(variant, tokens) - reference).abs().max().item() > 1e-2, change

@@ -180,4 +180,3 @@ def test_bf16_input_keeps_dtype() -> None:
     ref = make_moe()
     ref.load_state_dict({k: v.float() for k, v in layer.state_dict().items()})
     torch.testing.assert_close(out.float(), ref(x.bfloat16().float()).out, rtol=0.05, atol=0.02)
-
