@@ -376,7 +376,6 @@ def load_model(
     with torch.device("meta"):
         model = Transformer(cfg.model)
     model.to_empty(device=device)
-    model.init_weights()  # fills the non-persistent buffers (RoPE frequencies)
     try:
         model.load_state_dict(state)
     except RuntimeError as e:

@@ -45,7 +45,6 @@ from transformers import (
 )
 from transformers.initialization import no_init_weights
 
-from attention.rope import rope_frequencies
 from models.config import AttentionConfig, ConfigError, ModelConfig, MoEConfig, RopeConfig
 from models.transformer import Transformer
 
@@ -407,13 +406,11 @@ def state_dict_from_hf(sd: Mapping[str, torch.Tensor], cfg: ModelConfig) -> Stat
 def _build_transformer(
     cfg: ModelConfig, sd: Mapping[str, torch.Tensor], dtype: torch.dtype, device: torch.device
 ) -> Transformer:
-    """Allocate a Transformer without random init, fill it from `sd` and recompute its RoPE table."""
+    """Allocate a Transformer without random init and fill it from `sd`."""
     with torch.device("meta"):
         model = Transformer(cfg).to(dtype)
     model.to_empty(device=device)
     model.load_state_dict(sd)
-    # rope_freqs is non-persistent and stays fp32 whatever the parameter dtype.
-    model.rope_freqs = rope_frequencies(cfg.head_size, cfg.rope, device=device)
     return model
 
 

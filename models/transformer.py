@@ -91,24 +91,29 @@ class Transformer(nn.Module):
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
-        self.register_buffer("rope_freqs", rope_frequencies(cfg.head_size, cfg.rope), persistent=False)
-        if self.rope_freqs.device.type != "meta":
+        self._rope_table: Optional[torch.Tensor] = None  # see rope_freqs
+        if self.tok_embeddings.weight.device.type != "meta":
             self.init_weights()
 
-    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
-        """After any move or cast (to, cuda, bfloat16, to_empty), rebuild the RoPE table in fp32 on the
-        new device: a bf16 copy would round every frequency and rotate far positions by wrong angles."""
-        super()._apply(fn, recurse)
-        self.rope_freqs = rope_frequencies(self.cfg.head_size, self.cfg.rope, device=self.rope_freqs.device)
-        return self
+    @property
+    def rope_freqs(self) -> torch.Tensor:
+        """The RoPE frequencies [Dh/2], fp32, on the model's device.
+
+        Not a buffer: computed on first use on each device, so no move or cast (`.to(bfloat16)`,
+        `to_empty`) ever touches it; a bf16 copy would round every frequency and rotate far
+        positions by wrong angles.
+        """
+        device = self.tok_embeddings.weight.device
+        if self._rope_table is None or self._rope_table.device != device:
+            self._rope_table = rope_frequencies(self.cfg.head_size, self.cfg.rope, device=device)
+        return self._rope_table
 
     @torch.no_grad()
     def init_weights(self) -> None:
         """Llama-style init: inputs N(0, init_std) truncated at 3σ; residual-stream outputs (wo, w2)
         scaled by 1/sqrt(2·n_layers) (GPT-2); untied head N(0, 1/sqrt(dim)); norms 1.
-        Call after `to_empty(device=...)` when the model was built on the meta device."""
+        Call after `to_empty(device=...)` when the model was built on the meta device (models/build.py)."""
         cfg = self.cfg
-        self.rope_freqs.copy_(rope_frequencies(cfg.head_size, cfg.rope, device=self.rope_freqs.device))
         std = cfg.init_std
         out_std = std / math.sqrt(2 * cfg.n_layers)
         nn.init.normal_(self.tok_embeddings.weight, std=std)
