@@ -30,6 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models import presets  # noqa: E402
+from models.build import build_model  # noqa: E402
 from models.config import ModelConfig  # noqa: E402
 from models.transformer import Transformer  # noqa: E402
 
@@ -71,7 +72,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    models = {name: Transformer(cfg).eval() for name, cfg in configs().items()}
+    models = {name: build_model(cfg).eval() for name, cfg in configs().items()}
     for model in models.values():  # warm up kernels and allocator before timing
         measure(model, 2 * args.block, args.block, 2)
     print(

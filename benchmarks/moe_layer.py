@@ -33,6 +33,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models import ModelConfig, MoEConfig, Transformer, presets  # noqa: E402
+from models.build import build_model  # noqa: E402
 from models.layers import FeedForward  # noqa: E402
 from moe.experts import BACKENDS  # noqa: E402
 from moe.layer import MoE  # noqa: E402
@@ -118,9 +119,9 @@ def model_benchmark(rounds: int, warmup: int, batch_size: int, seq_len: int) -> 
     from models.hf import to_hf
 
     moe_cfg, dense_cfg = model_configs()
-    ours = Transformer(moe_cfg).train()
+    ours = build_model(moe_cfg)
     hf = to_hf(ours).train()
-    dense = Transformer(dense_cfg).train()
+    dense = build_model(dense_cfg)
     tokens = torch.randint(0, moe_cfg.vocab_size, (batch_size, seq_len + 1))
     with torch.no_grad():  # same config and weights: same logits
         diff = (ours(tokens[:, :-1]).logits - hf(tokens[:, :-1]).logits).abs().max().item()

@@ -20,7 +20,8 @@ from typing import Optional
 import torch
 from omegaconf import OmegaConf
 
-from models import ModelConfig, Transformer, presets
+from models import ModelConfig, presets
+from models.build import build_model
 from models.config import model_config_from_dict, model_config_to_dict
 
 # Dense (no sparsity) peak TFLOP/s by device-name substring and dtype.
@@ -65,7 +66,7 @@ def measure_training_throughput(
 ) -> Throughput:
     """Time full training steps (forward, backward, AdamW) on random tokens after `warmup` steps."""
     dev = torch.device(device)
-    model = Transformer(cfg).to(dev)
+    model = build_model(cfg, device=dev)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=dev.type == "cuda")
     tokens = torch.randint(0, cfg.vocab_size, (batch_size, seq_len + 1), device=dev)
     autocast = torch.autocast(dev.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()

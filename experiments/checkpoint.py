@@ -46,6 +46,7 @@ import torch
 from experiments.config import RunConfig, load_run_config
 from experiments.data.tokenizer import Tokenizer
 from experiments.errors import UsageError, UserError, WriteError, write_failed
+from models.build import build_model
 from models.config import ConfigError
 from models.transformer import Transformer
 
@@ -373,11 +374,8 @@ def load_model(
     cfg = load_config(path)
     read_meta(path)
     state = _load_file(path / "model.pt", weights_only=True)
-    with torch.device("meta"):
-        model = Transformer(cfg.model)
-    model.to_empty(device=device)
     try:
-        model.load_state_dict(state)
+        model = build_model(cfg.model, device=device, state_dict=state)
     except RuntimeError as e:
         raise CheckpointError(f"{path / 'model.pt'} does not match its config.yaml: {str(e)[:300]}") from None
     return model.eval(), cfg

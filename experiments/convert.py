@@ -9,7 +9,7 @@ A llamoe checkpoint file is `torch.save` of a dict:
   accepted too;
 - "model": the `Transformer.state_dict()` (tied heads share one tensor).
 Load it with `torch.load(path, weights_only=True)`, `model_config_from_dict(ckpt["model_config"])`
-and `Transformer(cfg).load_state_dict(ckpt["model"])`. Run-directory training
+and `models.build.build_model(cfg, state_dict=ckpt["model"])`. Run-directory training
 checkpoints are a separate format (experiments/checkpoint.py).
 
 Only local paths are read; nothing is downloaded.
@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from models import presets
+from models.build import build_model
 from models.config import ConfigError, ModelConfig, model_config_from_dict, model_config_to_dict
 
 
@@ -38,8 +39,8 @@ def save_checkpoint(cfg: ModelConfig, state_dict: dict[str, torch.Tensor], path:
 
 
 def load_checkpoint(path: str) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """Read a converted checkpoint: its ModelConfig and state dict."""
-    ckpt: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
+    """Read a converted checkpoint: its ModelConfig and state dict (memory-mapped: tensors are read when used)."""
+    ckpt: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     for key in ("model_config", "model"):
         if key not in ckpt:
             raise KeyError(f"{path} is not a llamoe checkpoint: no {key!r} entry")
@@ -58,12 +59,10 @@ def _from_hf(args: argparse.Namespace) -> None:
 
 def _to_hf(args: argparse.Namespace) -> None:
     from models.hf import save_hf
-    from models.transformer import Transformer
 
     cfg, state_dict = load_checkpoint(args.src)
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    model.load_state_dict(state_dict, assign=True)  # checks the keys and shapes; no copy
+    dtype = state_dict["tok_embeddings.weight"].dtype
+    model = build_model(cfg, dtype=dtype, state_dict=state_dict)  # checks the keys and shapes
     save_hf(model, args.dst, architecture=args.architecture)
     print(f"wrote {args.dst}: config.json + model.safetensors")
 

@@ -45,6 +45,7 @@ from transformers import (
 )
 from transformers.initialization import no_init_weights
 
+from models.build import build_model
 from models.config import AttentionConfig, ConfigError, ModelConfig, MoEConfig, RopeConfig
 from models.transformer import Transformer
 
@@ -403,24 +404,13 @@ def state_dict_from_hf(sd: Mapping[str, torch.Tensor], cfg: ModelConfig) -> Stat
 
 
 # ----------------------------------------------------------------------------- models
-def _build_transformer(
-    cfg: ModelConfig, sd: Mapping[str, torch.Tensor], dtype: torch.dtype, device: torch.device
-) -> Transformer:
-    """Allocate a Transformer without random init and fill it from `sd`."""
-    with torch.device("meta"):
-        model = Transformer(cfg).to(dtype)
-    model.to_empty(device=device)
-    model.load_state_dict(sd)
-    return model
-
-
 def from_hf(hf_model: PreTrainedModel) -> Transformer:
     """A llamoe Transformer with the weights of an HF `LlamaForCausalLM` or `Llama4ForCausalLM`
     (same dtype and device, independent storage, same train/eval mode)."""
     cfg = config_from_hf(hf_model.config)
     param = next(hf_model.parameters())
     sd = state_dict_from_hf(hf_model.state_dict(), cfg)
-    return _build_transformer(cfg, sd, param.dtype, param.device).train(hf_model.training)
+    return build_model(cfg, device=param.device, dtype=param.dtype, state_dict=sd).train(hf_model.training)
 
 
 def to_hf(model: Transformer, architecture: Optional[str] = None) -> PreTrainedModel:
@@ -482,8 +472,7 @@ def load_hf(directory: str, device: torch.device | str = "cpu") -> Transformer:
         raise ConfigError("model_type", f"{model_type!r} in {directory}/config.json is not one of {expected}")
     cfg = config_from_hf(_CONFIG_CLASSES[model_type].from_dict(data))
     sd = state_dict_from_hf(_read_safetensors(directory), cfg)
-    dtype = sd["tok_embeddings.weight"].dtype
-    return _build_transformer(cfg, sd, dtype, torch.device(device))
+    return build_model(cfg, device=device, dtype=sd["tok_embeddings.weight"].dtype, state_dict=sd)
 
 
 __all__ = [

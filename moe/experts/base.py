@@ -31,6 +31,7 @@ class Experts(nn.Module):
         self.num_experts = num_experts
         self.dim = dim
         self.hidden_dim = hidden_dim
+        self.first_expert = 0  # global index of the first expert held here (expert parallelism)
         kw = {"device": device, "dtype": dtype}
         self.w1 = nn.Parameter(torch.empty(num_experts, dim, hidden_dim, **kw))
         self.w3 = nn.Parameter(torch.empty(num_experts, dim, hidden_dim, **kw))
@@ -40,14 +41,25 @@ class Experts(nn.Module):
     def check_available(cls, hidden_dim: int) -> None:
         """Raise ConfigError naming `moe.backend` if this backend cannot run here."""
 
+    @torch.no_grad()
     def init_weights(self, init_std: float, out_std: float) -> None:
-        """w1, w3 ~ N(0, init_std); the residual-facing w2 ~ N(0, out_std), truncated at 3σ."""
-        for w, std in ((self.w1, init_std), (self.w3, init_std), (self.w2, out_std)):
-            nn.init.trunc_normal_(w, std=std, a=-3 * std, b=3 * std)
+        """w1, w3 ~ N(0, init_std); the residual-facing w2 ~ N(0, out_std), truncated at 3σ.
+
+        Each expert draws from its own generator, seeded by one draw of the global RNG plus its
+        global index. So a rank holding experts [s, s + n) gets exactly those experts of the
+        unsharded model, and the global RNG advances alike however the experts are sharded.
+        """
+        base = int(torch.randint(0, 2**62, ()).item())
+        generator = torch.Generator(self.w1.device)
+        for i in range(self.num_experts):
+            generator.manual_seed(base + self.first_expert + i)
+            for w, std in ((self.w1, init_std), (self.w3, init_std), (self.w2, out_std)):
+                nn.init.trunc_normal_(w[i], std=std, a=-3 * std, b=3 * std, generator=generator)
 
     def local_slice(self, start: int, count: int) -> Experts:
         """A copy of the same backend holding experts [start, start + count) only (expert parallelism)."""
         part = type(self)(count, self.dim, self.hidden_dim, device=self.w1.device, dtype=self.w1.dtype)
+        part.first_expert = self.first_expert + start
         with torch.no_grad():
             for name in ("w1", "w3", "w2"):
                 getattr(part, name).copy_(getattr(self, name)[start : start + count])
@@ -57,4 +69,5 @@ class Experts(nn.Module):
         raise NotImplementedError(f"{type(self).__name__} must implement forward")
 
     def extra_repr(self) -> str:
-        return f"num_experts={self.num_experts}, dim={self.dim}, hidden_dim={self.hidden_dim}"
+        first = f", first_expert={self.first_expert}" if self.first_expert else ""
+        return f"num_experts={self.num_experts}{first}, dim={self.dim}, hidden_dim={self.hidden_dim}"
