@@ -18,11 +18,10 @@ from dataclasses import asdict, dataclass
 from typing import Optional
 
 import torch
-from omegaconf import OmegaConf
 
-from models import ModelConfig, presets
+from experiments.config import resolve_model
+from models import ModelConfig
 from models.build import build_model
-from models.config import model_config_from_dict, model_config_to_dict
 
 # Dense (no sparsity) peak TFLOP/s by device-name substring and dtype.
 PEAK_TFLOPS = {
@@ -107,13 +106,6 @@ def measure_training_throughput(
     )
 
 
-def resolve_model(spec: str, overrides: list[str]) -> ModelConfig:
-    """A preset name plus `field=value` overrides (dotted for nested fields) -> validated ModelConfig."""
-    base = OmegaConf.create(model_config_to_dict(presets.get(spec)))
-    merged = OmegaConf.merge(base, OmegaConf.from_dotlist(overrides))
-    return model_config_from_dict(OmegaConf.to_container(merged))
-
-
 def cli_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="llamoe bench", description=__doc__)
     parser.add_argument("model", help="preset name, e.g. llama4-tiny")
@@ -127,7 +119,7 @@ def cli_main(argv: list[str]) -> int:
     parser.add_argument("--peak-tflops", type=float, default=None, help="override the device's peak for MFU")
     args = parser.parse_args(argv)
     try:
-        cfg = resolve_model(args.model, args.overrides)
+        cfg = resolve_model(args.model, args.overrides)  # experiments/config.py's model rules
     except (KeyError, ValueError) as err:
         print(f"llamoe bench: {err}", file=sys.stderr)
         return 2

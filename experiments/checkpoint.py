@@ -364,14 +364,21 @@ def load_config(path: Path) -> RunConfig:
 
 
 def load_model(
-    run_dir: Union[str, Path], step: Optional[int] = None, device: Union[str, torch.device] = "cpu"
+    run_dir: Union[str, Path],
+    step: Optional[int] = None,
+    device: Union[str, torch.device] = "cpu",
+    model_overrides: Optional[dict[str, Any]] = None,
 ) -> tuple[Transformer, RunConfig]:
     """The trained model of a run (latest checkpoint, or `step`) in eval mode, with its run config.
 
     Works for runs trained with any number of processes: the checkpoint holds the whole model.
+    `model_overrides` ({"model.attention.chunk_size": 64, ...}) change the config the weights load
+    into; the load is strict, so an override that changes a parameter shape fails loudly.
     """
     path = checkpoint_path(run_dir, step)
     cfg = load_config(path)
+    if model_overrides:
+        cfg = load_run_config(cfg.to_dict(), model_overrides, world_size=None, check_machine=False)
     read_meta(path)
     state = _load_file(path / "model.pt", weights_only=True)
     try:

@@ -24,18 +24,19 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 import torch
 import yaml
-from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from experiments.data.tasks import TaskMix
 from experiments.data.tokenizer import Tokenizer
 from experiments.evals.options import LongContextEvalConfig
+from experiments.overrides import as_layer, merge, omegaconf_message, read_yaml_file, to_dataclass, unflatten
 from models import presets
 from models.config import ConfigError, ModelConfig, model_config_from_dict
 
@@ -182,24 +183,25 @@ class RunConfig:
 
 # ---------------------------------------------------------------------- loading
 def load_run_config(
-    source: Union[str, Path, dict, None] = None,
-    overrides: Sequence[str] = (),
+    source: Union[str, Path, Mapping[str, Any], None] = None,
+    overrides: Union[Mapping[str, Any], Sequence[str]] = (),
     world_size: Optional[int] = 1,
     check_machine: bool = True,
 ) -> RunConfig:
-    """Defaults <- `source` (a YAML path or a mapping) <- `key=value` overrides, then validate.
+    """Defaults <- `source` (a YAML path or a mapping) <- overrides, then validate.
 
-    `world_size` is the number of processes the run will use; the batch layout and the
-    expert-parallel size are checked against it (None skips those checks, to read the config
-    of a run trained with any number of processes). `check_machine=False` skips the checks that
-    depend on this machine (data and tokenizer files exist, a CUDA device for train.device=cuda),
-    to read a finished run's config anywhere.
-    Raises ConfigError naming the key.
+    `overrides` is a mapping of (dotted or nested) keys to values, applied in order, or the
+    same as `key=value` items (experiments/overrides.py). `world_size` is the number of
+    processes the run will use; the batch layout and the expert-parallel size are checked
+    against it (None skips those checks, to read the config of a run trained with any number
+    of processes). `check_machine=False` skips the checks that depend on this machine (data
+    and tokenizer files exist, a CUDA device for train.device=cuda), to read a finished run's
+    config anywhere. Raises ConfigError naming the key.
     """
     layers: list[dict[str, Any]] = []
     if source is not None:
         layers.append(_read_source(source))
-    layers.extend(_parse_override(item) for item in overrides)
+    layers.append(_unflatten(as_layer(overrides)))
 
     sections = [f.name for f in fields(RunConfig) if f.name not in ("model", "model_preset")]
     model = _ModelBuilder()
@@ -212,99 +214,34 @@ def load_run_config(
         for key in layer:
             if key not in sections:
                 raise ConfigError(key, f"unknown section; the run config has: model, {', '.join(sections)}")
-        run = _deep_update(run, layer)
-    cfg = _typed(RunConfig, run)
+        run = merge(run, layer)
+    cfg = to_dataclass(RunConfig, [run])
     cfg.model, cfg.model_preset = model.build()
     validate(cfg, world_size, check_machine)
     return cfg
 
 
-def _read_source(source: Union[str, Path, dict]) -> dict[str, Any]:
-    if isinstance(source, dict):
-        data: Any = source
-    else:
-        path = Path(source).expanduser()
-        if not path.exists() or path.is_dir():
-            where = "it is a directory" if path.is_dir() else "no such file"
-            raise ConfigError("CONFIG", f"cannot read {str(source)!r} ({where}); pass a run-config YAML file")
-        try:
-            data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as e:
-            raise ConfigError("CONFIG", f"{source} is not valid YAML: {e}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError("CONFIG", f"a run config must be a mapping of sections, got {type(data).__name__}")
-    return _unflatten(data)
+def _read_source(source: Union[str, Path, Mapping[str, Any]]) -> dict[str, Any]:
+    if isinstance(source, Mapping):
+        return _unflatten(source)
+    try:
+        return _unflatten(read_yaml_file(source, "CONFIG"))
+    except ConfigError as e:
+        raise ConfigError("CONFIG", f"{str(e).split(': ', 1)[1]}; pass a run-config YAML file") from None
 
 
-def _unflatten(data: dict[str, Any]) -> dict[str, Any]:
-    """Expand dotted keys ({"train.seq_len": 128}) into nested mappings; `model` becomes a list of _ModelOps."""
+def _unflatten(data: Mapping[str, Any]) -> dict[str, Any]:
+    """Expand dotted keys ({"train.seq_len": 128}) into nested mappings; `model` becomes a list of _ModelOps
+    in the order given (a preset starts the model over, a field changes the model built so far)."""
     out: dict[str, Any] = {}
     for key, value in data.items():
         key = str(key)
         head, dot, rest = key.partition(".")
         if head == "model":
             out.setdefault("model", []).append(_ModelOp.parse(rest if dot else None, value))
-            continue
-        if dot:
-            value = _unflatten({rest: value})
-        elif isinstance(value, dict):
-            value = _unflatten(value)
-        if isinstance(value, dict) and isinstance(out.get(head), dict):
-            value = {**out[head], **value}
-        out[head] = value
-    return out
-
-
-def _parse_override(item: str) -> dict[str, Any]:
-    """`a.b=value` -> {"a": {"b": value}}, the value parsed as YAML (so 3 is an int, null is None)."""
-    key, sep, text = item.partition("=")
-    key = key.strip()
-    if not sep or not key:
-        raise ConfigError(item, "overrides take the form key=value (for example train.max_steps=100)")
-    try:
-        value = yaml.safe_load(text) if text.strip() else ""
-    except yaml.YAMLError:
-        value = text
-    return _unflatten({key: value})
-
-
-def _deep_update(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
-    """`base` with `update` merged in: nested mappings merge, anything else replaces."""
-    out = dict(base)
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _deep_update(out[key], value)
         else:
-            out[key] = value
+            out = merge(out, unflatten({key: value}))
     return out
-
-
-def _typed(cls: type, data: dict[str, Any]) -> Any:
-    """`cls` (a dataclass) from its defaults and the nested mapping `data`, type-checked by OmegaConf."""
-    try:
-        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls), data))
-    except OmegaConfBaseException as e:
-        key = e.full_key
-        if not key:  # e.g. a whole section given as a scalar: find the section that fails alone
-            key = next(k for k in data if _fails(cls, {k: data[k]}))
-        raise ConfigError(key, _omegaconf_message(e)) from None
-
-
-def _fails(cls: type, data: dict[str, Any]) -> bool:
-    try:
-        OmegaConf.merge(OmegaConf.structured(cls), data)
-    except OmegaConfBaseException:
-        return True
-    return False
-
-
-def _omegaconf_message(e: OmegaConfBaseException) -> str:
-    first = str(e).splitlines()[0]
-    if type(e).__name__ == "ConfigKeyError":
-        return f"unknown key ({first})"
-    return f"wrong type or value ({first})"
 
 
 @dataclass
@@ -351,7 +288,7 @@ class _ModelBuilder:
                 raise ConfigError("model.preset", f"unknown preset {op.preset!r}; valid presets: {valid}")
             self.preset = op.preset
             self.fields = asdict(base)
-        self.fields = _deep_update(self.fields, op.fields)
+        self.fields = merge(self.fields, op.fields)
         self.last_key = op.key
 
     def build(self) -> tuple[ModelConfig, Optional[str]]:
@@ -360,9 +297,19 @@ class _ModelBuilder:
             return model_config_from_dict(self.fields), self.preset
         except OmegaConfBaseException as e:
             key = f"model.{e.full_key}" if e.full_key else self.last_key
-            raise ConfigError(key, _omegaconf_message(e)) from None
+            raise ConfigError(key, omegaconf_message(e)) from None
         except ConfigError as e:
             raise ConfigError(f"model.{e.key}", str(e).split(": ", 1)[-1]) from None
+
+
+def resolve_model(preset: str, overrides: Union[Mapping[str, Any], Sequence[str]] = ()) -> ModelConfig:
+    """A preset plus model-field overrides (`moe.top_k=2`, `model.moe.top_k=2` or a mapping), by the run
+    config's model rules (`llamoe bench` uses this); errors name `model.<field>`."""
+    builder = _ModelBuilder()
+    builder.apply(_ModelOp.parse(None, preset))
+    for key, value in as_layer(overrides).items():
+        builder.apply(_ModelOp.parse(key.removeprefix("model.") if key != "model" else None, value))
+    return builder.build()[0]
 
 
 # ---------------------------------------------------------------------- validation
@@ -491,5 +438,6 @@ __all__ = [
     "TokenizerConfig",
     "TrainConfig",
     "load_run_config",
+    "resolve_model",
     "validate",
 ]

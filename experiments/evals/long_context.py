@@ -34,7 +34,7 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 import torch
 from omegaconf import OmegaConf
@@ -48,6 +48,9 @@ from experiments.evals.retrieval import mqar_accuracy, needle_accuracy, passkey_
 from experiments.evals.temperature import TemperatureSetting, applied, calibrate, grid
 from models.config import ConfigError
 from models.transformer import Transformer
+
+if TYPE_CHECKING:
+    from experiments.config import RunConfig
 
 log = logging.getLogger(__name__)
 
@@ -314,15 +317,54 @@ def _summary(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def evaluate_run(
+    run_dir: Path,
+    options: Sequence[Any] = (),
+    *,
+    step: Optional[int] = None,
+    device: Optional[str] = None,
+    model_overrides: Optional[dict[str, Any]] = None,
+    out_dir: Optional[Path] = None,
+    suite: str = SUITE,
+) -> tuple[dict[str, Any], RunConfig]:
+    """Evaluate a trained run's checkpoint (the latest, or `step`); the one path of `llamoe eval` and sweeps.
+
+    Options layer as: the run config's `eval.long_context`, then each of `options` (mappings or
+    `key=value` lists; experiments/overrides.py). `model_overrides` change the evaluated model's
+    config (its weights load strictly). The result, with `run_dir` and `step`, is written to
+    `out_dir/<suite>.json` (default: the run's eval/) with its plots; returns (result, run config).
+    """
+    from experiments.checkpoint import checkpoint_path, load_model, read_meta
+    from experiments.data.corpus import load_corpus
+    from experiments.evals.options import load_options
+    from experiments.overrides import as_layer
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, cfg = load_model(run_dir, step, device=device, model_overrides=model_overrides)
+    layers = [as_layer(layer) for layer in options]
+    opts = load_options(cfg.eval.long_context, {k: v for layer in layers for k, v in layer.items()})
+    tokenizer = cfg.tokenizer.build()
+    heldout = None
+    if {"ppl", "needle", "entropy"} & set(opts.evals) or opts.temperature == "calibrate":
+        heldout = load_corpus(
+            cfg.data.source, tokenizer, "val", Path(cfg.data.cache_dir).expanduser(), val_fraction=cfg.data.val_fraction
+        )
+    print(f"evaluating {suite} at lengths {opts.resolved_lengths(cfg.train.seq_len)}", flush=True)
+    result = evaluate(model, tokenizer, opts, train_len=cfg.train.seq_len, heldout=heldout)
+    meta_step = int(read_meta(checkpoint_path(run_dir, step))["step"])
+    result = {"run_dir": str(run_dir), "step": meta_step, **result}
+    write_results(result, out_dir or Path(run_dir) / "eval", plots=opts.plots, suite=suite)
+    return result, cfg
+
+
 def cli_main(argv: list[str]) -> int:
     """`llamoe eval RUN_DIR [--suite long_context] [--lengths N ...] [--step S] [key=value ...]`.
 
     Exit status: 0 done, 1 unusable checkpoint, 2 invalid options or a missing run directory / checkpoint.
     """
-    from experiments.checkpoint import CheckpointError, checkpoint_path, load_model, read_meta
-    from experiments.data.corpus import load_corpus
+    from experiments.checkpoint import CheckpointError
     from experiments.errors import report
-    from experiments.evals.options import KEY_PREFIX, load_options
+    from experiments.evals.options import KEY_PREFIX
 
     parser = argparse.ArgumentParser(
         prog="llamoe eval",
@@ -346,22 +388,12 @@ def cli_main(argv: list[str]) -> int:
     if args.lengths:
         overrides.append(f"lengths=[{','.join(str(n) for n in args.lengths)}]")
     try:
-        model, cfg = load_model(args.run_dir, args.step, device=args.device)
-        step = int(read_meta(checkpoint_path(args.run_dir, args.step))["step"])
-        options = load_options(OmegaConf.structured(cfg.eval.long_context), overrides)
-        tokenizer = cfg.tokenizer.build()
-        heldout = None
-        if {"ppl", "needle", "entropy"} & set(options.evals) or options.temperature == "calibrate":
-            heldout = load_corpus(
-                cfg.data.source, tokenizer, "val", cfg.data.cache_dir, val_fraction=cfg.data.val_fraction
-            )
-        result = evaluate(model, tokenizer, options, train_len=cfg.train.seq_len, heldout=heldout)
+        result, _ = evaluate_run(args.run_dir, [overrides], step=args.step, device=args.device, suite=args.suite)
     except ConfigError as e:
         return report("llamoe eval", e, 2, prefix="invalid options: ")
     except CheckpointError as e:  # exit 2 for a missing run directory or checkpoint (experiments/errors.py)
         return report("llamoe eval", e, e.exit_status)
-    result = {"run_dir": str(args.run_dir), "step": step, **result}
-    path = write_results(result, args.run_dir / "eval", plots=options.plots, suite=args.suite)
+    path = args.run_dir / "eval" / f"{args.suite}.json"
     print(_summary(result))
     print(
         f"temperature: {result['temperature']['label']} ({result['temperature']['mode']}) | "

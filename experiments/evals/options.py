@@ -7,13 +7,12 @@ the offending key and the fix.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Union
 
-from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
-
-from models.config import ConfigError
+from config_error import ConfigError
+from experiments.overrides import as_layer, to_dataclass
 
 EVALS = ("ppl", "passkey", "needle", "mqar", "entropy")
 TEMPERATURE_MODES = ("config", "on", "off", "compare", "sweep", "calibrate")
@@ -137,15 +136,9 @@ class LongContextEvalConfig:
         need(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
 
 
-def load_options(base: Any = None, overrides: Sequence[str] = ()) -> LongContextEvalConfig:
-    """Options from a mapping (e.g. a run config's eval.long_context) plus `key=value` overrides, validated."""
-    schema = OmegaConf.structured(LongContextEvalConfig)
-    try:
-        merged = OmegaConf.merge(schema, base or {}, OmegaConf.from_dotlist(list(overrides)))
-    except OmegaConfBaseException as err:  # unknown keys and bad types, reported with the key's name
-        key = getattr(err, "full_key", None) or "?"
-        raise ConfigError(f"{KEY_PREFIX}.{key}", str(err).splitlines()[0]) from None
-    options = OmegaConf.to_object(merged)
-    assert isinstance(options, LongContextEvalConfig)
+def load_options(base: Any = None, overrides: Union[Mapping[str, Any], Sequence[str]] = ()) -> LongContextEvalConfig:
+    """Options from `base` (a mapping or LongContextEvalConfig, e.g. a run config's eval.long_context) plus
+    overrides (a mapping or `key=value` items; experiments/overrides.py), validated; errors name the key."""
+    options = to_dataclass(LongContextEvalConfig, [base or {}, as_layer(overrides)], prefix=KEY_PREFIX)
     options.validate()
     return options

@@ -7,9 +7,12 @@ from typing import Any
 import pytest
 import yaml
 
-from experiments import ablate
-from experiments.ablate import SweepError, expand, parse_sweep
+from config_error import ConfigError
+from experiments import ablate, scheduler
+from experiments import sweep as sweeps
+from experiments.overrides import parse_items
 from experiments.report import load_results
+from experiments.sweep import SweepError, expand, parse_sweep
 
 
 def _sweep(**extra: Any) -> dict[str, Any]:
@@ -116,36 +119,28 @@ def test_base_path_is_relative_to_the_sweep_file(tmp_path: Path) -> None:
     (tmp_path / "cfg" / "run.yaml").write_text(yaml.safe_dump({"model": "llama4-tiny", "train": {"seq_len": 32}}))
     path = tmp_path / "s.yaml"
     path.write_text(yaml.safe_dump(_sweep(base="cfg/run.yaml")))
-    sweep = ablate.load_sweep(str(path))
+    sweep = sweeps.load_sweep(str(path))
     assert sweep.base == {"model": "llama4-tiny", "train": {"seq_len": 32}}
 
 
 def test_unknown_sweep_name_lists_the_builtin_ones() -> None:
     with pytest.raises(SweepError, match="quickstart"):
-        ablate.resolve_sweep_path("no_such_sweep")
+        sweeps.resolve_sweep_path("no_such_sweep")
 
 
 def test_cli_overrides_parse_as_yaml_values() -> None:
-    assert ablate.parse_cli_overrides(
-        ["train.max_steps=3", "model.moe=null", "optim.lr=1e-3", "model=llama4-tiny"]
-    ) == {
+    assert parse_items(["train.max_steps=3", "model.moe=null", "optim.lr=1e-3", "model=llama4-tiny"]) == {
         "train.max_steps": 3,
         "model.moe": None,
         "optim.lr": 1e-3,
         "model": "llama4-tiny",
     }
-    with pytest.raises(SweepError):
-        ablate.parse_cli_overrides(["train.max_steps"])
-
-
-def test_dotlist_round_trips_values() -> None:
-    values = {"a": None, "b": True, "c": 0.003, "d": "llama4-tiny", "e": "1e-3", "f": [1, 2], "g": "null"}
-    parsed = {k: ablate.read_yaml(v) for k, _, v in (item.partition("=") for item in ablate.to_dotlist(values))}
-    assert parsed == values
+    with pytest.raises(ConfigError, match="train.max_steps: overrides take the form key=value"):
+        parse_items(["train.max_steps"])
 
 
 def test_required_run_names_of_the_long_context_sweep() -> None:
-    plans = {p.name: p for p in expand(ablate.load_sweep("long_context"))}
+    plans = {p.name: p for p in expand(sweeps.load_sweep("long_context"))}
     assert sorted(plans) == ["irope", "irope-evaltemp", "irope-temp", "nope", "rope"]
     # temperature studied two ways: trained with it on (floor_scale below the training length), and eval-only
     assert plans["irope-temp"].reuse is None
@@ -167,7 +162,7 @@ def _corpus(tmp_path: Path) -> Path:
     return root
 
 
-def _tiny_sweep(tmp_path: Path, runs: dict[str, Any]) -> ablate.Sweep:
+def _tiny_sweep(tmp_path: Path, runs: dict[str, Any]) -> sweeps.Sweep:
     base = {
         "model": {
             "preset": "llama3.1-tiny",
@@ -227,7 +222,7 @@ def finished_sweep(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list
     """One real sweep run (two tiny trainings, one failing, and two eval-only runs), shared by the tests below."""
     tmp = tmp_path_factory.mktemp("sweep")
     out = tmp / "out"
-    rows = ablate.run_sweep(_tiny_sweep(tmp, _RUNS), out)
+    rows = scheduler.run_sweep(_tiny_sweep(tmp, _RUNS), out, ablate.WORKER)
     return out, rows
 
 
@@ -252,7 +247,7 @@ def test_a_failed_run_is_reported_and_the_others_continue(finished_sweep: tuple[
     saved = _rows(out)
     assert saved["broken"]["status"] == "failed" and "missing.txt" in saved["broken"]["error"]
     assert "Traceback" in (out / "broken" / "error.txt").read_text()
-    assert not (out / "broken" / ablate.DONE_FILE).exists()
+    assert not (out / "broken" / scheduler.DONE_FILE).exists()
     assert saved["broken-temp"]["error"] == "the reused run broken failed"
 
 
@@ -275,11 +270,11 @@ def test_completed_runs_are_skipped(
     finished_sweep: tuple[Path, list[dict[str, Any]]], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out, _ = finished_sweep
-    marker = out / "ok" / ablate.DONE_FILE
+    marker = out / "ok" / scheduler.DONE_FILE
     before = marker.stat().st_mtime_ns
     same = _tiny_sweep(out.parent, {k: _RUNS[k] for k in ("ok", "ok-temp")})
     capsys.readouterr()
-    rows = ablate.run_sweep(same, out)
+    rows = scheduler.run_sweep(same, out, ablate.WORKER)
     log = capsys.readouterr().out
     assert "ok: already complete, skipped" in log and "ok-temp: already complete, skipped" in log
     assert "started" not in log
@@ -287,8 +282,8 @@ def test_completed_runs_are_skipped(
     assert [r["status"] for r in rows] == ["done", "done"]
     # a changed setting makes the run due again (here: eval-only, so no training is repeated)
     changed = _tiny_sweep(out.parent, {"ok": {}, "ok-temp": {"reuse": "ok"}})
-    assert ablate.completed_row(out / "ok-temp", expand(changed)[1]) is None
-    assert ablate.completed_row(out / "ok", expand(changed)[0]) is not None
+    assert scheduler.completed_row(out / "ok-temp", expand(changed)[1]) is None
+    assert scheduler.completed_row(out / "ok", expand(changed)[0]) is not None
 
 
 @pytest.mark.slow
@@ -301,7 +296,7 @@ def test_interrupted_run_resumes_from_its_checkpoint(tmp_path: Path, capsys: pyt
     plan = expand(sweep, {"train.max_steps": 3})[0]
     # an interrupted run: trained to step 2 and checkpointed, but never finished (no done marker)
     train(load_run_config(plan.base, ["train.max_steps=2", f"run_dir={out / 'a'}"]))
-    ablate.run_sweep(sweep, out, cli_overrides={"train.max_steps": 3})
+    scheduler.run_sweep(sweep, out, ablate.WORKER, cli_overrides={"train.max_steps": 3})
     log = capsys.readouterr().out
     assert "resuming from" in log and "step_2" in log
     steps = [r["step"] for r in (json.loads(x) for x in (out / "a" / "metrics.jsonl").read_text().splitlines())]
@@ -309,34 +304,34 @@ def test_interrupted_run_resumes_from_its_checkpoint(tmp_path: Path, capsys: pyt
     assert _rows(out)["a"]["status"] == "done" and _rows(out)["a"]["tokens"] == 3 * 2 * 16
 
 
-@pytest.mark.parametrize("name", ablate.builtin_sweeps())
+@pytest.mark.parametrize("name", sweeps.builtin_sweeps())
 def test_every_builtin_sweep_validates(name: str) -> None:
-    plans = expand(ablate.load_sweep(name))
+    plans = expand(sweeps.load_sweep(name))
     assert plans and all(p.eval for p in plans)
-    ablate.validate_plans(plans)  # every run's config and evaluation options resolve
+    sweeps.validate_plans(plans)  # every run's config and evaluation options resolve
 
 
 def test_validation_names_the_run_and_the_bad_key() -> None:
     plans = expand(parse_sweep(_sweep(runs={"good": {}, "bad": {"train.max_stepz": 3}})))
     with pytest.raises(SweepError, match="train.max_stepz") as info:
-        ablate.validate_plans(plans)
+        sweeps.validate_plans(plans)
     assert info.value.key == "runs.bad"
 
 
 def test_eval_time_overrides_are_validated_against_the_reused_run() -> None:
     runs = {"a": {"model": "llama4-tiny"}, "b": {"reuse": "a", "eval_overrides": {"model.moe.top_k": 9}}}
     with pytest.raises(SweepError, match="moe.top_k") as info:
-        ablate.validate_plans(expand(parse_sweep(_sweep(runs=runs))))
+        sweeps.validate_plans(expand(parse_sweep(_sweep(runs=runs))))
     assert info.value.key == "runs.b"
     runs = {"a": {}, "b": {"reuse": "a", "eval_overrides": {"eval.other_suite.x": 1}}}
     with pytest.raises(SweepError) as info:
-        ablate.validate_plans(expand(parse_sweep(_sweep(runs=runs))))
+        sweeps.validate_plans(expand(parse_sweep(_sweep(runs=runs))))
     assert info.value.key == "runs.b.eval_overrides.eval.other_suite.x"
 
 
 def test_factors_must_name_two_disjoint_levels_of_runs() -> None:
     base = {"name": "f", "base": {"model": "llama3.1-tiny"}, "runs": {"a": {}, "b": {}, "c": {}}}
-    ok = ablate.parse_sweep({**base, "factors": {"x": {"lo": ["a"], "hi": ["b", "c"]}}})
+    ok = sweeps.parse_sweep({**base, "factors": {"x": {"lo": ["a"], "hi": ["b", "c"]}}})
     assert ok.factors == {"x": {"lo": ["a"], "hi": ["b", "c"]}}
     for factors, key in (
         ({"x": {"lo": ["a"]}}, "factors.x"),
@@ -345,17 +340,17 @@ def test_factors_must_name_two_disjoint_levels_of_runs() -> None:
         ({"x": {"lo": [], "hi": ["b"]}}, "factors.x.lo"),
     ):
         with pytest.raises(SweepError) as err:
-            ablate.parse_sweep({**base, "factors": factors})
+            sweeps.parse_sweep({**base, "factors": factors})
         assert err.value.key == key
 
 
 def test_the_quickstart_is_a_two_by_two_factorial_at_matched_active_parameters() -> None:
     from experiments.config import load_run_config
 
-    sweep = ablate.load_sweep("quickstart")
+    sweep = sweeps.load_sweep("quickstart")
     plans = {p.name: p for p in expand(sweep)}
     assert sorted(plans) == ["dense-irope", "dense-rope", "moe-irope", "moe-rope"]
-    models = {n: load_run_config(p.base, ablate.to_dotlist(p.overrides)).model for n, p in plans.items()}
+    models = {n: load_run_config(p.base, p.overrides).model for n, p in plans.items()}
     active = {n: m.num_active_params() for n, m in models.items()}
     assert active["dense-rope"] == active["dense-irope"] and active["moe-rope"] == active["moe-irope"]
     assert abs(active["moe-rope"] / active["dense-rope"] - 1) < 0.01  # the router is the only difference

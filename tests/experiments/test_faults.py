@@ -19,7 +19,8 @@ import torch
 from experiments import runctl
 from experiments.checkpoint import latest_checkpoint, load_model
 from experiments.config import load_run_config
-from experiments.train import cli_main, read_metrics, train
+from experiments.metrics_log import read_metrics
+from experiments.train import cli_main, train
 
 Args = Callable[..., list[str]]
 ROOT = Path(__file__).resolve().parents[2]
@@ -226,8 +227,8 @@ def test_disk_full_while_caching_the_tokenised_corpus(tmp_path: Path, dense: Cal
 def test_disk_full_while_writing_the_sweep_results_and_report(
     tmp_path: Path, corpus: list[str], tiny_dense: list[str]
 ) -> None:
-    from experiments.ablate import DONE_FILE
     from experiments.report import load_results
+    from experiments.scheduler import DONE_FILE
 
     spec = tmp_path / "sweep.yaml"
     spec.write_text(json.dumps({"name": "toy", "base": {"model": "llama3.1-tiny"}, "runs": {"a": {}},
@@ -300,8 +301,10 @@ def test_a_corrupt_shard_of_a_multi_rank_checkpoint_is_named(
 def test_sigterm_to_a_sweep_interrupts_every_run_and_a_rerun_resumes_them(
     tmp_path: Path, corpus: list[str], tiny_dense: list[str], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from experiments import ablate
+    from experiments import ablate, scheduler
+    from experiments.overrides import parse_items
     from experiments.report import load_results
+    from experiments.sweep import expand, load_sweep
 
     base = dict(item.split("=", 1) for item in [*corpus, *tiny_dense])
     base.update({"train.seq_len": 32, "train.batch_size": 8, "train.log_every": 1, "train.val_every": 0,
@@ -327,19 +330,19 @@ def test_sigterm_to_a_sweep_interrupts_every_run_and_a_rerun_resumes_them(
     steps = {name: int(path.name.removeprefix("step_")) for name, path in saved.items() if path is not None}
     assert set(steps) == {"a", "b"}
 
-    with open(out / ablate.RESULTS_FILE, "a") as f:
+    with open(out / scheduler.RESULTS_FILE, "a") as f:
         f.write('{"run": "a", "stat')  # a torn last line, as a crash mid-write on another filesystem leaves
     total = max(steps.values()) + 2
     capsys.readouterr()
     assert ablate.cli_main([str(spec), *overrides, f"train.max_steps={total}", "--out", str(out)]) == 0
     for name in ("a", "b"):
-        assert f"resuming from {saved[name]} at step {steps[name]}" in (out / name / ablate.LOG_FILE).read_text()
+        assert f"resuming from {saved[name]} at step {steps[name]}" in (out / name / scheduler.LOG_FILE).read_text()
     rows = {r["run_dir"]: r for r in load_results(out)}
     assert {name: r["status"] for name, r in rows.items()} == {"a": "done", "b": "done"}
 
-    plan = next(p for p in ablate.expand(ablate.load_sweep(str(spec))) if p.name == "a")
-    straight = [*ablate.to_dotlist(plan.overrides), *overrides, f"train.max_steps={total}",
-                f"run_dir={tmp_path / 'straight'}"]  # fmt: skip
+    plan = next(p for p in expand(load_sweep(str(spec))) if p.name == "a")
+    straight = {**plan.overrides, **parse_items(overrides), "train.max_steps": total,
+                "run_dir": str(tmp_path / "straight")}  # fmt: skip
     train(load_run_config(plan.base, straight))
     _assert_same_run(out / "a", tmp_path / "straight")
 

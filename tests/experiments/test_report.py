@@ -211,7 +211,7 @@ def test_declared_headline_pairs_differences_by_seed(tmp_path: Path) -> None:
 
 
 def test_headline_must_be_keys() -> None:
-    from experiments.ablate import SweepError, parse_sweep
+    from experiments.sweep import SweepError, parse_sweep
 
     data = {"name": "s", "base": {"model": "llama3.1-tiny"}, "runs": {"a": {}}}
     assert parse_sweep({**data, "headline": "nll@64"}).headline == ("nll@64",)
