@@ -33,7 +33,7 @@ import torch
 import yaml
 from omegaconf.errors import OmegaConfBaseException
 
-from experiments.data.tasks import TaskMix
+from experiments.data.task_mix import TaskMix
 from experiments.data.tokenizer import Tokenizer
 from experiments.evals.options import LongContextEvalConfig
 from experiments.overrides import as_layer, merge, omegaconf_message, read_yaml_file, to_dataclass, unflatten

@@ -45,7 +45,8 @@ from experiments import routing_health, runctl
 from experiments.config import ConfigError, OptimConfig, RunConfig, load_run_config
 from experiments.data.batches import MixedBatches, PackedBatches, ResumableBatches, ValidationBatches
 from experiments.data.corpus import load_corpus
-from experiments.data.tasks import IGNORE_INDEX, task_sources
+from experiments.data.task_mix import task_sources
+from experiments.data.tasks import IGNORE_INDEX
 from experiments.data.tokenizer import Tokenizer
 from experiments.distributed import (
     World,

@@ -176,7 +176,8 @@ class PositionalOracle(nn.Module):
 
 
 def test_a_positional_shortcut_learned_on_training_rows_scores_at_chance() -> None:
-    from experiments.data.tasks import MQAR, Passkey, TaskBatches
+    from experiments.data.task_mix import TaskBatches
+    from experiments.data.tasks import MQAR, Passkey
 
     # passkey: chance of guessing the key is 1/90000; a look-back hits only when the distance repeats
     rows = [next(TaskBatches(Passkey(BYTES), 256, 32, seed=s)) for s in range(3)]

@@ -11,16 +11,8 @@ import torch
 
 from experiments.data.batches import MixedBatches, PackedBatches
 from experiments.data.corpus import load_corpus
-from experiments.data.tasks import (
-    IGNORE_INDEX,
-    MQAR,
-    PASSKEY_SENTENCES,
-    Needle,
-    Passkey,
-    TaskBatches,
-    TaskMix,
-    task_sources,
-)
+from experiments.data.task_mix import TaskBatches, TaskMix, task_sources
+from experiments.data.tasks import IGNORE_INDEX, MQAR, PASSKEY_SENTENCES, Needle, Passkey
 from experiments.data.tokenizer import Tokenizer
 from models.config import ConfigError
 
