@@ -49,6 +49,31 @@ class Attention(nn.Module):
         self.wv = nn.Linear(dim, n_kv_heads * head_dim, bias=False)
         self.wo = nn.Linear(n_heads * head_dim, dim, bias=False)
 
+    def queries_keys(
+        self,
+        x: torch.Tensor,
+        rope: Optional[tuple[torch.Tensor, torch.Tensor]],
+        start_pos: int = 0,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The queries q [B, H, L, Dh] and keys k [B, K, L, Dh] this layer attends with, for x [B, L, D]
+        at positions start_pos..start_pos+L-1: rotated and QK-normalised on RoPE layers, temperature-scaled
+        on NoPE layers. `rope` = (cos, sin) [L, Dh/2]; NoPE layers ignore it (None is fine there).
+        Used by `forward`, and by diagnostics that inspect attention scores (experiments/evals/entropy.py)."""
+        b, length, _ = x.shape
+        q = self.wq(x).view(b, length, self.n_heads, self.head_dim)
+        k = self.wk(x).view(b, length, self.n_kv_heads, self.head_dim)
+        if self.kind.uses_rope:
+            if rope is None:
+                raise ValueError("a RoPE attention layer needs the rope (cos, sin) tables")
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            if self.kind.qk_norm:
+                q, k = qk_norm(q, self.norm_eps), qk_norm(k, self.norm_eps)
+        elif self.settings.temperature_tuning:
+            positions = torch.arange(start_pos, start_pos + length, device=x.device)
+            scale = temperature_scale(positions, self.settings.floor_scale, self.settings.attn_scale)
+            q = (q.float() * scale[None, :, None, None]).type_as(q)
+        return q.transpose(1, 2), k.transpose(1, 2)  # [B, heads, L, Dh]
+
     def forward(
         self,
         x: torch.Tensor,
@@ -58,18 +83,8 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         """x [B, L, D] at absolute positions start_pos..start_pos+L-1; rope = (cos, sin) [L, Dh/2]."""
         b, length, _ = x.shape
-        q = self.wq(x).view(b, length, self.n_heads, self.head_dim)
-        k = self.wk(x).view(b, length, self.n_kv_heads, self.head_dim)
-        v = self.wv(x).view(b, length, self.n_kv_heads, self.head_dim)
-        if self.kind.uses_rope:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-            if self.kind.qk_norm:
-                q, k = qk_norm(q, self.norm_eps), qk_norm(k, self.norm_eps)
-        elif self.settings.temperature_tuning:
-            positions = torch.arange(start_pos, start_pos + length, device=x.device)
-            scale = temperature_scale(positions, self.settings.floor_scale, self.settings.attn_scale)
-            q = (q.float() * scale[None, :, None, None]).type_as(q)
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, heads, L, Dh]
+        q, k = self.queries_keys(x, rope, start_pos)
+        v = self.wv(x).view(b, length, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, K, L, Dh]
 
         if cache is not None:
             k, v, k_start = cache.update(k, v, start_pos)

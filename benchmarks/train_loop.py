@@ -27,7 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from experiments.bench import measure_training_throughput  # noqa: E402
 from experiments.config import load_run_config  # noqa: E402
-from experiments.train import read_metrics, train  # noqa: E402
+from experiments.metrics_log import read_metrics  # noqa: E402
+from experiments.train import train  # noqa: E402
 
 PRESETS = ("llama3.1-tiny", "llama4-tiny")
 SEQ_LEN, BATCH = 256, 16

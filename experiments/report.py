@@ -26,13 +26,9 @@ import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first
 
 from experiments import report_stats, routing_health  # noqa: E402
 from experiments.errors import write_text_atomic  # noqa: E402
+from experiments.evals import plots as figures  # noqa: E402
+from experiments.metrics_log import read_metrics  # noqa: E402
 
-# An eval key is "<metric>@<length>", optionally followed by a qualifier such as a passkey depth.
-_EVAL_KEY = re.compile(r"^(?P<metric>[A-Za-z_]+)@(?P<length>\d+)(?P<rest>.*)$")
-_DEPTH = re.compile(r"(?:depth|d)=?(?P<depth>[0-9.]+)")
-_ROUTER_KEY = re.compile(
-    r"^(?:router|moe)[./](?:layers?[./])?(?P<layer>\d+)[./](?P<stat>tokens_per_expert|load|expert_load|counts)$"
-)
 MATCH_TOLERANCE = 0.05  # ratios within 5% of 1 count as "matched"
 # Eval metrics shown in the tables, with 95% intervals. ppl and nll average over [0, N) and so hide
 # where length generalisation breaks; they stay in the eval JSON and the ppl plot. Entropy is a diagnostic.
@@ -46,20 +42,6 @@ def load_results(sweep_dir: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def load_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    """The rows of a run's metrics.jsonl (training log), skipping a torn last line."""
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except ValueError:
-            continue
-    return rows
 
 
 def _sweep_info(sweep_dir: Path, rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -85,12 +67,8 @@ class Group:
         return [r for r in self.rows if r.get("status") == "done"]
 
     def values(self, key: str) -> list[float]:
-        out = []
-        for r in self.ok:
-            v = report_stats.number(r.get("eval", {}).get(key[5:]) if key.startswith("eval:") else r.get(key))
-            if v is not None:
-                out.append(v)
-        return out
+        """The done seeds' values of an eval key ("ppl@256") or a training field (report_stats.value)."""
+        return [v for r in self.ok if (v := report_stats.value(r, key)) is not None]
 
     def mean(self, key: str) -> Optional[float]:
         vals = self.values(key)
@@ -105,21 +83,19 @@ def group_rows(rows: Iterable[dict[str, Any]]) -> list[Group]:
     return list(groups.values())
 
 
-def eval_keys(rows: Iterable[dict[str, Any]]) -> list[str]:
+def _baseline(groups: list[Group], name: Optional[str]) -> Optional[Group]:
+    """The group named `name`, else the first one (None when there are no groups)."""
+    return next((g for g in groups if g.run == name), groups[0] if groups else None)
+
+
+def eval_keys(rows: Sequence[dict[str, Any]]) -> list[str]:
     """The "<metric>@<length>" eval keys of TABLE_METRICS present, ordered by metric then length."""
-    keys = set()
-    for r in rows:
-        for k in r.get("eval", {}) or {}:
-            m = _EVAL_KEY.match(k)
-            if m and not m.group("rest") and m.group("metric") in TABLE_METRICS:
-                keys.add(k)
+    return [k for metric in TABLE_METRICS for k in report_stats.metric_keys(rows, metric)]
 
-    def sort_key(k: str) -> tuple[int, int]:
-        m = _EVAL_KEY.match(k)
-        assert m is not None
-        return TABLE_METRICS.index(m.group("metric")), int(m.group("length"))
 
-    return sorted(keys, key=sort_key)
+def _lengths(rows: Sequence[dict[str, Any]], metric: str) -> list[int]:
+    """The lengths N of the rows' "<metric>@N" eval keys, ascending."""
+    return [int(k.split("@")[1]) for k in report_stats.metric_keys(rows, metric)]
 
 
 # ---------------------------------------------------------------------------- formatting
@@ -132,10 +108,6 @@ def _si(x: Optional[float]) -> str:
     return f"{x:.3g}"
 
 
-def _ratio(x: Optional[float], base: Optional[float]) -> str:
-    return "-" if x is None or not base else f"{x / base:.2f}x"
-
-
 def _columns(groups: list[Group], baseline: Optional[Group], evals: list[str]) -> list[tuple[str, list[str]]]:
     """(header, cells) per column of the comparison table."""
     base_active = baseline.mean("active_params") if baseline else None
@@ -145,9 +117,9 @@ def _columns(groups: list[Group], baseline: Optional[Group], evals: list[str]) -
         ("seeds", [f"{len(g.ok)}/{len(g.rows)}" for g in groups]),
         ("params", [_si(g.mean("params")) for g in groups]),
         ("active", [_si(g.mean("active_params")) for g in groups]),
-        ("active/base", [_ratio(g.mean("active_params"), base_active) for g in groups]),
+        ("active/base", [report_stats.ratio(g.mean("active_params"), base_active) for g in groups]),
         ("FLOPs/tok", [_si(g.mean("flops_per_token")) for g in groups]),
-        ("FLOPs/base", [_ratio(g.mean("flops_per_token"), base_flops) for g in groups]),
+        ("FLOPs/base", [report_stats.ratio(g.mean("flops_per_token"), base_flops) for g in groups]),
         ("train len", [_si(g.mean("train_seq_len")) for g in groups]),
         ("tokens", [_si(g.mean("tokens")) for g in groups]),
         ("tok/s", [_si(g.mean("tokens_per_s")) for g in groups]),
@@ -196,7 +168,7 @@ def matching_notes(groups: list[Group], baseline: Optional[Group]) -> list[str]:
             x, b = g.mean(key), baseline.mean(key)
             if x is None or not b:
                 continue
-            parts.append(f"{x / b:.2f}x {what}")
+            parts.append(f"{report_stats.ratio(x, b)} {what}")
             if abs(x / b - 1) <= MATCH_TOLERANCE:
                 matched.append(what)
         if parts:
@@ -208,8 +180,7 @@ def matching_notes(groups: list[Group], baseline: Optional[Group]) -> list[str]:
 def summary_columns(rows: list[dict[str, Any]], baseline: Optional[str] = None) -> list[tuple[str, list[str]]]:
     """The comparison-table columns for a list of result rows."""
     groups = group_rows(rows)
-    base = next((g for g in groups if g.run == baseline), groups[0] if groups else None)
-    return _columns(groups, base, eval_keys(rows))
+    return _columns(groups, _baseline(groups, baseline), eval_keys(rows))
 
 
 _TERMINAL_DROPS = ("FLOPs/tok", "train len", "tokens")  # in report.md; left out to fit a terminal
@@ -227,18 +198,11 @@ def _metric_series(metrics: list[dict[str, Any]], key: str) -> tuple[list[float]
     """(tokens, value) pairs of the logged rows that carry `key`."""
     xs, ys = [], []
     for m in metrics:
-        v, t = m.get(key), m.get("tokens")
-        if isinstance(v, (int, float)) and isinstance(t, (int, float)) and math.isfinite(v):
-            xs.append(float(t))
-            ys.append(float(v))
+        v, t = report_stats.number(m.get(key)), report_stats.number(m.get("tokens"))
+        if v is not None and t is not None:
+            xs.append(t)
+            ys.append(v)
     return xs, ys
-
-
-def _save(fig: Any, path: Path) -> Path:
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
 
 
 def plot_loss(sweep_dir: Path, groups: list[Group], plots: Path) -> list[Path]:
@@ -248,7 +212,7 @@ def plot_loss(sweep_dir: Path, groups: list[Group], plots: Path) -> list[Path]:
     for i, g in enumerate(groups):
         color = f"C{i % 10}"
         for j, row in enumerate(g.ok):
-            metrics = load_metrics(sweep_dir / row.get("source_run_dir", row["run_dir"]))
+            metrics = read_metrics(sweep_dir / row.get("source_run_dir", row["run_dir"]))
             flops = row.get("flops_per_token") or 0.0
             for key, style in (("loss", "-"), ("val_loss", "o--")):
                 xs, ys = _metric_series(metrics, key)
@@ -272,12 +236,8 @@ def plot_loss(sweep_dir: Path, groups: list[Group], plots: Path) -> list[Path]:
         ax.set_title(f"loss vs {name}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-        out.append(_save(fig, plots / f"loss_vs_{name}.png"))
+        out.append(figures.save(fig, plots / f"loss_vs_{name}.png"))
     return out
-
-
-def _lengths(keys: list[str], metric: str) -> list[int]:
-    return sorted({int(m.group("length")) for k in keys if (m := _EVAL_KEY.match(k)) and m.group("metric") == metric})
 
 
 def plot_bucket_nll(groups: list[Group], plots: Path) -> list[Path]:
@@ -286,113 +246,54 @@ def plot_bucket_nll(groups: list[Group], plots: Path) -> list[Path]:
     if not report_stats.draw_bucket_nll(ax, groups):
         plt.close(fig)
         return []
-    return [_save(fig, plots / "nll_by_position.png")]
+    return [figures.save(fig, plots / "nll_by_position.png")]
 
 
-def plot_ppl_vs_length(groups: list[Group], keys: list[str], plots: Path) -> list[Path]:
+def plot_ppl_vs_length(groups: list[Group], rows: list[dict[str, Any]], plots: Path) -> list[Path]:
     """Perplexity against evaluation length (mean ± std over seeds), with the training length marked."""
-    lengths = _lengths(keys, "ppl")
+    lengths = _lengths(rows, "ppl")
     if not lengths:
         return []
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for i, g in enumerate(groups):
-        pts = [(n, g.values(f"eval:ppl@{n}")) for n in lengths]
+        pts = [(n, g.values(f"ppl@{n}")) for n in lengths]
         pts = [(n, v) for n, v in pts if v]
         if not pts:
             continue
         mean = [statistics.fmean(v) for _, v in pts]
         std = [statistics.stdev(v) if len(v) > 1 else 0.0 for _, v in pts]
         ax.errorbar([n for n, _ in pts], mean, yerr=std, marker="o", capsize=3, color=f"C{i % 10}", label=g.run)
-    train_len = next((g.mean("train_seq_len") for g in groups if g.mean("train_seq_len")), None)
-    if train_len:
-        ax.axvline(train_len, color="grey", linestyle=":", label="train length")
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("evaluation length (tokens)")
-    ax.set_ylabel("perplexity")
-    ax.set_title("perplexity vs length")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
-    return [_save(fig, plots / "ppl_vs_length.png")]
+    figures.ppl_axes(ax, report_stats.train_length(rows))
+    return [figures.save(fig, plots / "ppl_vs_length.png")]
 
 
 def plot_passkey(groups: list[Group], rows: list[dict[str, Any]], plots: Path) -> list[Path]:
-    """Passkey accuracy heatmap: runs x lengths (mean over seeds), and per run depths x lengths if logged."""
-    keys = eval_keys(rows)
-    lengths = _lengths(keys, "passkey")
+    """Passkey accuracy heatmap: runs x lengths, mean over seeds (eval/*.json holds each run's depths x lengths)."""
+    lengths = _lengths(rows, "passkey")
     if not lengths:
         return []
-    grid = [[g.mean(f"eval:passkey@{n}") for n in lengths] for g in groups]
+    grid = [[g.mean(f"passkey@{n}") for n in lengths] for g in groups]
     fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(lengths), 1.2 + 0.5 * len(groups)))
-    data = [[math.nan if v is None else v for v in row] for row in grid]
-    im = ax.imshow(data, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
-    for r, row in enumerate(grid):
-        for c, v in enumerate(row):
-            if v is not None:
-                ax.text(c, r, f"{v:.2f}", ha="center", va="center", color="white" if v < 0.6 else "black", fontsize=8)
-    ax.set_xticks(range(len(lengths)), [str(n) for n in lengths])
-    ax.set_yticks(range(len(groups)), [g.run for g in groups])
+    image = figures.accuracy_heatmap(ax, grid, [str(n) for n in lengths], [g.run for g in groups])
     ax.set_xlabel("context length (tokens)")
     ax.set_title("passkey retrieval accuracy")
-    fig.colorbar(im, ax=ax, fraction=0.046)
-    out = [_save(fig, plots / "passkey_heatmap.png")]
-    out += _plot_passkey_depths(groups, plots)
-    return out
-
-
-def _plot_passkey_depths(groups: list[Group], plots: Path) -> list[Path]:
-    """Depth x length heatmaps when the evaluator reports per-depth keys such as passkey@2048/depth=0.5."""
-    cells: dict[str, dict[tuple[float, int], list[float]]] = {}
-    for g in groups:
-        for r in g.ok:
-            for k, v in (r.get("eval") or {}).items():
-                m = _EVAL_KEY.match(k)
-                d = _DEPTH.search(m.group("rest")) if m and m.group("metric") == "passkey" else None
-                if d and isinstance(v, (int, float)):
-                    cells.setdefault(g.run, {}).setdefault(
-                        (float(d.group("depth")), int(m.group("length"))), []
-                    ).append(v)
-    if not cells:
-        return []
-    fig, axes = plt.subplots(1, len(cells), figsize=(3.5 * len(cells) + 1, 3.5), squeeze=False)
-    for ax, (run, grid) in zip(axes[0], cells.items()):
-        depths = sorted({d for d, _ in grid})
-        lengths = sorted({n for _, n in grid})
-        data = [[statistics.fmean(grid[(d, n)]) if (d, n) in grid else math.nan for n in lengths] for d in depths]
-        ax.imshow(data, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
-        ax.set_xticks(range(len(lengths)), [str(n) for n in lengths], rotation=45)
-        ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths])
-        ax.set_xlabel("length")
-        ax.set_ylabel("key depth")
-        ax.set_title(run, fontsize=9)
-    return [_save(fig, plots / "passkey_depth_heatmap.png")]
-
-
-def _flatten(obj: Any, prefix: str = "") -> Iterable[tuple[str, Any]]:
-    if isinstance(obj, dict):
-        for k, v in obj.items():
-            yield from _flatten(v, f"{prefix}{k}.")
-    else:
-        yield prefix[:-1], obj
+    fig.colorbar(image, ax=ax, fraction=0.046)
+    return [figures.save(fig, plots / "passkey_heatmap.png")]
 
 
 def router_loads(metrics: list[dict[str, Any]]) -> dict[int, tuple[list[float], list[list[float]]]]:
-    """Per MoE layer: (tokens, per-expert load fractions per logged step) from metrics.jsonl router stats.
-
-    Accepts nested ({"router": {"1": {"load": [...]}}}) and flat ("router.1.load") logging,
-    with a per-expert list of token counts or fractions; each step is normalised to sum to 1.
-    """
+    """Per MoE layer: (tokens seen, each expert's share of the logging window's tokens) at every logged row
+    that carries router stats (routing_health.expert_counts) and the tokens seen."""
     out: dict[int, tuple[list[float], list[list[float]]]] = {}
     for m in metrics:
-        tokens = float(m.get("tokens", m.get("step", 0)))
-        for key, value in _flatten(m):
-            match = _ROUTER_KEY.match(key)
-            if not match or not isinstance(value, list) or not value:
-                continue
-            total = float(sum(value)) or 1.0
-            xs, loads = out.setdefault(int(match.group("layer")), ([], []))
+        tokens = report_stats.number(m.get("tokens"))
+        if tokens is None:
+            continue
+        for layer, counts in routing_health.expert_counts(m).items():
+            total = sum(counts) or 1.0
+            xs, loads = out.setdefault(layer, ([], []))
             xs.append(tokens)
-            loads.append([float(v) / total for v in value])
+            loads.append([c / total for c in counts])
     return out
 
 
@@ -403,7 +304,7 @@ def plot_expert_load(sweep_dir: Path, groups: list[Group], plots: Path) -> list[
         row = next((r for r in g.ok if not r.get("source_run_dir")), None)
         if row is None:
             continue
-        loads = router_loads(load_metrics(sweep_dir / row["run_dir"]))
+        loads = router_loads(read_metrics(sweep_dir / row["run_dir"]))
         if not loads:
             continue
         layers = sorted(loads)
@@ -417,7 +318,7 @@ def plot_expert_load(sweep_dir: Path, groups: list[Group], plots: Path) -> list[
             fig.colorbar(im, ax=ax, fraction=0.03)
         axes[-1, 0].set_xlabel("training tokens")
         axes[0, 0].set_title(f"{g.run}: share of tokens per expert (uniform = {1 / n_experts:.3f})")
-        out.append(_save(fig, plots / f"expert_load_{re.sub(r'[^A-Za-z0-9_.-]', '_', g.run)}.png"))
+        out.append(figures.save(fig, plots / f"expert_load_{re.sub(r'[^A-Za-z0-9_.-]', '_', g.run)}.png"))
     return out
 
 
@@ -428,14 +329,13 @@ def build_report(sweep_dir: Path) -> Path:
     rows = load_results(sweep_dir)
     info = _sweep_info(sweep_dir, rows)
     groups = group_rows(rows)
-    baseline = next((g for g in groups if g.run == info.get("baseline")), groups[0] if groups else None)
+    baseline = _baseline(groups, info.get("baseline"))
     keys = eval_keys(rows)
     plots = sweep_dir / "plots"
     plots.mkdir(exist_ok=True)
     images = plot_loss(sweep_dir, groups, plots)
     images += plot_bucket_nll(groups, plots)
-    ppl_keys = sorted({k for r in rows for k in r.get("eval", {}) or {} if k.startswith("ppl@") and ":" not in k})
-    images += plot_ppl_vs_length(groups, ppl_keys, plots)
+    images += plot_ppl_vs_length(groups, rows, plots)
     images += plot_passkey(groups, rows, plots)
     images += plot_expert_load(sweep_dir, groups, plots)
 

@@ -33,18 +33,32 @@ def value(row: dict[str, Any], key: str) -> float | None:
     return number(evals[key]) if key in evals else number(row.get(key))
 
 
+def train_length(rows: Sequence[dict[str, Any]]) -> int | None:
+    """The training length of the first row that records one."""
+    return next((r["train_seq_len"] for r in rows if r.get("train_seq_len")), None)
+
+
+def ratio(x: float | None, base: float | None) -> str:
+    """x / base as a cell such as '1.02x'; '-' when either is missing or base is 0."""
+    return "-" if x is None or not base else f"{x / base:.2f}x"
+
+
+def _over_seeds(values: Sequence[float]) -> Estimate:
+    """Mean and 95% t-interval of per-seed values (two or more)."""
+    mean = statistics.fmean(values)
+    lo, hi = t_interval(values) or (mean, mean)
+    return mean, lo, hi
+
+
 def estimate(rows: Sequence[dict[str, Any]], key: str) -> Estimate | None:
     """Mean and 95% interval of `key` over the done rows of one run label (one row per seed): a t-interval
     over seeds, or for one seed the bootstrap interval its evaluation wrote (none for a training field)."""
     pairs = [(v, (r.get("eval_ci95") or {}).get(key)) for r in rows if (v := value(r, key)) is not None]
     if not pairs:
         return None
-    values = [v for v, _ in pairs]
-    mean = statistics.fmean(values)
-    if len(values) > 1:
-        lo, hi = t_interval(values) or (mean, mean)
-        return mean, lo, hi
-    ci = pairs[0][1]
+    if len(pairs) > 1:
+        return _over_seeds([v for v, _ in pairs])
+    mean, ci = pairs[0]
     return (mean, math.nan, math.nan) if ci is None else (mean, float(ci[0]), float(ci[1]))
 
 
@@ -61,9 +75,7 @@ def paired_difference(rows_a: Sequence[dict[str, Any]], rows_b: Sequence[dict[st
         and (vb := by_seed_b.get(r.get("seed"))) is not None
     ]
     if len(diffs) >= 2:
-        mean = statistics.fmean(diffs)
-        lo, hi = t_interval(diffs) or (mean, mean)
-        return mean, lo, hi
+        return _over_seeds(diffs)
     a, b = estimate(rows_a, key), estimate(rows_b, key)
     return difference(a, b) if a is not None and b is not None else None
 
@@ -104,14 +116,21 @@ def verdict(diff: Estimate | None) -> str:
     return "inside its interval: not a result" if diff[1] <= 0 <= diff[2] else "interval excludes 0"
 
 
+def metric_keys(rows: Sequence[dict[str, Any]], metric: str) -> list[str]:
+    """The rows' eval keys "<metric>@<length>" (or "bucket_nll@<start>-<end>"), by length (bucket start);
+    variants such as "ppl@256:off" (another temperature setting) left out."""
+    keys = {k for r in rows for k in (r.get("eval") or {}) if k.startswith(f"{metric}@") and ":" not in k}
+    return sorted(keys, key=lambda k: int(k.split("@")[1].split("-")[0]))
+
+
 def headline_key(rows: Sequence[dict[str, Any]]) -> str | None:
     """`delta_tail_nll@<8 x train length>` when the rows have it, else the longest delta_tail_nll key."""
-    keys = {k for r in rows for k in (r.get("eval") or {}) if k.startswith("delta_tail_nll@") and ":" not in k}
+    keys = metric_keys(rows, "delta_tail_nll")
     if not keys:
         return None
-    train_len = next((r.get("train_seq_len") for r in rows if r.get("train_seq_len")), None)
+    train_len = train_length(rows)
     preferred = f"delta_tail_nll@{8 * train_len}" if train_len else None
-    return preferred if preferred in keys else max(keys, key=lambda k: int(k.split("@")[1]))
+    return preferred if preferred in keys else keys[-1]
 
 
 def headline_lines(groups: Sequence[Any], baseline: Any, keys: Sequence[str] = ()) -> list[str]:
@@ -166,30 +185,21 @@ def _compare_lines(groups: Sequence[Any], baseline: Any, keys: list[str]) -> lis
         "|---|---:|---:|---:|" + "---:|---:|" * len(keys),
     ]
 
-    def ratio(g: Any, key: str) -> str:
-        vals = [number(r.get(key)) for r in g.ok]
-        base = [number(r.get(key)) for r in (baseline.ok if baseline is not None else [])]
-        if not vals or not base or None in vals or None in base:
-            return "-"
-        return f"{statistics.fmean(vals) / statistics.fmean(base):.2f}x"
+    def vs_base(g: Any, key: str) -> str:
+        return ratio(g.mean(key), baseline.mean(key) if baseline is not None else None)
 
     for g in groups:
-        cells = [str(len(g.ok)), ratio(g, "active_params"), ratio(g, "flops_per_token")]
+        cells = [str(len(g.ok)), vs_base(g, "active_params"), vs_base(g, "flops_per_token")]
         for k in keys:
             diff = paired_difference(g.ok, baseline.ok, k) if baseline is not None and g is not baseline else None
-            cells += [fmt(estimate(g.ok, k)), "-" if diff is None else f"{fmt(diff)} ({verdict(diff)})"]
+            cells += [fmt(estimate(g.ok, k)), _effect_cell(diff)]
         lines.append(f"| {g.run} | " + " | ".join(cells) + " |")
     return [*lines, ""]
 
 
-def _bucket_keys(rows: Sequence[dict[str, Any]]) -> list[str]:
-    keys = {k for r in rows for k in (r.get("eval") or {}) if k.startswith("bucket_nll@") and ":" not in k}
-    return sorted(keys, key=lambda k: int(k.split("@")[1].split("-")[0]))
-
-
 def bucket_lines(groups: Sequence[Any]) -> list[str]:
     """A table of NLL by position bucket ([0, L), [L, 2L), ...) per run, with intervals."""
-    keys = _bucket_keys([r for g in groups for r in g.ok])
+    keys = metric_keys([r for g in groups for r in g.ok], "bucket_nll")
     if not keys:
         return []
     heads = [f"[{k.split('@')[1].replace('-', ', ')})" for k in keys]
@@ -209,7 +219,7 @@ def bucket_lines(groups: Sequence[Any]) -> list[str]:
 def draw_bucket_nll(ax: Any, groups: Sequence[Any]) -> bool:
     """Draw NLL by position bucket (x: bucket end, log2) for every run, with 95% interval bars, on `ax`;
     False when the rows hold no bucket keys."""
-    keys = _bucket_keys([r for g in groups for r in g.ok])
+    keys = metric_keys([r for g in groups for r in g.ok], "bucket_nll")
     if not keys:
         return False
     for i, g in enumerate(groups):
@@ -240,7 +250,7 @@ def factor_lines(groups: Sequence[Any], factors: dict[str, dict[str, list[str]]]
         return []
     by_run = {g.run: g for g in groups}
     rows = [r for g in groups for r in g.ok]
-    train_len = next((r.get("train_seq_len") for r in rows if r.get("train_seq_len")), None)
+    train_len = train_length(rows)
     keys = [k for k in (f"nll@{train_len}" if train_len else None, headline_key(rows)) if k]
     if not keys:
         return []

@@ -44,23 +44,31 @@ def dead_expert_fraction(tokens_per_expert: Sequence[float]) -> float:
     return sum(float(n) < DEAD_SHARE * fair for n in tokens_per_expert) / len(tokens_per_expert)
 
 
+def expert_counts(row: dict[str, Any]) -> dict[int, list[float]]:
+    """Tokens per expert by MoE layer id in one metrics row, whose `router` field train.py logs as
+    {"<layer>": {"tokens_per_expert": [...], ...}} (counts summed over the row's logging window)."""
+    return {
+        int(layer): [float(c) for c in stats["tokens_per_expert"]]
+        for layer, stats in (row.get("router") or {}).items()
+        if stats.get("tokens_per_expert")
+    }
+
+
 def summarize(metrics: Sequence[dict[str, Any]]) -> dict[str, float]:
     """The routing-health KEYS of a run from its metrics rows; empty for a dense run.
 
     Imbalance and entropy average the logged per-row values over the tail; the dead fraction
-    sums each layer's `router.<layer>.tokens_per_expert` counts over the tail rows first.
+    sums each layer's `expert_counts` over the tail rows first.
     """
     tail = tail_rows(metrics)
     if not tail:
         return {}
     out = {"routing_imbalance": statistics.fmean(float(m["load_imbalance"]) for m in tail)}
-    per_layer: dict[str, list[float]] = {}
+    per_layer: dict[int, list[float]] = {}
     for m in tail:
-        for layer, stats in (m.get("router") or {}).items():
-            counts = stats.get("tokens_per_expert")
-            if isinstance(counts, list) and counts:
-                acc = per_layer.setdefault(layer, [0.0] * len(counts))
-                per_layer[layer] = [a + float(c) for a, c in zip(acc, counts)]
+        for layer, counts in expert_counts(m).items():
+            acc = per_layer.setdefault(layer, [0.0] * len(counts))
+            per_layer[layer] = [a + c for a, c in zip(acc, counts)]
     if per_layer:
         out["routing_dead_frac"] = statistics.fmean(dead_expert_fraction(c) for c in per_layer.values())
     entropies = [float(m["router_entropy"]) for m in tail if isinstance(m.get("router_entropy"), (int, float))]

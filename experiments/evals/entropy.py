@@ -6,11 +6,10 @@ entropy of uniform attention over the p+1 visible keys. Llama 4's temperature tu
 sharpens NoPE queries at long positions to counter exactly this; measuring the entropy
 shows whether it does.
 
-The measurement uses the model's own weights and inputs and changes no model code: a
-forward pre-hook on each NoPE layer's attention captures its (normalised) input block by
-block during chunked prefill, and queries and keys are recomputed from wq/wk the way a
-NoPE layer computes them (no rotation, no QK-norm, temperature scaling when enabled).
-`nope_queries_keys` is that recomputation; the tests check it reproduces the layer output.
+The measurement uses the model's own weights, inputs and code path: a forward pre-hook on
+each NoPE layer's attention receives its (normalised) input block by block during chunked
+prefill, and `Attention.queries_keys` (the queries and keys `Attention.forward` attends with,
+temperature scaling included when enabled) forms them from the arguments the layer was called with.
 
 Shapes: B batch, L block length, T total length, H query heads, K kv heads, Dh head dim,
 S sampled queries.
@@ -18,6 +17,7 @@ S sampled queries.
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Any, Sequence
 
@@ -25,8 +25,9 @@ import numpy as np
 import torch
 
 from attention.attention import Attention
-from attention.irope import temperature_scale
 from models.transformer import Transformer
+
+_FORWARD = inspect.signature(Attention.forward)  # binds a pre-hook's arguments by name
 
 
 def nope_layers(model: Transformer) -> list[int]:
@@ -35,18 +36,11 @@ def nope_layers(model: Transformer) -> list[int]:
 
 
 def nope_queries_keys(attn: Attention, x: torch.Tensor, start_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The queries [B, H, L, Dh] and keys [B, K, L, Dh] a NoPE attention layer forms from its input x [B, L, D]."""
+    """The queries [B, H, L, Dh] and keys [B, K, L, Dh] a NoPE attention layer forms from its input x [B, L, D]
+    at positions start_pos.. (Attention.queries_keys; a NoPE layer needs no rope tables)."""
     if attn.kind.uses_rope:
         raise ValueError("nope_queries_keys applies to NoPE layers only")
-    b, length, _ = x.shape
-    q = attn.wq(x).view(b, length, attn.n_heads, attn.head_dim)
-    k = attn.wk(x).view(b, length, attn.n_kv_heads, attn.head_dim)
-    settings = attn.settings
-    if settings.temperature_tuning:
-        positions = torch.arange(start_pos, start_pos + length, device=x.device)
-        scale = temperature_scale(positions, settings.floor_scale, settings.attn_scale)
-        q = (q.float() * scale[None, :, None, None]).type_as(q)
-    return q.transpose(1, 2), k.transpose(1, 2)  # [B, heads, L, Dh]
+    return attn.queries_keys(x, rope=None, start_pos=start_pos)
 
 
 def query_entropy(q: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
@@ -73,9 +67,10 @@ class _EntropyRecorder:
         self.entropy = torch.zeros(batch, attn.n_heads, len(sample), device=device)  # [B, H, S]
 
     def __call__(self, module: Attention, args: tuple, kwargs: dict) -> None:
-        x = args[0]
-        start = args[2] if len(args) > 2 else kwargs.get("start_pos", 0)
-        q, k = nope_queries_keys(self.attn, x, start)
+        call = _FORWARD.bind(module, *args, **kwargs)  # by name, however the block passes them
+        call.apply_defaults()
+        x, start = call.arguments["x"], call.arguments["start_pos"]
+        q, k = nope_queries_keys(self.attn, x, start_pos=start)
         end = start + x.size(1)
         self.keys[:, :, start:end] = k.float()
         inside = (self.sample >= start) & (self.sample < end)

@@ -19,8 +19,9 @@ from experiments.checkpoint import (
     load_tokenizer,
 )
 from experiments.config import load_run_config
+from experiments.metrics_log import read_metrics
 from experiments.sample import cli_main as generate_main
-from experiments.train import cli_main, read_metrics, train
+from experiments.train import cli_main, train
 
 Args = Callable[..., list[str]]
 

@@ -18,7 +18,8 @@ import torch
 from experiments.checkpoint import load_checkpoint, load_model
 from experiments.config import load_run_config
 from experiments.distributed import World, launch
-from experiments.train import cli_main, read_metrics, val_batches, validation_loss
+from experiments.metrics_log import read_metrics
+from experiments.train import cli_main, val_batches, validation_loss
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 WORKER = Path(__file__).resolve().parent / "distributed_worker.py"

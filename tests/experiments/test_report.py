@@ -92,9 +92,14 @@ def test_report_plots_exist_and_are_linked(sweep_dir: Path) -> None:
 
 
 def test_router_loads_normalises_per_step() -> None:
-    metrics = [{"tokens": 10, "router": {"1": {"tokens_per_expert": [3, 1]}}}, {"tokens": 20, "router.1.load": [1, 1]}]
+    # rows as experiments/train.py logs them: per-layer router stats beside the tokens-per-expert counts
+    def row(tokens: int, counts: dict[str, list[int]]) -> dict:
+        router = {layer: {"tokens_per_expert": c, "load_imbalance": 1.5, "cv": 0.5} for layer, c in counts.items()}
+        return {"step": tokens // 10, "tokens": tokens, "loss": 2.0, "load_imbalance": 1.5, "router": router}
+
+    metrics = [row(10, {"1": [3, 1], "3": [0, 4]}), {"step": 1, "tokens": 10, "val_loss": 2.1}, row(20, {"1": [1, 1]})]
     loads = report.router_loads(metrics)
-    assert loads == {1: ([10.0, 20.0], [[0.75, 0.25], [0.5, 0.5]])}
+    assert loads == {1: ([10.0, 20.0], [[0.75, 0.25], [0.5, 0.5]]), 3: ([10.0], [[0.0, 1.0]])}
 
 
 def test_terminal_table_lists_runs_and_eval_keys(sweep_dir: Path) -> None:

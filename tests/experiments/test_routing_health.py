@@ -14,8 +14,9 @@ from experiments.ablate import _training_fields
 from experiments.config import load_run_config
 from experiments.data.tokenizer import Tokenizer
 from experiments.distributed import World
+from experiments.metrics_log import read_metrics
 from experiments.report import build_report
-from experiments.train import _RouterStats, read_metrics, train
+from experiments.train import _RouterStats, train
 from models import Transformer
 
 

@@ -7,7 +7,8 @@ from typing import Callable
 import pytest
 
 from experiments.config import OptimConfig, load_run_config
-from experiments.train import TrainingDiverged, cli_main, lr_at, param_groups, read_metrics, train
+from experiments.metrics_log import read_metrics
+from experiments.train import TrainingDiverged, cli_main, lr_at, param_groups, train
 from models import Transformer, presets
 
 Args = Callable[..., list[str]]
