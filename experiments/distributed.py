@@ -174,16 +174,6 @@ def full_state_dict(model: nn.Module, world: World) -> dict[str, torch.Tensor]:
     return state
 
 
-def all_reduce_expert_load(model: nn.Module, world: World) -> None:
-    """Sum the routers' aux-loss-free load counters over all ranks, so every replica updates its bias alike."""
-    if not world.distributed:
-        return
-    for layer in moe_layers(model):
-        load = getattr(layer.router, "expert_load", None)
-        if load is not None:
-            dist.all_reduce(load)
-
-
 # ---------------------------------------------------------------------- gradient norm
 def clip_grad_norm(params: Iterable[nn.Parameter], max_norm: float, world: World) -> torch.Tensor:
     """Clip gradients (already averaged over data-parallel ranks) to global L2 norm `max_norm`; return the norm.
@@ -349,7 +339,6 @@ def launch(nproc: int, program: list[str], module: bool = True) -> int:
 __all__ = [
     "DeepSpeedStepper",
     "World",
-    "all_reduce_expert_load",
     "clip_grad_norm",
     "deepspeed_config",
     "full_state_dict",

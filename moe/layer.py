@@ -18,8 +18,8 @@ or not) and before creating the optimizer. With DeepSpeed, `group` is
 `deepspeed.utils.groups._get_expert_parallel_group(f"ep_size_{ep_size}")` and ep_rank this
 rank's index in it. Router and shared expert stay replicated (ordinary data-parallel
 parameters); the parameters of `MoE.experts` are the expert-parallel ones, whose gradients
-are reduced over the expert-data-parallel group only. Routers' `expert_load` buffers (bias
-balancing) are summed over all data-parallel ranks before `update_expert_biases`.
+are reduced over the expert-data-parallel group only. Aux-loss-free bias balancing sums the
+routers' loads over all data-parallel ranks (moe/balance.py).
 """
 
 from __future__ import annotations
@@ -134,15 +134,4 @@ class MoE(nn.Module):
         return stats
 
 
-def update_expert_biases(model: nn.Module) -> None:
-    """Apply the aux-loss-free bias update to every router in `model` (call after optimizer.step()).
-
-    Each router's accumulated load is used and cleared; routers without bias balancing are
-    left alone. Under data parallelism, all-reduce each router's `expert_load` buffer first.
-    """
-    for module in model.modules():
-        if isinstance(module, Router):
-            module.update_bias()
-
-
-__all__ = ["MoE", "MoEOutput", "update_expert_biases"]
+__all__ = ["MoE", "MoEOutput"]

@@ -20,11 +20,9 @@ weights. Choices that MoE ablations vary are switches on `MoEConfig`:
 - Router z-loss (ST-MoE, Zoph et al. 2022, eq. 5): z = mean_tokens logsumexp(logits)².
 - Aux-loss-free balancing (DeepSeek-V3, Liu et al. 2024, §2.1.2): a per-expert bias
   b_e is added to the scores for *selection only*; the weights come from the
-  unbiased scores. Training forwards accumulate the per-expert load in the buffer
-  `expert_load`; after each optimizer step the trainer calls `update_bias()`, which
-  applies b_e += rate · sign(mean_load − load_e) and clears the accumulator. A
-  data-parallel trainer all-reduces `expert_load` (sum) over its ranks first, so
-  that every replica applies the same update.
+  unbiased scores. Training forwards add the per-expert load to the buffer
+  `expert_load`; moe/balance.py's `BiasBalancer` sums it over ranks, moves b_e and
+  clears it after each optimizer step.
 """
 
 from __future__ import annotations
@@ -138,15 +136,3 @@ class Router(nn.Module):
             z_loss=z_loss(logits),
             entropy=entropy,
         )
-
-    @torch.no_grad()
-    def update_bias(self) -> None:
-        """DeepSeek-V3 update from the accumulated load: b_e += rate · sign(mean − load_e); clears the load.
-
-        A no-op without bias balancing, or when no tokens were routed since the last update.
-        """
-        if not self.bias_balancing:
-            return
-        load = self.expert_load
-        self.expert_bias += self.bias_update_rate * torch.sign(load.mean() - load)
-        load.zero_()

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from moe.config import MoEConfig
-from moe.layer import MoE, MoEOutput, update_expert_biases
+from moe.layer import MoE, MoEOutput
 
 DIM = 16
 
@@ -122,33 +122,6 @@ def test_capacity_drop_accounting() -> None:
     torch.testing.assert_close(out.stats["dropped_frac"], torch.tensor(20 / 24))
     kept = out.out[0].abs().sum(-1) > 0
     assert kept.tolist() == [True] * capacity + [False] * (24 - capacity)  # earliest tokens are kept
-
-
-def test_aux_loss_free_balancing_reduces_imbalance() -> None:
-    layer = make_moe(num_experts=4, top_k=1, bias_balancing=True, bias_update_rate=0.02, num_shared_experts=0)
-    with torch.no_grad():
-        layer.router.gate.weight[0] += 1.0  # skew: expert 0 wins for inputs with a positive sum
-    layer.train()
-    x = (torch.randn(256, DIM).abs() * 0.5 + torch.randn(256, DIM) * 0.2).unsqueeze(0)
-    with torch.no_grad():
-        start = layer(x).stats["load_imbalance"].item()
-        layer.router.expert_load.zero_()
-        for _ in range(40):
-            layer(x)
-            update_expert_biases(layer)
-        end = layer(x).stats["load_imbalance"].item()
-    assert start == 4.0  # every token on expert 0
-    assert end < 1.3
-    assert layer.router.expert_bias[0] < 0
-
-
-def test_update_expert_biases_is_noop_without_bias_balancing() -> None:
-    layer = make_moe()
-    before = {k: v.clone() for k, v in layer.state_dict().items()}
-    layer.train()
-    layer(torch.randn(1, 8, DIM))
-    update_expert_biases(layer)
-    assert all(torch.equal(before[k], v) for k, v in layer.state_dict().items())
 
 
 def test_meta_construction_does_not_allocate() -> None:
