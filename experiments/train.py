@@ -14,9 +14,10 @@ The learning rate is a pure function of the step (linear warmup, cosine decay), 
 checkpoint's step restores the schedule.
 
 Outputs in run_dir: config.yaml (resolved), metrics.jsonl (one JSON object per logged
-step, see `_Metrics`), checkpoints/ (experiments/checkpoint.py). Progress: a tqdm bar on an
-interactive terminal, plain log lines otherwise. A non-finite loss or gradient norm stops
-the run with `TrainingDiverged` before the optimizer applies it.
+step, see `_Metrics`; written and read by experiments/metrics_log.py), checkpoints/
+(experiments/checkpoint.py). Progress: a tqdm bar on an interactive terminal, plain log
+lines otherwise. A non-finite loss or gradient norm stops the run with `TrainingDiverged`
+before the optimizer applies it.
 
 Stopping early (experiments/runctl.py): the process that trains holds the run directory's lock
 (rank 0 under --nproc). SIGTERM or SIGINT, or `train.time_limit_s` running out, finishes the
@@ -27,7 +28,6 @@ current step, saves a checkpoint on every rank and raises `Stopped`; the exit st
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -41,11 +41,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from experiments import checkpoint as ckpt_io
-from experiments import routing_health, runctl
+from experiments import metrics_log, routing_health, runctl
 from experiments.config import ConfigError, OptimConfig, RunConfig, load_run_config
 from experiments.data.batches import MixedBatches, PackedBatches, ResumableBatches, ValidationBatches
 from experiments.data.corpus import load_corpus
-from experiments.data.tasks import IGNORE_INDEX, task_sources
+from experiments.data.task_mix import task_sources
+from experiments.data.tasks import IGNORE_INDEX
 from experiments.data.tokenizer import Tokenizer
 from experiments.distributed import (
     World,
@@ -262,11 +263,11 @@ class _Metrics:
 
     def __init__(self, cfg: RunConfig, world: World, start_step: int) -> None:
         self.enabled = world.is_main
-        self.path = Path(cfg.run_dir) / "metrics.jsonl"
+        self.run_dir = cfg.run_dir
         self.max_steps = cfg.train.max_steps
         self.bar = None
         if self.enabled:
-            _truncate_metrics(self.path, start_step)
+            metrics_log.truncate(self.run_dir, start_step)
             show = cfg.train.progress if cfg.train.progress is not None else sys.stderr.isatty()
             if show:
                 from tqdm import tqdm
@@ -289,8 +290,7 @@ class _Metrics:
     def write(self, row: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        metrics_log.append(self.run_dir, row)
         if self.bar is None or "val_loss" in row:
             val = f" | val {row['val_loss']:.4f}" if "val_loss" in row else ""
             moe = f" | imbalance {row['load_imbalance']:.2f}" if "load_imbalance" in row else ""
@@ -302,37 +302,6 @@ class _Metrics:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-
-
-def _truncate_metrics(path: Path, last_step: int) -> None:
-    """Drop rows after `last_step` (logged after the checkpoint a run resumes from), and any torn line."""
-    if not path.exists():
-        return
-    keep = []
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
-        if row.get("step", 0) <= last_step:
-            keep.append(line + "\n")
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(keep))
-    os.replace(tmp, path)
-
-
-def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
-    """The rows of a run's metrics.jsonl."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except ValueError:
-            continue  # a line torn by a crash mid-write; the next resume drops it
-    return rows
 
 
 # ---------------------------------------------------------------------- the loop
@@ -371,7 +340,7 @@ def _train(cfg: RunConfig, world: World, control: runctl.StopControl, t0: float)
         layout = {"world_size": world.size, "ep_size": world.ep_size, "zero_stage": cfg.distributed.zero_stage}
         ckpt_io.check_resumable(resume_path, meta, saved_cfg, cfg, layout)
         if meta["step"] >= cfg.train.max_steps:
-            rows = read_metrics(run_dir)
+            rows = metrics_log.read_metrics(run_dir)
             if world.is_main:
                 step, max_steps = meta["step"], cfg.train.max_steps
                 print(f"{resume_path} is at step {step} >= train.max_steps={max_steps}; nothing to do")
@@ -426,7 +395,7 @@ def _train(cfg: RunConfig, world: World, control: runctl.StopControl, t0: float)
         result = _loop(cfg, world, stepper, batches, validation, metrics, start, control)
     finally:
         metrics.close()
-    if world.is_main and (health := routing_health.summarize(read_metrics(run_dir))):
+    if world.is_main and (health := routing_health.summarize(metrics_log.read_metrics(run_dir))):
         print(routing_health.describe(health), flush=True)
     return {**summary, **result, "wall_s": time.perf_counter() - t0}
 
