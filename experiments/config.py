@@ -23,7 +23,6 @@ Every error is a `ConfigError(key, message)`: it names the dotted key and the fi
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -35,6 +34,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from experiments.data.task_mix import TaskMix
 from experiments.data.tokenizer import Tokenizer
+from experiments.errors import write_text_atomic
 from experiments.evals.options import LongContextEvalConfig
 from experiments.overrides import as_layer, merge, omegaconf_message, read_yaml_file, to_dataclass, unflatten
 from models import presets
@@ -176,9 +176,7 @@ class RunConfig:
         """Write the resolved config atomically (a reader never sees half a file)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(self.to_yaml())
-        os.replace(tmp, path)
+        write_text_atomic(path, self.to_yaml(), "the run config")
 
 
 # ---------------------------------------------------------------------- loading

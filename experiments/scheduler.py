@@ -37,9 +37,7 @@ RESULTS_FILE = "results.jsonl"
 
 def write_json_atomic(path: Path, data: Any) -> None:
     """Write JSON to a temporary file and rename it into place, so readers never see half a file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=str) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(data, indent=1, default=str) + "\n", path.name)
 
 
 def completed_row(run_dir: Path, plan: PlannedRun) -> Optional[dict[str, Any]]:

@@ -41,6 +41,7 @@ from omegaconf import OmegaConf
 
 from experiments.data.corpus import Corpus
 from experiments.data.tokenizer import Tokenizer
+from experiments.errors import write_text_atomic
 from experiments.evals.entropy import nope_attention_entropy, nope_layers
 from experiments.evals.options import EVALS, LongContextEvalConfig
 from experiments.evals.perplexity import heldout_windows, perplexity_vs_length
@@ -284,9 +285,7 @@ def write_results(result: dict[str, Any], out_dir: Path, *, plots: bool = True, 
     """Write <out_dir>/<suite>.json and, when asked, the PNG plots next to it; returns the JSON path."""
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{suite}.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    tmp.replace(path)
+    write_text_atomic(path, json.dumps(result, indent=1), "the evaluation results")
     if plots:
         from experiments.evals.plots import plot_passkey, plot_perplexity, plot_position_nll
 
