@@ -9,9 +9,9 @@ afterwards, here, in this order:
    On several nodes run DeepSpeed's launcher yourself with a hostfile (see the README).
 2. `init_world(cfg)` in each worker joins the process group through DeepSpeed
    (gloo on CPU, NCCL on GPU) and, for `distributed.ep_size` > 1, creates DeepSpeed's
-   expert-parallel and expert-data-parallel groups (`deepspeed.utils.groups`,
-   group name "ep_size_<n>": ranks [0..n), [n..2n), ... hold one copy of all experts
-   each; ranks with the same position in those groups hold the same experts).
+   expert-parallel and expert-data-parallel groups (group name "ep_size_<n>": ranks
+   [0..n), [n..2n), ... hold one copy of all experts each; ranks with the same position
+   in those groups hold the same experts).
 3. `shard_experts(model, world)` keeps each rank's slice of the routed experts
    (`moe.layer.MoE.set_expert_parallel`: tokens then reach their experts by all-to-all
    in moe/dispatch.py) and marks the expert parameters the way DeepSpeed's MoE expects
@@ -25,7 +25,7 @@ Two things DeepSpeed does not do for a model whose MoE layers are not DeepSpeed'
 `deepspeed.moe.layer.MoE`, and what is done instead:
 
 - The engine switches its expert-parallel gradient path on only when it finds its own
-  MoE modules. `_ExpertParallelEngine` switches it on when expert parameters are marked.
+  MoE modules; `deepspeed_compat.build_engine` switches it on when expert parameters are marked.
 - DeepSpeed's stage-0 gradient clipping averages per-rank gradient norms, which is not
   the global norm once ranks hold different experts. At stage 0 the engine's clipping is
   off and `clip_grad_norm` below computes the exact global norm (replicated parameters
@@ -36,6 +36,9 @@ Two things DeepSpeed does not do for a model whose MoE layers are not DeepSpeed'
 bf16 runs use torch.autocast with fp32 weights, gradients and optimizer states in both
 the single-process and the DeepSpeed path (DeepSpeed's own bf16 mode is not enabled), so
 the two paths compute the same thing.
+
+Every DeepSpeed private API (the expert-parallel groups, the engine subclass) lives in
+experiments/deepspeed_compat.py, which checks the installed DeepSpeed release against the tested range.
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from experiments import deepspeed_compat
 from experiments.config import RunConfig
 from experiments.runctl import Aborted, forward_signals
 from moe.layer import MoE
@@ -111,7 +115,6 @@ def init_world(cfg: RunConfig) -> World:
         return World(device=device)
 
     import deepspeed
-    from deepspeed.utils import groups
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
@@ -125,13 +128,8 @@ def init_world(cfg: RunConfig) -> World:
     world = World(rank=dist.get_rank(), size=dist.get_world_size(), local_rank=local_rank, device=device)
     ep = cfg.distributed.ep_size
     if ep > 1:
-        name = f"ep_size_{ep}"
-        if name not in groups._get_expert_parallel_group_dict():
-            groups._create_expert_and_data_parallel(ep)
         world.ep_size = ep
-        world.ep_group_name = name
-        world.ep_group = groups._get_expert_parallel_group(name)
-        world.ep_rank = groups._get_expert_parallel_rank(name)
+        world.ep_group_name, world.ep_group, world.ep_rank = deepspeed_compat.expert_parallel_group(ep)
     return world
 
 
@@ -216,25 +214,6 @@ def deepspeed_config(cfg: RunConfig, world: World) -> dict[str, Any]:
     }
 
 
-def _engine_class() -> type:
-    from deepspeed import DeepSpeedEngine
-
-    class _ExpertParallelEngine(DeepSpeedEngine):
-        """DeepSpeed's engine, told that the model has MoE layers when expert parameters are marked.
-
-        DeepSpeed detects MoE only through its own `deepspeed.moe.layer.MoE` modules; our
-        layers are plain PyTorch, so the flag is set from the parameter marking instead,
-        before the engine builds its (ZeRO) optimizer and gradient reduction.
-        """
-
-        def _configure_distributed_model(self, model: nn.Module) -> None:
-            super()._configure_distributed_model(model)
-            if any(is_expert_param(p) for p in model.parameters()):
-                self.has_moe_layers = True
-
-    return _ExpertParallelEngine
-
-
 def moe_param_groups(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Split optimizer parameter groups into dense and per-expert-group MoE groups, as DeepSpeed's ZeRO needs."""
     from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
@@ -246,13 +225,13 @@ class DeepSpeedStepper:
     """Forward, backward and optimizer step through a DeepSpeed engine (ZeRO 0-2, expert parallelism)."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, cfg: RunConfig, world: World) -> None:
-        """Build the engine the way `deepspeed.initialize` does (its process group is `init_world`'s),
-        but with `_ExpertParallelEngine` so that marked expert parameters get DeepSpeed's MoE handling."""
-        from deepspeed.runtime.config import DeepSpeedConfig
-
-        ds_config = deepspeed_config(cfg, world)
-        self.engine = _engine_class()(
-            args=None, model=model, optimizer=optimizer, config=ds_config, config_class=DeepSpeedConfig(ds_config)
+        """Build the engine in `init_world`'s process group; marked expert parameters (`shard_experts`)
+        get DeepSpeed's MoE gradient handling (DeepSpeed detects only its own MoE modules)."""
+        self.engine = deepspeed_compat.build_engine(
+            model,
+            optimizer,
+            deepspeed_config(cfg, world),
+            expert_parallel=any(is_expert_param(p) for p in model.parameters()),
         )
         self.world = world
         self.zero_stage = cfg.distributed.zero_stage
@@ -312,6 +291,7 @@ def launch(nproc: int, program: list[str], module: bool = True) -> int:
     The launcher runs in its own session, so a terminal's Ctrl-C reaches this process only; SIGTERM
     and SIGINT are passed on once to every worker (experiments/runctl.py), so each saves and stops.
     """
+    deepspeed_compat.check_installed()  # one clear error here rather than one per worker
     root = str(Path(__file__).resolve().parent.parent)
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)

@@ -14,10 +14,10 @@ Expert parallelism: `MoE.set_expert_parallel(group, ep_rank, ep_size)` keeps onl
 rank's slice of the routed experts (global experts [ep_rank·E/ep_size, (ep_rank+1)·E/ep_size))
 and routes token-slots to their owners through an all-to-all over `group` (see
 moe/dispatch.py). Call it on every MoE layer after building the model (on the meta device
-or not) and before creating the optimizer. With DeepSpeed, `group` is
-`deepspeed.utils.groups._get_expert_parallel_group(f"ep_size_{ep_size}")` and ep_rank this
-rank's index in it. Router and shared expert stay replicated (ordinary data-parallel
-parameters); the parameters of `MoE.experts` are the expert-parallel ones, whose gradients
+or not) and before creating the optimizer. With DeepSpeed, `group` and ep_rank (this rank's
+index in it) come from `experiments.deepspeed_compat.expert_parallel_group(ep_size)`. Router
+and shared expert stay replicated (ordinary data-parallel parameters); the parameters of
+`MoE.experts` are the expert-parallel ones, whose gradients
 are reduced over the expert-data-parallel group only. Aux-loss-free bias balancing sums the
 routers' loads over all data-parallel ranks (moe/balance.py).
 """

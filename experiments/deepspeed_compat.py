@@ -1,0 +1,146 @@
+"""Every DeepSpeed private API llamoe uses, in one version-checked place.
+
+llamoe's MoE layers are plain PyTorch, not `deepspeed.moe.layer.MoE`, so expert parallelism
+needs what DeepSpeed offers only privately:
+
+- the expert-parallel and expert-data-parallel process groups (`deepspeed.utils.groups`:
+  `_create_expert_and_data_parallel`, `_get_expert_parallel_group_dict`,
+  `_get_expert_parallel_group`, `_get_expert_parallel_rank`);
+- the engine's MoE gradient path, which DeepSpeed switches on only for its own MoE modules:
+  a `DeepSpeedEngine` subclass overriding `_configure_distributed_model` switches it on for
+  marked expert parameters, and is built through the engine's constructor as
+  `deepspeed.initialize` does.
+
+Private names change between releases without notice, so only the DeepSpeed releases this
+project was tested with (`SUPPORTED`, the same range as pyproject.toml) are accepted; any other
+version, or a missing private name, stops with the installed version, the range and the fix.
+Nothing else in the project may touch a DeepSpeed private name (a test greps the tree).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.metadata
+import re
+from typing import Any
+
+from torch import nn
+
+from experiments.errors import UserError
+
+# The tested range; pyproject.toml pins the same one (tests/experiments/test_deepspeed_compat.py).
+SUPPORTED = ">=0.17.6,<0.20"
+_LOWEST = (0, 17, 6)  # inclusive
+_BELOW = (0, 20, 0)  # exclusive
+
+_GROUP_FUNCTIONS = (
+    "_create_expert_and_data_parallel",
+    "_get_expert_parallel_group_dict",
+    "_get_expert_parallel_group",
+    "_get_expert_parallel_rank",
+)
+
+
+class DeepSpeedVersionError(UserError):
+    """The installed DeepSpeed is outside the tested range or lacks a private name llamoe relies on."""
+
+
+def _advice(found: str) -> str:
+    return (
+        f"{found}; llamoe supports deepspeed{SUPPORTED} (it relies on DeepSpeed private APIs that change "
+        f"between releases, see experiments/deepspeed_compat.py). Install a supported version: "
+        f"pip install 'deepspeed{SUPPORTED}'"
+    )
+
+
+def check_version(version: str) -> None:
+    """Raise DeepSpeedVersionError unless the DeepSpeed version string `version` lies in SUPPORTED."""
+    match = re.match(r"(\d+)\.(\d+)(?:\.(\d+))?", version)
+    if match is None or not _LOWEST <= (int(match[1]), int(match[2]), int(match[3] or 0)) < _BELOW:
+        raise DeepSpeedVersionError(_advice(f"deepspeed {version} is installed"))
+
+
+def installed_version() -> str:
+    """The installed DeepSpeed's version, read from its metadata (without importing it)."""
+    try:
+        return importlib.metadata.version("deepspeed")
+    except importlib.metadata.PackageNotFoundError:
+        raise DeepSpeedVersionError(_advice("deepspeed is not installed")) from None
+
+
+def check_installed() -> None:
+    """Fail fast, before DeepSpeed is imported, if the installed release is outside SUPPORTED."""
+    check_version(installed_version())
+
+
+@functools.lru_cache(maxsize=None)
+def check_private_api() -> None:
+    """Check the installed version, then import DeepSpeed and check every private name used here exists."""
+    check_installed()
+    from deepspeed import DeepSpeedEngine
+    from deepspeed.utils import groups
+
+    missing = [f"deepspeed.utils.groups.{name}" for name in _GROUP_FUNCTIONS if not hasattr(groups, name)]
+    if not hasattr(DeepSpeedEngine, "_configure_distributed_model"):
+        missing.append("DeepSpeedEngine._configure_distributed_model")
+    if missing:
+        raise DeepSpeedVersionError(_advice(f"deepspeed {installed_version()} lacks {', '.join(missing)}"))
+
+
+def expert_parallel_group(ep_size: int) -> tuple[str, Any, int]:
+    """(name, process group, this rank's index in it) of the expert-parallel group of `ep_size` ranks.
+
+    DeepSpeed names it "ep_size_<n>": ranks [0..n), [n..2n), ... hold one copy of all experts each.
+    It is created, with its expert-data-parallel groups, on first use (collective: every rank calls).
+    """
+    check_private_api()
+    from deepspeed.utils import groups
+
+    name = f"ep_size_{ep_size}"
+    if name not in groups._get_expert_parallel_group_dict():
+        groups._create_expert_and_data_parallel(ep_size)
+    return name, groups._get_expert_parallel_group(name), groups._get_expert_parallel_rank(name)
+
+
+@functools.lru_cache(maxsize=None)
+def _expert_parallel_engine_class() -> type:
+    check_private_api()
+    from deepspeed import DeepSpeedEngine
+
+    class ExpertParallelEngine(DeepSpeedEngine):
+        """DeepSpeed's engine with its MoE gradient path on, set before it builds its (ZeRO) optimizer.
+
+        DeepSpeed sets `has_moe_layers` only when it finds its own `deepspeed.moe.layer.MoE` modules.
+        """
+
+        def _configure_distributed_model(self, model: nn.Module) -> None:
+            super()._configure_distributed_model(model)
+            self.has_moe_layers = True
+
+    return ExpertParallelEngine
+
+
+def build_engine(model: nn.Module, optimizer: Any, ds_config: dict[str, Any], *, expert_parallel: bool) -> Any:
+    """A DeepSpeed engine around `model` and `optimizer`, built the way `deepspeed.initialize` builds one
+    (in the process group already joined); `expert_parallel` switches on DeepSpeed's MoE gradient handling
+    for parameters marked `allreduce=False` with a `group_name`."""
+    check_private_api()
+    from deepspeed import DeepSpeedEngine
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    engine_class = _expert_parallel_engine_class() if expert_parallel else DeepSpeedEngine
+    return engine_class(
+        args=None, model=model, optimizer=optimizer, config=ds_config, config_class=DeepSpeedConfig(ds_config)
+    )
+
+
+__all__ = [
+    "SUPPORTED",
+    "DeepSpeedVersionError",
+    "build_engine",
+    "check_installed",
+    "check_private_api",
+    "check_version",
+    "expert_parallel_group",
+    "installed_version",
+]
