@@ -22,6 +22,7 @@ Every error is a `ConfigError(key, message)`: it names the dotted key and the fi
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
@@ -116,6 +117,7 @@ class TrainConfig:
     device: str = "auto"  # auto (cuda if present) | cpu | cuda
     progress: Optional[bool] = None  # progress bar; null: only on an interactive terminal
     time_limit_s: Optional[float] = None  # wall clock of one invocation; stops and saves before it (exit 124)
+    tensorboard: bool = False  # also write TensorBoard events under run_dir/tb (the `tb` extra)
 
 
 @dataclass
@@ -377,6 +379,12 @@ def validate(cfg: RunConfig, world_size: Optional[int] = 1, check_machine: bool 
     need(limit is None or limit > 0, "train.time_limit_s", f"must be > 0 seconds or null, got {limit}")
     need(t.precision in PRECISIONS, "train.precision", f"must be one of {'|'.join(PRECISIONS)}, got {t.precision!r}")
     need(t.device in DEVICES, "train.device", f"must be one of {'|'.join(DEVICES)}, got {t.device!r}")
+    if check_machine and t.tensorboard:
+        need(
+            importlib.util.find_spec("tensorboard") is not None,
+            "train.tensorboard",
+            "needs the tensorboard package: pip install -e '.[tb]' (or set train.tensorboard=false)",
+        )
     if check_machine and t.device == "cuda":
         need(torch.cuda.is_available(), "train.device", "is cuda but this machine has no CUDA device; use auto or cpu")
     need(t.batch_size >= 1, "train.batch_size", f"must be >= 1, got {t.batch_size}")

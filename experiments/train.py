@@ -58,6 +58,7 @@ from experiments.distributed import (
     shard_experts,
 )
 from experiments.errors import USAGE, UserError, exit_status, report
+from experiments.tensorboard_log import TensorBoardLog
 from models.transformer import ModelOutput, Transformer
 from moe.balance import BiasBalancer
 
@@ -266,8 +267,11 @@ class _Metrics:
         self.run_dir = cfg.run_dir
         self.max_steps = cfg.train.max_steps
         self.bar = None
+        self.tb: TensorBoardLog | None = None
         if self.enabled:
             metrics_log.truncate(self.run_dir, start_step)
+            if cfg.train.tensorboard:  # mirrors the rows; events after the checkpoint's step are purged
+                self.tb = TensorBoardLog(self.run_dir, purge_step=start_step + 1)
             show = cfg.train.progress if cfg.train.progress is not None else sys.stderr.isatty()
             if show:
                 from tqdm import tqdm
@@ -291,6 +295,8 @@ class _Metrics:
         if not self.enabled:
             return
         metrics_log.append(self.run_dir, row)
+        if self.tb is not None:
+            self.tb.write_row(row)
         if self.bar is None or "val_loss" in row:
             val = f" | val {row['val_loss']:.4f}" if "val_loss" in row else ""
             moe = f" | imbalance {row['load_imbalance']:.2f}" if "load_imbalance" in row else ""
@@ -302,6 +308,8 @@ class _Metrics:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+        if self.tb is not None:
+            self.tb.close()
 
 
 # ---------------------------------------------------------------------- the loop

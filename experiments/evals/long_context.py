@@ -352,7 +352,14 @@ def evaluate_run(
     result = evaluate(model, tokenizer, opts, train_len=cfg.train.seq_len, heldout=heldout)
     meta_step = int(read_meta(checkpoint_path(run_dir, step))["step"])
     result = {"run_dir": str(run_dir), "step": meta_step, **result}
-    write_results(result, out_dir or Path(run_dir) / "eval", plots=opts.plots, suite=suite)
+    out_dir = out_dir or Path(run_dir) / "eval"
+    write_results(result, out_dir, plots=opts.plots, suite=suite)
+    if cfg.train.tensorboard:  # beside the run's training curves, at the evaluated checkpoint's step
+        from experiments.tensorboard_log import TensorBoardLog
+
+        tb = TensorBoardLog(out_dir.parent)
+        tb.write_eval({k: v for k, v in result.items() if "@" in k}, meta_step)
+        tb.close()
     return result, cfg
 
 
