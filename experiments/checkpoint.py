@@ -5,7 +5,8 @@ Layout of `run_dir/checkpoints/`:
     step_<N>/
         meta.json      step, tokens seen, the process layout (world size, ep_size, ZeRO stage)
         config.yaml    the resolved run config at save time
-        model.pt       the whole model's state dict (experts of every rank gathered)
+        model.pt       the whole model's state dict (experts of every rank gathered); read
+                       memory-mapped, so a resuming expert-parallel rank reads only its experts
         rank<r>.pt     per rank: optimizer state (its ZeRO partition / its experts' moments),
                        data position (the batch iterator's state_dict), RNG states
                        (python, numpy, torch, cuda)
@@ -66,7 +67,8 @@ class NoCheckpoint(CheckpointError, UsageError):
 
 @dataclass
 class Checkpoint:
-    """One loaded checkpoint: where it is, its metadata, the full model state and this rank's state."""
+    """One loaded checkpoint: where it is, its metadata, the full model state (memory-mapped: tensors are
+    read when used) and this rank's state."""
 
     path: Path
     step: int
@@ -289,11 +291,11 @@ def checkpoint_path(run_dir: Union[str, Path], step: Optional[int] = None) -> Pa
     return path
 
 
-def _load_file(path: Path, weights_only: bool) -> Any:
+def _load_file(path: Path, weights_only: bool, mmap: bool = False) -> Any:
     if not path.is_file():
         raise CheckpointError(f"checkpoint file {path} is missing; the checkpoint is incomplete")
     try:
-        return torch.load(path, map_location="cpu", weights_only=weights_only)
+        return torch.load(path, map_location="cpu", weights_only=weights_only, mmap=mmap)
     except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as e:
         raise CheckpointError(
             f"checkpoint file {path} is unreadable ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
@@ -323,7 +325,7 @@ def load_checkpoint(path: Path, rank: int = 0, all_ok: Callable[[bool], bool] = 
     error: Optional[CheckpointError] = None
     try:
         meta = read_meta(path)
-        model = _load_file(path / "model.pt", weights_only=True)
+        model = _load_file(path / "model.pt", weights_only=True, mmap=True)
         rank_state = _load_file(path / f"rank{rank}.pt", weights_only=False)
     except CheckpointError as e:
         error = e
@@ -380,7 +382,7 @@ def load_model(
     if model_overrides:
         cfg = load_run_config(cfg.to_dict(), model_overrides, world_size=None, check_machine=False)
     read_meta(path)
-    state = _load_file(path / "model.pt", weights_only=True)
+    state = _load_file(path / "model.pt", weights_only=True, mmap=True)
     try:
         model = build_model(cfg.model, device=device, state_dict=state)
     except RuntimeError as e:

@@ -12,11 +12,12 @@ afterwards, here, in this order:
    expert-parallel and expert-data-parallel groups (group name "ep_size_<n>": ranks
    [0..n), [n..2n), ... hold one copy of all experts each; ranks with the same position
    in those groups hold the same experts).
-3. `shard_experts(model, world)` keeps each rank's slice of the routed experts
-   (`moe.layer.MoE.set_expert_parallel`: tokens then reach their experts by all-to-all
-   in moe/dispatch.py) and marks the expert parameters the way DeepSpeed's MoE expects
-   (`allreduce = False`, `group_name`), so their gradients are averaged over the
-   expert-data-parallel group instead of the whole world.
+3. `models.build.build_model(..., ep_rank, ep_size, ep_group)` materialises only each rank's
+   slice of the routed experts (`moe.layer.MoE.set_expert_parallel`: tokens then reach
+   their experts by all-to-all in moe/dispatch.py), and `mark_expert_params(model, world)`
+   marks those parameters the way DeepSpeed's MoE expects (`allreduce = False`,
+   `group_name`), so their gradients are averaged over the expert-data-parallel group
+   instead of the whole world.
 4. `DeepSpeedStepper` wraps `deepspeed`'s engine (ZeRO stage 0-2) around the model and
    a torch AdamW whose parameter groups are split into dense and MoE groups by
    `deepspeed.moe.utils.split_params_into_different_moe_groups_for_optimizer`.
@@ -143,12 +144,12 @@ def is_expert_param(param: nn.Parameter) -> bool:
     return getattr(param, "allreduce", True) is False
 
 
-def shard_experts(model: nn.Module, world: World) -> None:
-    """Keep this rank's experts in every MoE layer and mark them for DeepSpeed (call before the optimizer)."""
+def mark_expert_params(model: nn.Module, world: World) -> None:
+    """Mark the routed experts of a model built for this rank (models/build.py) for DeepSpeed (call
+    before the optimizer)."""
     if world.ep_size == 1:
         return
     for layer in moe_layers(model):
-        layer.set_expert_parallel(world.ep_group, world.ep_rank, world.ep_size)
         for param in layer.experts.parameters():
             param.allreduce = False  # type: ignore[attr-defined]
             param.group_name = world.ep_group_name  # type: ignore[attr-defined]
@@ -225,7 +226,7 @@ class DeepSpeedStepper:
     """Forward, backward and optimizer step through a DeepSpeed engine (ZeRO 0-2, expert parallelism)."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, cfg: RunConfig, world: World) -> None:
-        """Build the engine in `init_world`'s process group; marked expert parameters (`shard_experts`)
+        """Build the engine in `init_world`'s process group; marked expert parameters (`mark_expert_params`)
         get DeepSpeed's MoE gradient handling (DeepSpeed detects only its own MoE modules)."""
         self.engine = deepspeed_compat.build_engine(
             model,
@@ -325,7 +326,7 @@ __all__ = [
     "init_world",
     "is_expert_param",
     "launch",
+    "mark_expert_params",
     "moe_layers",
     "moe_param_groups",
-    "shard_experts",
 ]

@@ -54,12 +54,13 @@ from experiments.distributed import (
     full_state_dict,
     init_world,
     launch,
+    mark_expert_params,
     moe_param_groups,
-    shard_experts,
 )
 from experiments.errors import USAGE, UserError, exit_status, report
 from experiments.tensorboard_log import TensorBoardLog
-from models.transformer import ModelOutput, Transformer
+from models.build import build_model
+from models.transformer import ModelOutput
 from moe.balance import BiasBalancer
 
 
@@ -371,14 +372,19 @@ def _train(cfg: RunConfig, world: World, control: runctl.StopControl, t0: float)
     validation = val_batches(cfg, tokenizer, world)
 
     torch.manual_seed(cfg.train.seed)
-    with torch.device(world.device):
-        model = Transformer(cfg.model)
     state = None
     if resume_path is not None:
         state = ckpt_io.load_checkpoint(resume_path, world.rank, lambda ok: runctl.all_ok(ok, world.distributed))
-    if state is not None:
-        model.load_state_dict(state.model)
-    shard_experts(model, world)
+    model = build_model(  # this rank's experts only; a resume reads only those of the checkpoint
+        cfg.model,
+        device=world.device,
+        seed=cfg.train.seed,
+        state_dict=state.model if state is not None else None,
+        ep_rank=world.ep_rank,
+        ep_size=world.ep_size,
+        ep_group=world.ep_group,
+    )
+    mark_expert_params(model, world)
     optimizer = build_optimizer(model, cfg, world)
     stepper: Stepper
     if world.distributed:
