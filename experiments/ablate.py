@@ -63,14 +63,29 @@ def _training_fields(summary: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     return out
 
 
+def _spent_before(plan: PlannedRun, run_dir: Path) -> dict[str, Any]:
+    """For a run started from another run's weights: that run (`init_from_run_dir`) and the training tokens
+    and FLOPs spent to produce its weights (`init_tokens`, `init_flops`, chained), so curves compare at equal
+    total cost."""
+    if plan.init_from is None:
+        return {}
+    source = json.loads((run_dir.parent / plan.init_from / DONE_FILE).read_text())["row"]
+    return {
+        "init_from_run_dir": plan.init_from,
+        "init_tokens": (source.get("tokens") or 0) + source.get("init_tokens", 0),
+        "init_flops": (source.get("tokens") or 0) * (source.get("flops_per_token") or 0) + source.get("init_flops", 0),
+    }
+
+
 def run_one(plan: PlannedRun, run_dir: Path) -> dict[str, Any]:
     """Train (unless eval-only), evaluate, and return the run's results row."""
     if plan.reuse is None:
         from experiments.config import load_run_config
         from experiments.train import train
 
-        cfg = load_run_config(plan.base, {**plan.overrides, "run_dir": str(run_dir)})
-        training = _training_fields(train(cfg), run_dir)
+        start = {"init_from": str(run_dir.parent / plan.init_from)} if plan.init_from else {}
+        cfg = load_run_config(plan.base, {**plan.overrides, **start, "run_dir": str(run_dir)})
+        training = {**_training_fields(train(cfg), run_dir), **_spent_before(plan, run_dir)}
         source_dir = run_dir
     else:
         source_dir = run_dir.parent / plan.reuse

@@ -139,7 +139,7 @@ def run_sweep(
     `--worker` mode), which writes the run's DONE_FILE or ERROR_FILE.
 
     A run that fails gets a `failed` row and the others go on; an eval-only run
-    waits for the run it reuses and fails if that one failed. results.jsonl is
+    (or one that starts from another run's weights) waits for that run and fails if it failed. results.jsonl is
     rewritten after every run, so a sweep in progress can already be inspected.
     SIGTERM/SIGINT are passed on to the running workers; once they saved, this raises
     runctl.Stopped (rows so far are in results.jsonl, stopped runs `interrupted`).
@@ -187,18 +187,22 @@ def run_sweep(
                     record(plan, row)
                     say(f"{plan.name}: already complete, skipped")
                     continue
-                if plan.reuse is not None:
-                    dep = rows.get(plan.reuse)
+                if plan.depends_on is not None:
+                    dep = rows.get(plan.depends_on)
                     if dep is None:
-                        continue  # the checkpoint it evaluates is not trained yet
+                        continue  # the checkpoint it evaluates or starts from is not trained yet
                     if dep["status"] != "done":
                         queue.remove(plan)
-                        record(plan, failed_row(plan, f"the reused run {plan.reuse} failed"))
-                        say(f"{plan.name}: FAILED, the reused run {plan.reuse} failed")
+                        record(plan, failed_row(plan, f"the run it depends on, {plan.depends_on}, failed"))
+                        say(f"{plan.name}: FAILED, the run it depends on, {plan.depends_on}, failed")
                         continue
                 queue.remove(plan)
                 running[plan.name] = _launch(plan, sweep_dir, worker, threads, out, lock)
-                say(f"{plan.name}: started" + (f" (evaluating {plan.reuse}'s checkpoint)" if plan.reuse else ""))
+                say(
+                    f"{plan.name}: started"
+                    + (f" (evaluating {plan.reuse}'s checkpoint)" if plan.reuse else "")
+                    + (f" (from {plan.init_from}'s weights)" if plan.init_from else "")
+                )
             finished = [w for w in running.values() if w.proc.poll() is not None]
             for w in finished:
                 w.reader.join()

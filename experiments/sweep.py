@@ -16,6 +16,9 @@ product of overrides), seeds, and the evaluations to run after training:
       moe-temp:                       # eval-only: evaluate another run's checkpoint
         reuse: moe
         eval_overrides: {model.attention.temperature_tuning: true}
+      moe-upcycled:                   # init_from naming a run of the sweep: start from its final weights
+        model: llama4-tiny            # (same grid point and seed; it runs after that run); a path is a path
+        init_from: dense
     grid: {optim.lr: [1.0e-3, 3.0e-3]}  # optional; every run x every combination
     seeds: [0, 1]                     # optional; sets train.seed, adds -s<seed> to run names
     baseline: dense                   # optional; ratio columns are against it (default: the first run)
@@ -94,6 +97,7 @@ class RunSpec:
     overrides: dict[str, Any]
     reuse: Optional[str] = None
     eval_overrides: dict[str, Any] = field(default_factory=dict)
+    init_from: Optional[str] = None  # a run of this sweep whose final weights this run starts from
 
 
 @dataclass(frozen=True)
@@ -126,10 +130,19 @@ class PlannedRun:
     eval: dict[str, dict[str, Any]]  # evaluation suite -> its options
     reuse: Optional[str] = None  # name of the planned run whose checkpoint this eval-only run uses
     eval_overrides: dict[str, Any] = field(default_factory=dict)
+    init_from: Optional[str] = None  # name of the planned run whose final weights this run starts from
+
+    @property
+    def depends_on(self) -> Optional[str]:
+        """The planned run that must finish first (the one reused or started from)."""
+        return self.reuse or self.init_from
 
     def fingerprint(self) -> str:
         """Hash of everything that decides this run's outcome; a changed fingerprint means "run again"."""
-        blob = json.dumps(asdict(self), sort_keys=True, default=str)
+        fields = asdict(self)
+        if fields["init_from"] is None:  # absent, as before the key existed: finished sweeps stay complete
+            del fields["init_from"]
+        blob = json.dumps(fields, sort_keys=True, default=str)
         return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
     @classmethod
@@ -216,6 +229,8 @@ def _parse_runs(value: Any) -> dict[str, RunSpec]:
             raise SweepError(key, f"must be a mapping of overrides (or empty), got {type(body).__name__}")
         body = dict(body or {})
         reuse = body.pop("reuse", None)
+        named = body.get("init_from")
+        init_from = body.pop("init_from") if isinstance(named, str) and named in value else None
         eval_overrides = _flatten(body.pop("eval_overrides", None) or {}, f"{key}.eval_overrides")
         overrides = _flatten(body, key)
         if reuse is None and eval_overrides:
@@ -226,8 +241,17 @@ def _parse_runs(value: Any) -> dict[str, RunSpec]:
                     f"{key}.eval_overrides.{k}",
                     "eval-time overrides change the model (model.<field>) or the evaluation (eval.<suite>.<option>)",
                 )
-        runs[name] = RunSpec(overrides, reuse, eval_overrides)
+        runs[name] = RunSpec(overrides, reuse, eval_overrides, init_from)
     for name, spec in runs.items():
+        if spec.init_from is not None:
+            if spec.reuse is not None:
+                raise SweepError(f"runs.{name}.init_from", "an eval-only run (reuse) trains nothing to start")
+            if runs[spec.init_from].reuse is not None:
+                raise SweepError(
+                    f"runs.{name}.init_from", f"{spec.init_from!r} is eval-only; start from a run that trains"
+                )
+            if spec.init_from == name:
+                raise SweepError(f"runs.{name}.init_from", "a run cannot start from itself")
         if spec.reuse is None:
             continue
         key = f"runs.{name}.reuse"
@@ -383,6 +407,7 @@ def expand(sweep: Sweep, cli_overrides: Optional[dict[str, Any]] = None) -> list
                     overrides["train.seed"] = seed
                 overrides.update(cli)
                 reuse = f"{spec.reuse}{suffix}{tail}" if spec.reuse else None
+                init_from = f"{spec.init_from}{suffix}{tail}" if spec.init_from else None
                 plans.append(
                     PlannedRun(
                         name=f"{label}{tail}",
@@ -392,6 +417,7 @@ def expand(sweep: Sweep, cli_overrides: Optional[dict[str, Any]] = None) -> list
                         overrides=overrides,
                         eval=sweep.eval,
                         reuse=reuse,
+                        init_from=init_from,
                         eval_overrides=dict(spec.eval_overrides),
                     )
                 )

@@ -357,3 +357,20 @@ def test_the_quickstart_is_a_two_by_two_factorial_at_matched_active_parameters()
     assert models["moe-rope"].attention == models["dense-rope"].attention
     assert models["dense-irope"].attention == models["moe-irope"].attention
     assert set(sweep.factors) == {"ffn", "attention"}
+
+
+def test_init_from_a_run_of_the_sweep_is_a_dependency_of_the_same_seed() -> None:
+    runs = {"dense": {"model": "llama3.1-tiny"}, "moe": {"model": "llama4-tiny", "init_from": "dense"},
+            "path": {"init_from": "/some/dir"}}  # fmt: skip
+    plans = {p.name: p for p in expand(parse_sweep({**_sweep(runs=runs), "seeds": [0, 1]}))}
+    assert plans["moe-s1"].init_from == "dense-s1" and plans["moe-s1"].depends_on == "dense-s1"
+    assert "init_from" not in plans["moe-s1"].overrides  # resolved to the run's directory when it starts
+    assert plans["path-s0"].init_from is None and plans["path-s0"].overrides["init_from"] == "/some/dir"
+    # a plan without init_from keeps the fingerprint it had before the key existed (finished sweeps stay done)
+    data = {"name": "s", "base": {"model": "llama3.1-tiny"}, "runs": {"a": {"train.max_steps": 3}}, "seeds": [1]}
+    assert expand(parse_sweep(data))[0].fingerprint() == "2ab17d5847cd7e1c"
+    for bad, key in (({"a": {"init_from": "a"}}, "runs.a.init_from"),
+                     ({"a": {}, "b": {"reuse": "a"}, "c": {"init_from": "b"}}, "runs.c.init_from")):  # fmt: skip
+        with pytest.raises(SweepError) as info:
+            parse_sweep(_sweep(runs=bad))
+        assert info.value.key == key
