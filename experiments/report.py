@@ -206,7 +206,8 @@ def _metric_series(metrics: list[dict[str, Any]], key: str) -> tuple[list[float]
 
 
 def plot_loss(sweep_dir: Path, groups: list[Group], plots: Path) -> list[Path]:
-    """Training (and validation) loss against tokens seen and against training FLOPs."""
+    """Training (and validation) loss against tokens seen and against training FLOPs; a run started from
+    another run's weights (init_from) is shifted by the tokens and FLOPs those weights cost."""
     figs = {"tokens": plt.subplots(figsize=(7, 4.5)), "flops": plt.subplots(figsize=(7, 4.5))}
     drawn = False
     for i, g in enumerate(groups):
@@ -214,15 +215,19 @@ def plot_loss(sweep_dir: Path, groups: list[Group], plots: Path) -> list[Path]:
         for j, row in enumerate(g.ok):
             metrics = read_metrics(sweep_dir / row.get("source_run_dir", row["run_dir"]))
             flops = row.get("flops_per_token") or 0.0
+            # a run started from another run's weights: its curve starts at what those weights cost
+            tokens0, flops0 = row.get("init_tokens") or 0, row.get("init_flops") or 0.0
             for key, style in (("loss", "-"), ("val_loss", "o--")):
                 xs, ys = _metric_series(metrics, key)
                 if not xs:
                     continue
                 drawn = True
                 label = (g.run if key == "loss" else f"{g.run} (val)") if j == 0 else None
-                figs["tokens"][1].plot(xs, ys, style, color=color, alpha=0.85, label=label, markersize=3)
+                figs["tokens"][1].plot(
+                    [tokens0 + x for x in xs], ys, style, color=color, alpha=0.85, label=label, markersize=3
+                )
                 figs["flops"][1].plot(
-                    [x * flops for x in xs], ys, style, color=color, alpha=0.85, label=label, markersize=3
+                    [flops0 + x * flops for x in xs], ys, style, color=color, alpha=0.85, label=label, markersize=3
                 )
     if not drawn:
         for fig, _ in figs.values():
