@@ -28,9 +28,11 @@ PEAK_TFLOPS = {
     ("H100", torch.bfloat16): 989.4,
     ("H200", torch.bfloat16): 989.4,
     ("A100", torch.bfloat16): 312.0,
+    ("B200", torch.bfloat16): 2250.0,  # HGX B200 (1000 W)
     ("H100", torch.float32): 66.9,
     ("H200", torch.float32): 66.9,
     ("A100", torch.float32): 19.5,
+    ("B200", torch.float32): 80.0,
 }
 
 

@@ -1,4 +1,4 @@
-"""The `llamoe` command: train | eval | ablate | bench | convert | generate.
+"""The `llamoe` command: train | eval | ablate | bench | plan | convert | generate.
 
 Each subcommand lives in its own module and exposes `cli_main(argv) -> int`;
 this file only routes, so importing it stays cheap and the modules stay independent.
@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("experiments.evals.long_context", "evaluate a run directory: RUN_DIR [--suite ...] [key=value ...]"),
     "ablate": ("experiments.ablate", "run a sweep: SWEEP.yaml or a built-in sweep name"),
     "bench": ("experiments.bench", "measure training throughput and MFU of a model config"),
+    "plan": ("experiments.plan", "memory per rank, all-to-all bytes, FLOPs and a step-time bound: MODEL --gpus N"),
     "convert": ("experiments.convert", "convert checkpoints between llamoe and Hugging Face formats"),
     "generate": ("experiments.sample", "generate text from a trained run: RUN_DIR --prompt ..."),
 }

@@ -140,6 +140,13 @@ class ModelConfig:
         """Exact parameter count of `Transformer(self)`."""
         return self._outer_params() + sum(self._layer_params(i, active=False) for i in range(self.n_layers))
 
+    def num_expert_params(self) -> int:
+        """Routed-expert parameters over all MoE layers: what expert parallelism shards (the rest is replicated)."""
+        if self.moe is None:
+            return 0
+        moe_layers = sum(self.is_moe(i) for i in range(self.n_layers))
+        return moe_layers * self.moe.num_experts * 3 * self.dim * self.moe.expert_hidden_dim
+
     def num_active_params(self) -> int:
         """Parameters touched per token: top_k routed experts per MoE layer, everything else in full."""
         return self._outer_params() + sum(self._layer_params(i, active=True) for i in range(self.n_layers))
