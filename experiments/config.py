@@ -40,6 +40,7 @@ from experiments.evals.options import LongContextEvalConfig
 from experiments.overrides import as_layer, merge, omegaconf_message, read_yaml_file, to_dataclass, unflatten
 from models import presets
 from models.config import ConfigError, ModelConfig, model_config_from_dict
+from models.surgery import UPCYCLE_MODES
 
 DEFAULT_PRESET = "llama3.1-tiny"
 TOKENIZER_KINDS = ("byte_level", "llama3", "llama4")
@@ -142,12 +143,22 @@ class DistributedConfig:
 
 
 @dataclass
+class UpcycleConfig:
+    """How `init_from` turns a dense FFN of the source into an MoE layer of this model (models/surgery.py)."""
+
+    experts: str = "copy"  # copy: every expert is the dense FFN | partition: the experts split its hidden units
+    noise: float = 0.0  # Gaussian noise on each routed expert, std = noise x the weight's std (seeded by train.seed)
+
+
+@dataclass
 class RunConfig:
     """One training run. See experiments/configs/base.yaml for every key with its default."""
 
     run_dir: str = "runs/default"
     model: ModelConfig = field(default_factory=lambda: presets.get(DEFAULT_PRESET))
     model_preset: Optional[str] = DEFAULT_PRESET  # saved as `model.preset`
+    init_from: Optional[str] = None  # a fresh run starts from these weights (experiments/init_from.py)
+    upcycle: UpcycleConfig = field(default_factory=UpcycleConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -349,6 +360,14 @@ def validate(cfg: RunConfig, world_size: Optional[int] = 1, check_machine: bool 
     need(0.0 <= data.val_fraction < 1.0, "data.val_fraction", f"must be in [0, 1), got {data.val_fraction}")
     data.tasks.validate()
     cfg.eval.long_context.validate()
+    up = cfg.upcycle
+    need(up.experts in UPCYCLE_MODES, "upcycle.experts", f"must be copy|partition, got {up.experts!r}")
+    need(up.noise >= 0, "upcycle.noise", f"must be >= 0, got {up.noise}")
+    if check_machine and cfg.init_from:
+        need(bool(cfg.init_from.strip()), "init_from", "must be a path, or null to start from a fresh init")
+        from experiments import init_from  # it reads checkpoints, whose module imports this one
+
+        init_from.check(cfg)  # plans the mapping from the source's config: a tensor that cannot map fails here
 
     o = cfg.optim
     need(o.lr > 0 and math.isfinite(o.lr), "optim.lr", f"must be a positive number, got {o.lr}")
@@ -443,6 +462,7 @@ __all__ = [
     "RunConfig",
     "TokenizerConfig",
     "TrainConfig",
+    "UpcycleConfig",
     "load_run_config",
     "resolve_model",
     "validate",

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from experiments import checkpoint as ckpt_io
-from experiments import metrics_log, routing_health, runctl
+from experiments import init_from, metrics_log, routing_health, runctl
 from experiments.config import ConfigError, OptimConfig, RunConfig, load_run_config
 from experiments.data.batches import MixedBatches, PackedBatches, ResumableBatches, ValidationBatches
 from experiments.data.corpus import load_corpus
@@ -384,6 +384,10 @@ def _train(cfg: RunConfig, world: World, control: runctl.StopControl, t0: float)
         ep_size=world.ep_size,
         ep_group=world.ep_group,
     )
+    if state is None and cfg.init_from:  # weights only; optimizer, schedule and data start fresh
+        loaded = init_from.load(model, cfg)  # experiments/init_from.py: copies, upcycles, prints what it did
+        if world.is_main:
+            print(loaded, flush=True)
     mark_expert_params(model, world)
     optimizer = build_optimizer(model, cfg, world)
     stepper: Stepper

@@ -6,7 +6,10 @@
    the routed experts (`MoE.set_expert_parallel`), still on the meta device.
 3. `to_empty(device)` allocates what is left, in `dtype`: a rank allocates only its own experts.
 4. Either `init_weights` from `seed`, or a copy from a state dict of the whole model, of
-   which only this rank's experts are read.
+   which only this rank's experts are read. The copy goes one tensor at a time (read, cut to
+   this rank's experts, cast and moved into place), so a lazy state dict (a memory-mapped
+   model.pt, or `models/hf.py`'s view of safetensors files) never has a second copy of the
+   whole model in host memory.
 
 The init does not depend on the sharding: each routed expert draws from a generator seeded
 by its global index (`moe/experts/base.py`), so rank r of an expert-parallel group holds
@@ -48,7 +51,8 @@ def build_model(
     `dtype` casts parameters and buffers (default: fp32). `ep_group` is the expert-parallel
     process group the MoE layers exchange tokens over (None builds the shard without one, for
     inspection and tests). The load is strict: a missing, unexpected or misshapen key raises
-    RuntimeError. Returns the model in training mode.
+    RuntimeError. `state_dict` may be any mapping; each value is read once (step 4 above).
+    Returns the model in training mode.
     """
     with torch.device("meta"):
         model = Transformer(cfg)
@@ -64,7 +68,7 @@ def build_model(
     if state_dict is None:
         _init(model, seed)
     else:
-        model.load_state_dict(_local_experts(model, state_dict, ep_size))
+        _load(model, state_dict, ep_size)
     return model
 
 
@@ -77,20 +81,37 @@ def _init(model: Transformer, seed: int) -> None:
         model.init_weights()
 
 
-def _local_experts(model: Transformer, state_dict: Mapping[str, torch.Tensor], ep_size: int) -> dict[str, torch.Tensor]:
-    """`state_dict` with each routed-expert tensor of the whole model [E, ...] cut to the experts `model`
-    holds, [first_expert, first_expert + E_l); a memory-mapped state dict is read only there."""
-    local = dict(state_dict)
-    if ep_size == 1:
-        return local
-    for prefix, module in model.named_modules():
-        if isinstance(module, Experts):
-            start, stop = module.first_expert, module.first_expert + module.num_experts
-            for name in ("w1", "w3", "w2"):
-                key = f"{prefix}.{name}"
-                if key in local and local[key].size(0) == module.num_experts * ep_size:
-                    local[key] = local[key][start:stop]
-    return local
+@torch.no_grad()
+def _load(model: Transformer, state_dict: Mapping[str, torch.Tensor], ep_size: int) -> None:
+    """Strict copy of `state_dict` into `model`, one tensor at a time: each routed-expert tensor of the
+    whole model [E, ...] is cut to the experts `model` holds, [first_expert, first_expert + E_l), so a
+    memory-mapped state dict is read only there. Tied tensors (one parameter, two keys) are copied once."""
+    targets = model.state_dict(keep_vars=True)
+    missing, unexpected = sorted(targets.keys() - state_dict.keys()), sorted(state_dict.keys() - targets.keys())
+    if missing or unexpected:
+        raise RuntimeError(
+            f"state dict does not match the model: missing keys {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+    experts = {
+        f"{prefix}.{name}": module
+        for prefix, module in model.named_modules()
+        if isinstance(module, Experts)
+        for name in ("w1", "w3", "w2")
+    }
+    done: set[int] = set()
+    for key, target in targets.items():
+        if id(target) in done:
+            continue
+        value = state_dict[key]
+        module = experts.get(key)
+        if module is not None and ep_size > 1 and value.size(0) == module.num_experts * ep_size:
+            value = value[module.first_expert : module.first_expert + module.num_experts]
+        if value.shape != target.shape:
+            raise RuntimeError(
+                f"size mismatch for {key}: the state dict has {tuple(value.shape)}, the model {tuple(target.shape)}"
+            )
+        target.copy_(value)
+        done.add(id(target))
 
 
 __all__ = ["build_model"]

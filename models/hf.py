@@ -20,8 +20,8 @@ Known HF quirks handled here (see tests/models/test_hf_llama4.py):
   by this adapter, and llamoe's training-only MoE knobs (aux/z-loss weights,
   jitter, expert backend) do not travel to HF.
 
-`save_hf` / `load_hf` work on local directories only (config.json + safetensors);
-nothing is downloaded.
+`save_hf` / `load_hf` work on local directories only (config.json + safetensors, which `load_hf`
+reads one tensor at a time into a meta-built model; no HF model); nothing is downloaded.
 
 Shapes: D model dim, H query heads, K kv heads, Dh head dim, E experts, F expert hidden.
 """
@@ -31,10 +31,10 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Iterator, Mapping, Optional
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from transformers import (
     AutoModelForCausalLM,
     Llama4Config,
@@ -47,6 +47,7 @@ from transformers.initialization import no_init_weights
 
 from models.build import build_model
 from models.config import AttentionConfig, ConfigError, ModelConfig, MoEConfig, RopeConfig
+from models.safetensors_dir import SafetensorsDir
 from models.transformer import Transformer
 
 LLAMA = "llama"
@@ -373,34 +374,46 @@ def state_dict_to_hf(sd: Mapping[str, torch.Tensor], cfg: ModelConfig, architect
     return out
 
 
-def _strip_hub_prefix(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Keep the text model of a hub Llama 4 checkpoint (`language_model.` keys) and drop stale rotary buffers."""
-    if any(key.startswith(_HUB_PREFIX) for key in sd):
-        sd = {key[len(_HUB_PREFIX) :]: t for key, t in sd.items() if key.startswith(_HUB_PREFIX)}
-    return {key: t for key, t in sd.items() if not key.endswith("rotary_emb.inv_freq")}
-
-
-def _detect_architecture(sd: Mapping[str, torch.Tensor]) -> str:
-    if any(".mlp." in key for key in sd):
+def _detect_architecture(keys: set[str]) -> str:
+    if any(".mlp." in key for key in keys):
         return LLAMA
-    if any(".feed_forward." in key for key in sd):
+    if any(".feed_forward." in key for key in keys):
         return LLAMA4
     raise KeyError("not a Llama or Llama 4 state dict: no 'mlp' or 'feed_forward' layer keys found")
 
 
+class HFStateDict(Mapping[str, torch.Tensor]):
+    """An HF Llama / Llama 4 state dict seen with llamoe keys; each tensor is converted when it is read.
+
+    Keeps only the text model of a hub Llama 4 checkpoint (`language_model.` keys), ignores stale rotary
+    buffers and checks the keys against `cfg` at once (KeyError). Values are read one HF tensor at a time,
+    so a load from a lazy source (models/safetensors_dir.py) holds only the tensor being copied.
+    """
+
+    def __init__(self, sd: Mapping[str, torch.Tensor], cfg: ModelConfig) -> None:
+        prefix = _HUB_PREFIX if any(key.startswith(_HUB_PREFIX) for key in sd) else ""
+        keys = {k[len(prefix) :] for k in sd if k.startswith(prefix) and not k.endswith("rotary_emb.inv_freq")}
+        rules = _rules(cfg, _detect_architecture(keys))
+        _check_keys(keys - ({"lm_head.weight"} if cfg.tie_embeddings else set()), {r.hf for r in rules}, "Hugging Face")
+        self._source, self._prefix = sd, prefix
+        self._rules = {key: (rule, i) for rule in rules for i, key in enumerate(rule.ours)}
+        if cfg.tie_embeddings:
+            self._rules["output.weight"] = self._rules["tok_embeddings.weight"]
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        rule, i = self._rules[key]
+        return rule.from_hf(self._source[self._prefix + rule.hf])[i]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._rules)
+
+    def __len__(self) -> int:
+        return len(self._rules)
+
+
 def state_dict_from_hf(sd: Mapping[str, torch.Tensor], cfg: ModelConfig) -> StateDict:
     """HF Llama / Llama 4 state dict (optionally `language_model.`-prefixed) -> llamoe state dict."""
-    sd = _strip_hub_prefix(sd)
-    arch = _detect_architecture(sd)
-    rules = _rules(cfg, arch)
-    have = set(sd) - ({"lm_head.weight"} if cfg.tie_embeddings else set())
-    _check_keys(have, {rule.hf for rule in rules}, "Hugging Face")
-    out: StateDict = {}
-    for rule in rules:
-        out.update(zip(rule.ours, rule.from_hf(sd[rule.hf])))
-    if cfg.tie_embeddings:
-        out["output.weight"] = out["tok_embeddings.weight"]
-    return out
+    return dict(HFStateDict(sd, cfg))
 
 
 # ----------------------------------------------------------------------------- models
@@ -449,34 +462,28 @@ def save_hf(model: Transformer, directory: str, architecture: Optional[str] = No
     save_file({key: t.cpu() for key, t in sd.items()}, os.path.join(directory, "model.safetensors"), {"format": "pt"})
 
 
-def _read_safetensors(directory: str) -> StateDict:
-    index = os.path.join(directory, "model.safetensors.index.json")
-    if os.path.exists(index):
-        with open(index) as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
-    else:
-        shards = ["model.safetensors"]
-    sd: StateDict = {}
-    for shard in shards:
-        sd.update(load_file(os.path.join(directory, shard)))
-    return sd
-
-
-def load_hf(directory: str, device: torch.device | str = "cpu") -> Transformer:
-    """A Transformer from a local HF Llama / Llama 4 directory (config.json + safetensors, sharded or not)."""
+def read_hf_config(directory: str) -> ModelConfig:
+    """The ModelConfig of a local HF Llama / Llama 4 directory's `config.json` (ConfigError naming the field)."""
     with open(os.path.join(directory, "config.json")) as f:
         data = json.load(f)
     model_type = data.get("model_type")
     if model_type not in _CONFIG_CLASSES:
         expected = ", ".join(sorted(_CONFIG_CLASSES))
         raise ConfigError("model_type", f"{model_type!r} in {directory}/config.json is not one of {expected}")
-    cfg = config_from_hf(_CONFIG_CLASSES[model_type].from_dict(data))
-    sd = state_dict_from_hf(_read_safetensors(directory), cfg)
-    return build_model(cfg, device=device, dtype=sd["tok_embeddings.weight"].dtype, state_dict=sd)
+    return config_from_hf(_CONFIG_CLASSES[model_type].from_dict(data))
+
+
+def load_hf(directory: str, device: torch.device | str = "cpu", dtype: Optional[torch.dtype] = None) -> Transformer:
+    """A Transformer from a local HF Llama / Llama 4 directory (config.json + safetensors, sharded or not),
+    built on the meta device and filled one tensor at a time in `dtype` (default: the stored dtype)."""
+    cfg = read_hf_config(directory)
+    sd = HFStateDict(SafetensorsDir(directory), cfg)
+    return build_model(cfg, device=device, dtype=dtype or sd["tok_embeddings.weight"].dtype, state_dict=sd)
 
 
 __all__ = [
     "ARCHITECTURES",
+    "HFStateDict",
     "LLAMA",
     "LLAMA4",
     "config_from_hf",
@@ -484,6 +491,7 @@ __all__ = [
     "from_hf",
     "hf_architecture",
     "load_hf",
+    "read_hf_config",
     "save_hf",
     "state_dict_from_hf",
     "state_dict_to_hf",

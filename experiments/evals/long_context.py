@@ -5,8 +5,10 @@ Public API:
         runs the suite on a model (the ablation code calls this after training)
     write_results(result, out_dir, suite="long_context") -> Path
         <out_dir>/<suite>.json plus PNG plots
+    evaluate_run(path, options, ...) -> (result, run config)
+        loads a run, checkpoint or Hugging Face model and evaluates it (`llamoe eval` and sweeps)
     cli_main(argv) -> int
-        `llamoe eval RUN_DIR [--suite long_context] [--lengths N ...] [--step S] [key=value ...]`
+        `llamoe eval PATH [--lengths N ...] [--dtype D] [--device D] [--out DIR] [key=value ...]`
 
 Result schema (JSON): flat keys for the primary temperature setting,
     ppl@L, nll@L, tail_nll@L, delta_tail_nll@L, passkey@L, needle@L, mqar@L, entropy@L
@@ -317,7 +319,7 @@ def _summary(result: dict[str, Any]) -> str:
 
 
 def evaluate_run(
-    run_dir: Path,
+    path: Path,
     options: Sequence[Any] = (),
     *,
     step: Optional[int] = None,
@@ -325,84 +327,113 @@ def evaluate_run(
     model_overrides: Optional[dict[str, Any]] = None,
     out_dir: Optional[Path] = None,
     suite: str = SUITE,
+    dtype: Optional[torch.dtype] = None,
+    inputs: Optional[dict[str, Any]] = None,
 ) -> tuple[dict[str, Any], RunConfig]:
-    """Evaluate a trained run's checkpoint (the latest, or `step`); the one path of `llamoe eval` and sweeps.
+    """Evaluate a model; the one path of `llamoe eval` and sweeps.
 
+    `path` is a run directory (its latest checkpoint, or `step`), a checkpoint, a `llamoe convert`
+    file or a local Hugging Face directory (experiments/model_source.py). `inputs` (data.source,
+    tokenizer, train_len, ...; experiments/evals/inputs.py) supply what a model without a run lacks.
     Options layer as: the run config's `eval.long_context`, then each of `options` (mappings or
     `key=value` lists; experiments/overrides.py). `model_overrides` change the evaluated model's
-    config (its weights load strictly). The result, with `run_dir` and `step`, is written to
-    `out_dir/<suite>.json` (default: the run's eval/) with its plots; returns (result, run config).
+    config (its weights load strictly). The model is built on the meta device and loaded tensor by
+    tensor on `device` in `dtype` (default fp32). The result, with `run_dir` (a run's), `model`,
+    `model_kind` and `step`, is written to `out_dir/<suite>.json` (default: `ModelSource.default_out_dir`,
+    a run's eval/) with its plots; returns (result, the run config used).
     """
-    from experiments.checkpoint import checkpoint_path, load_model, read_meta
-    from experiments.data.corpus import load_corpus
+    from experiments.evals.inputs import build_tokenizer, eval_config, heldout_text
     from experiments.evals.options import load_options
+    from experiments.model_source import RUN, open_source
     from experiments.overrides import as_layer
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, cfg = load_model(run_dir, step, device=device, model_overrides=model_overrides)
+    inputs = dict(inputs or {})
+    source = open_source(path, step)
     layers = [as_layer(layer) for layer in options]
-    opts = load_options(cfg.eval.long_context, {k: v for layer in layers for k, v in layer.items()})
-    tokenizer = cfg.tokenizer.build()
+    base = source.run.eval.long_context if source.run is not None else None
+    opts = load_options(base, {k: v for layer in layers for k, v in layer.items()})
+    cfg = eval_config(source, inputs, opts.lengths, model_overrides)
+    model = source.load(cfg.model, device=device, dtype=dtype)
+    tokenizer = build_tokenizer(cfg, cfg.model.vocab_size)
     heldout = None
     if {"ppl", "needle", "entropy"} & set(opts.evals) or opts.temperature == "calibrate":
-        heldout = load_corpus(
-            cfg.data.source, tokenizer, "val", Path(cfg.data.cache_dir).expanduser(), val_fraction=cfg.data.val_fraction
-        )
-    print(f"evaluating {suite} at lengths {opts.resolved_lengths(cfg.train.seq_len)}", flush=True)
+        heldout = heldout_text(cfg, tokenizer, whole="data.source" in inputs or source.run is None)
+    print(f"evaluating {source.describe()}: {suite} at lengths {opts.resolved_lengths(cfg.train.seq_len)}", flush=True)
     result = evaluate(model, tokenizer, opts, train_len=cfg.train.seq_len, heldout=heldout)
-    meta_step = int(read_meta(checkpoint_path(run_dir, step))["step"])
-    result = {"run_dir": str(run_dir), "step": meta_step, **result}
-    out_dir = out_dir or Path(run_dir) / "eval"
+    header = {"run_dir": str(source.run_dir)} if source.run_dir is not None else {}
+    result = {**header, "model": str(path), "model_kind": source.kind, "step": source.step, **result}
+    out_dir = out_dir or source.default_out_dir
     write_results(result, out_dir, plots=opts.plots, suite=suite)
-    if cfg.train.tensorboard:  # beside the run's training curves, at the evaluated checkpoint's step
+    if source.kind == RUN and cfg.train.tensorboard:  # beside the run's training curves, at the checkpoint's step
         from experiments.tensorboard_log import TensorBoardLog
 
         tb = TensorBoardLog(out_dir.parent)
-        tb.write_eval({k: v for k, v in result.items() if "@" in k}, meta_step)
+        tb.write_eval({k: v for k, v in result.items() if "@" in k}, source.step)
         tb.close()
     return result, cfg
 
 
-def cli_main(argv: list[str]) -> int:
-    """`llamoe eval RUN_DIR [--suite long_context] [--lengths N ...] [--step S] [key=value ...]`.
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-    Exit status: 0 done, 1 unusable checkpoint, 2 invalid options or a missing run directory / checkpoint.
+
+def cli_main(argv: list[str]) -> int:
+    """`llamoe eval PATH [--suite long_context] [--lengths N ...] [--step S] [--dtype D] [--device D] [--out DIR]
+    [key=value ...]`.
+
+    Exit status: 0 done, 1 unusable checkpoint, 2 invalid options or inputs, a missing path or checkpoint.
     """
-    from experiments.checkpoint import CheckpointError
-    from experiments.errors import report
+    from experiments.errors import UserError, report
+    from experiments.evals.inputs import INPUT_KEYS, split_inputs
     from experiments.evals.options import KEY_PREFIX
+    from experiments.model_source import open_source
+    from experiments.overrides import parse_items
 
     parser = argparse.ArgumentParser(
         prog="llamoe eval",
-        description="Evaluate a trained run at long lengths; writes RUN_DIR/eval/<suite>.json and PNG plots. "
-        f"key=value options are those of {KEY_PREFIX} (experiments/evals/options.py), e.g. "
-        "passkey_trials=2 temperature=compare evals=[ppl,passkey].",
+        description="Evaluate a model at long lengths: a run directory, a checkpoint (checkpoints/step_N or its "
+        "model.pt, or a `llamoe convert` file) or a local Hugging Face directory. Writes <suite>.json and PNG "
+        f"plots (default: RUN_DIR/eval). key=value options are those of {KEY_PREFIX} (experiments/evals/options.py), "
+        "e.g. passkey_trials=2 temperature=compare evals=[ppl,passkey], plus the inputs "
+        f"{', '.join(INPUT_KEYS)} (experiments/evals/inputs.py).",
     )
-    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("path", type=Path, help="run directory, checkpoint or Hugging Face model directory")
     parser.add_argument("--suite", default=SUITE, choices=[SUITE])
-    parser.add_argument("--lengths", type=int, nargs="+", help="lengths in tokens (default: train.seq_len x multiples)")
-    parser.add_argument("--step", type=int, help="checkpoint step to evaluate (default: the latest)")
+    parser.add_argument("--lengths", type=int, nargs="+", help="lengths in tokens (default: train length x multiples)")
+    parser.add_argument("--step", type=int, help="checkpoint step of a run directory (default: the latest)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=list(_DTYPES), default="float32", help="weights and activations")
+    parser.add_argument("--out", type=Path, help="output directory (default: RUN_DIR/eval, HF_DIR/eval, ...)")
     parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's own choice)")
-    parser.add_argument("overrides", nargs="*", help=f"key=value options of {KEY_PREFIX}")
+    parser.add_argument("overrides", nargs="*", help=f"key=value options of {KEY_PREFIX}, and inputs")
     # key=value words are options wherever they appear (so they may follow --lengths' numbers)
     is_option = ["=" in a and not a.startswith("-") for a in argv]
     args = parser.parse_args([a for a, opt in zip(argv, is_option) if not opt])
     if args.threads:
         torch.set_num_threads(args.threads)
-    overrides = [a.removeprefix(f"{KEY_PREFIX}.") for a, opt in zip(argv, is_option) if opt]
-    if args.lengths:
-        overrides.append(f"lengths=[{','.join(str(n) for n in args.lengths)}]")
     try:
-        result, _ = evaluate_run(args.run_dir, [overrides], step=args.step, device=args.device, suite=args.suite)
+        inputs, options = split_inputs(parse_items(a for a, opt in zip(argv, is_option) if opt))
+        options = {k.removeprefix(f"{KEY_PREFIX}."): v for k, v in options.items()}
+        if args.lengths:
+            options["lengths"] = args.lengths
+        out_dir = args.out or open_source(args.path, args.step).default_out_dir
+        result, _ = evaluate_run(
+            args.path,
+            [options],
+            step=args.step,
+            device=args.device,
+            suite=args.suite,
+            dtype=_DTYPES[args.dtype],
+            inputs=inputs,
+            out_dir=out_dir,
+        )
     except ConfigError as e:
         return report("llamoe eval", e, 2, prefix="invalid options: ")
-    except CheckpointError as e:  # exit 2 for a missing run directory or checkpoint (experiments/errors.py)
+    except UserError as e:  # a missing path or checkpoint (2), an unusable one (1): experiments/errors.py
         return report("llamoe eval", e, e.exit_status)
-    path = args.run_dir / "eval" / f"{args.suite}.json"
     print(_summary(result))
     print(
         f"temperature: {result['temperature']['label']} ({result['temperature']['mode']}) | "
-        f"{result['details']['seconds']['total']:.0f}s | wrote {path}"
+        f"{result['details']['seconds']['total']:.0f}s | wrote {out_dir / f'{args.suite}.json'}"
     )
     return 0
