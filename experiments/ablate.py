@@ -149,7 +149,9 @@ def _evaluate(plan: PlannedRun, source_dir: Path, run_dir: Path) -> tuple[Any, d
 def _print_plan(plans: list[PlannedRun], out: TextIO) -> None:
     for p in plans:
         what = (
-            f"eval-only, reuses {p.reuse}: {format_items(p.eval_overrides)}" if p.reuse else format_items(p.overrides)
+            f"eval-only, reuses {p.reuse}: {format_items(p.eval_overrides)}"
+            if p.reuse
+            else format_items(p.overrides) + (f" (starts from {p.init_from}'s weights)" if p.init_from else "")
         )
         out.write(f"  {p.name:<28} {what}\n")
 

@@ -248,7 +248,7 @@ def test_a_failed_run_is_reported_and_the_others_continue(finished_sweep: tuple[
     assert saved["broken"]["status"] == "failed" and "missing.txt" in saved["broken"]["error"]
     assert "Traceback" in (out / "broken" / "error.txt").read_text()
     assert not (out / "broken" / scheduler.DONE_FILE).exists()
-    assert saved["broken-temp"]["error"] == "the reused run broken failed"
+    assert saved["broken-temp"]["error"] == "the run it depends on, broken, failed"
 
 
 @pytest.mark.slow
