@@ -5,9 +5,11 @@ Layout of `run_dir/checkpoints/`:
     step_<N>/
         meta.json      step, tokens seen, the process layout (world size, ep_size, ZeRO stage)
         config.yaml    the resolved run config at save time
-        model.pt       the whole model's state dict (experts of every rank gathered); read
-                       memory-mapped, so a resuming expert-parallel rank reads only its experts
-        rank<r>.pt     per rank: optimizer state (its ZeRO partition / its experts' moments),
+        model.pt       the whole model's state dict (experts of every rank and ZeRO-3 partitions
+                       gathered); read memory-mapped, so a resuming expert-parallel rank reads only
+                       its experts
+        rank<r>.pt     per rank: optimizer state (its ZeRO partition, at ZeRO-3 with its fp32
+                       parameter partition / its experts' moments),
                        data position (the batch iterator's state_dict), RNG states
                        (python, numpy, torch, cuda)
     latest             one line: the name of the newest complete step_<N> directory

@@ -138,7 +138,7 @@ class DistributedConfig:
     """
 
     ep_size: int = 1
-    zero_stage: int = 0  # 0 | 1 (optimizer states sharded) | 2 (+ gradients sharded)
+    zero_stage: int = 0  # 0 | 1 (optimizer states sharded) | 2 (+ gradients) | 3 (+ parameters; dense models)
     backend: str = "auto"  # auto: nccl on GPU, gloo on CPU
 
 
@@ -413,7 +413,14 @@ def validate(cfg: RunConfig, world_size: Optional[int] = 1, check_machine: bool 
         _validate_layout(cfg, world_size)
 
     d = cfg.distributed
-    need(d.zero_stage in (0, 1, 2), "distributed.zero_stage", f"must be 0, 1 or 2, got {d.zero_stage}")
+    need(d.zero_stage in (0, 1, 2, 3), "distributed.zero_stage", f"must be 0, 1, 2 or 3, got {d.zero_stage}")
+    need(
+        d.zero_stage < 3 or cfg.model.moe is None,
+        "distributed.zero_stage",
+        "=3 is not supported for MoE models: DeepSpeed's MoE support (expert-parallel gradients and "
+        "optimizer groups) requires ZeRO stage <= 2. Use distributed.zero_stage=1 or 2 with expert "
+        "parallelism (distributed.ep_size) to shard the expert state instead",
+    )
     need(d.backend in ("auto", "gloo", "nccl"), "distributed.backend", f"must be auto|gloo|nccl, got {d.backend!r}")
     need(d.ep_size >= 1, "distributed.ep_size", f"must be >= 1, got {d.ep_size}")
     if d.ep_size > 1:

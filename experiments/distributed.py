@@ -18,9 +18,17 @@ afterwards, here, in this order:
    marks those parameters the way DeepSpeed's MoE expects (`allreduce = False`,
    `group_name`), so their gradients are averaged over the expert-data-parallel group
    instead of the whole world.
-4. `DeepSpeedStepper` wraps `deepspeed`'s engine (ZeRO stage 0-2) around the model and
+4. `DeepSpeedStepper` wraps `deepspeed`'s engine (ZeRO stage 0-3) around the model and
    a torch AdamW whose parameter groups are split into dense and MoE groups by
    `deepspeed.moe.utils.split_params_into_different_moe_groups_for_optimizer`.
+
+ZeRO-3 (dense models only; experiments/config.py refuses it for MoE, whose expert groups DeepSpeed
+supports up to ZeRO-2) partitions the parameters themselves when the engine is built: each rank
+keeps a 1/N slice of every parameter larger than DeepSpeed's `stage3_param_persistence_threshold`
+(1e5 elements by default; smaller ones stay whole), and the engine's hooks all-gather them around
+each module's forward and backward. The model is still built whole on every rank first (the one
+build path), so ZeRO-3 shrinks the training state, not the build. `full_state_dict(...,
+partitioned=True)` gathers one module at a time into rank 0's CPU copy for model.pt.
 
 Two things DeepSpeed does not do for a model whose MoE layers are not DeepSpeed's own
 `deepspeed.moe.layer.MoE`, and what is done instead:
@@ -155,13 +163,16 @@ def mark_expert_params(model: nn.Module, world: World) -> None:
             param.group_name = world.ep_group_name  # type: ignore[attr-defined]
 
 
-def full_state_dict(model: nn.Module, world: World) -> dict[str, torch.Tensor]:
+def full_state_dict(model: nn.Module, world: World, partitioned: bool = False) -> dict[str, torch.Tensor]:
     """The state dict of the whole model, experts of every rank included (collective; complete on rank 0).
 
     Under expert parallelism each rank holds experts [ep_rank·E_l, (ep_rank+1)·E_l) along
     dim 0 of every expert tensor; they are gathered over the expert-parallel group, so
-    the result loads into an unsharded model of the same config.
+    the result loads into an unsharded model of the same config. `partitioned`: the
+    parameters are ZeRO-3 partitions (`_gather_partitioned`).
     """
+    if partitioned:
+        return _gather_partitioned(model, world)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     if world.ep_size == 1:
         return state
@@ -171,6 +182,28 @@ def full_state_dict(model: nn.Module, world: World) -> dict[str, torch.Tensor]:
             dist.all_gather(parts, param.data.contiguous(), group=world.ep_group)
             state[name] = torch.cat(parts, dim=0).cpu()  # [E, ...] in global expert order
     return state
+
+
+def _gather_partitioned(model: nn.Module, world: World) -> dict[str, torch.Tensor]:
+    """The full state dict of a ZeRO-3 model on rank 0 ({} elsewhere), gathered one module at a time so
+    no rank holds more than one module's full parameters beyond rank 0's CPU copy. Tied parameters
+    stay one tensor under both names, as in `model.state_dict()`."""
+    import deepspeed
+
+    copies: dict[int, torch.Tensor] = {}  # id(param) -> rank 0's CPU copy
+    for module in model.modules():
+        params = list(module.parameters(recurse=False))
+        with deepspeed.zero.GatheredParameters(params):  # all-gathers on entry, frees the gathered copies on exit
+            if world.is_main:
+                for param in params:
+                    if id(param) not in copies:
+                        copies[id(param)] = param.detach().cpu().clone()
+    if not world.is_main:
+        return {}
+    params = dict(model.named_parameters(remove_duplicate=False))
+    buffers = dict(model.named_buffers())
+    keys = model.state_dict(keep_vars=True).keys()  # the names and order of an unpartitioned state dict
+    return {k: copies[id(params[k])] if k in params else buffers[k].detach().cpu() for k in keys}
 
 
 # ---------------------------------------------------------------------- gradient norm
@@ -223,7 +256,7 @@ def moe_param_groups(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 class DeepSpeedStepper:
-    """Forward, backward and optimizer step through a DeepSpeed engine (ZeRO 0-2, expert parallelism)."""
+    """Forward, backward and optimizer step through a DeepSpeed engine (ZeRO 0-3, expert parallelism)."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, cfg: RunConfig, world: World) -> None:
         """Build the engine in `init_world`'s process group; marked expert parameters (`mark_expert_params`)
@@ -264,14 +297,16 @@ class DeepSpeedStepper:
             group["lr"] = lr
 
     def optimizer_state(self) -> dict[str, Any]:
-        """This rank's optimizer state (its ZeRO partition at stages 1-2, its experts' moments under EP)."""
+        """This rank's optimizer state (its ZeRO partition at stages 1-3, with its fp32 parameter partition;
+        its experts' moments under EP)."""
         return self.engine.optimizer.state_dict()
 
     def load_optimizer_state(self, state: dict[str, Any]) -> None:
         if self.zero_stage == 0:
             self.engine.optimizer.load_state_dict(state)
             return
-        # ZeRO reads the entry of this data-parallel rank; fp32 partitions come from the checkpoint
+        # ZeRO reads the entry of this data-parallel rank; fp32 partitions come from the checkpoint (ZeRO-3
+        # always restores them, and re-partitions the parameters it keeps whole from them)
         states: list[Any] = [None] * self.world.size
         states[self.world.rank] = state
         self.engine.optimizer.load_state_dict(states, load_optimizer_states=True, load_from_fp32_weights=True)

@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import resource
 import sys
 import time
 from contextlib import nullcontext
@@ -252,15 +253,28 @@ class _RouterStats:
         return out
 
 
+def peak_memory_gib(device: torch.device) -> float:
+    """This process's peak memory so far, in GiB: torch's max allocated bytes on a CUDA device, the
+    maximum resident set size (RSS) on CPU. Both are high-water marks over the process's life: a
+    metrics row counts every earlier step and checkpoint save, not its own step's save (a step's row
+    is logged before its save gathers the full model)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    per_kib = 1024 if sys.platform == "darwin" else 1  # ru_maxrss is in KiB on Linux, in bytes on macOS
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / per_kib / 2**20
+
+
 class _Metrics:
     """metrics.jsonl (rank 0) plus the console: a tqdm bar on a terminal, plain lines otherwise.
 
     Row fields: step, loss (mean cross-entropy over the steps since the previous row),
     aux_loss (same, weighted MoE aux losses), lr, tokens (seen so far, all ranks),
     tokens_per_s (since the previous row), grad_norm (of the last step, before clipping),
-    elapsed_s, val_loss (on validation steps), and for MoE models load_imbalance
-    (max/mean expert load, mean over layers), load_imbalance_max, dropped_frac,
-    router_entropy and `router`: {layer: {tokens_per_expert: [...], ...every router stat}}.
+    elapsed_s, peak_mem_gib (rank 0's peak memory so far, taken before the row's validation:
+    max RSS on CPU, max allocated on CUDA; see `peak_memory_gib`), val_loss (on validation
+    steps), and for MoE models load_imbalance (max/mean expert load, mean over layers),
+    load_imbalance_max, dropped_frac, router_entropy and `router`: {layer: {tokens_per_expert:
+    [...], ...every router stat}}.
     """
 
     def __init__(self, cfg: RunConfig, world: World, start_step: int) -> None:
@@ -489,6 +503,7 @@ def _loop(
                 "tokens_per_s": window_steps * tokens_per_step / max(elapsed, 1e-9),
                 "grad_norm": grad_norm,
                 "elapsed_s": time.perf_counter() - run_start,
+                "peak_mem_gib": peak_memory_gib(world.device),
             }
             if validate_now:
                 val_loss = validation_loss(model, validation, world, autocast)
@@ -528,7 +543,7 @@ def _save(
     control: runctl.StopControl,
 ) -> None:
     started = time.perf_counter()
-    model_state = full_state_dict(stepper.module, world)
+    model_state = full_state_dict(stepper.module, world, partitioned=cfg.distributed.zero_stage == 3)
     ckpt_io.save_checkpoint(
         cfg.run_dir,
         step,

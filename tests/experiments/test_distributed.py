@@ -2,9 +2,10 @@
 
 Every run sees the same global batch on 2 ranks, so every layout must reproduce the losses of
 plain data parallelism (EP=1, ZeRO-0) step for step: ZeRO-1, EP=2, and EP=2 with ZeRO-2 resumed
-from a checkpoint. The MoE model uses the aux loss and aux-loss-free bias balancing, so the
-routers' load counters must be reduced across ranks too. (A single process is not the reference:
-the Switch aux loss is computed per rank, on that rank's tokens, as in every data-parallel MoE.)
+from a checkpoint; for a dense model, ZeRO-3 and ZeRO-3 resumed. The MoE model uses the aux loss
+and aux-loss-free bias balancing, so the routers' load counters must be reduced across ranks too.
+(A single process is not the reference: the Switch aux loss is computed per rank, on that rank's
+tokens, as in every data-parallel MoE.)
 """
 
 import json
@@ -73,6 +74,43 @@ def test_zero_and_expert_parallel_reproduce_data_parallel(
     one = World()
     val = validation_loss(model, val_batches(cfg, cfg.tokenizer.build(), one), one, nullcontext())
     assert val == pytest.approx(read_metrics(tmp_path / "ep2")[-1]["val_loss"], rel=1e-5)
+
+
+def test_zero3_reproduces_data_parallel_for_a_dense_model(
+    tmp_path: Path, run_args: Callable[..., list[str]], capfd: pytest.CaptureFixture[str]
+) -> None:
+    """ZeRO-3 partitions the parameters: same losses as ZeRO-0, a full model.pt, an exact resume.
+
+    llama3.1-tiny's FFN matrices (704x256) exceed DeepSpeed's persistence threshold (1e5 elements), so
+    they are partitioned while the smaller ones stay whole. The save at step 2 follows an optimizer
+    step with no validation forward, so the partitions are released then and model.pt needs the gather.
+    """
+    dense = ["model=llama3.1-tiny", "model.n_layers=2", "train.max_steps=4", "optim.decay_steps=4",
+             "train.save_every=2"]  # fmt: skip
+    zero3 = "distributed.zero_stage=3"
+    resumed = run_args(tmp_path / "zero3_resumed", *dense, zero3)
+    plan = [run_args(tmp_path / "dp", *dense), run_args(tmp_path / "zero3", *dense, zero3)]
+    plan += [[*resumed, "train.max_steps=2"], resumed]
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    assert launch(2, [str(WORKER), str(tmp_path / "plan.json")], module=False) == 0
+    assert f"resuming from {tmp_path / 'zero3_resumed' / 'checkpoints' / 'step_2'} at step 2" in capfd.readouterr().out
+
+    reference = read_metrics(tmp_path / "dp")
+    assert len(reference) == 4
+    for name in ("zero3", "zero3_resumed"):
+        rows = read_metrics(tmp_path / name)
+        for key in ("loss", "grad_norm"):
+            assert [r[key] for r in rows] == pytest.approx([r[key] for r in reference], rel=1e-4), (name, key)
+        assert rows[-1]["val_loss"] == pytest.approx(reference[-1]["val_loss"], rel=1e-4), name
+    # ZeRO-3 keeps each rank's half of the fp32 parameters (and their moments) in its own rank file
+    flat = [load_checkpoint(tmp_path / "zero3" / "checkpoints" / "step_4", r).rank_state["optimizer"] for r in (0, 1)]
+    per_rank = [sum(t.numel() for t in state["fp32_flat_groups"]) for state in flat]
+    model, cfg = load_model(tmp_path / "zero3", step=2)
+    assert per_rank[0] == per_rank[1] and sum(per_rank) == pytest.approx(cfg.model.num_params(), rel=1e-3)
+    # the step-2 model.pt, gathered from released partitions, is the model the resumed run validated at step 2
+    one = World()
+    val = validation_loss(model, val_batches(cfg, cfg.tokenizer.build(), one), one, nullcontext())
+    assert val == pytest.approx(read_metrics(tmp_path / "zero3_resumed")[1]["val_loss"], rel=1e-5)
 
 
 def test_cli_nproc_launches_expert_parallel_training(

@@ -97,7 +97,7 @@ BAD_INPUTS = [
     (["model=llama4-tiny", "distributed.ep_size=4", "train.batch_size=12"], 6, "distributed.ep_size"),
     (["train.batch_size=15"], 2, "train.batch_size"),
     (["train.batch_size=16", "train.micro_batch_size=3"], 2, "train.micro_batch_size"),
-    (["distributed.zero_stage=3"], 1, "distributed.zero_stage"),
+    (["distributed.zero_stage=4"], 1, "distributed.zero_stage"),
     (["train.precision=fp16"], 1, "train.precision"),
     (["train.seq_len=100000"], 1, "train.seq_len"),  # beyond model.max_seq_len
     (["optim.warmup_steps=-1"], 1, "optim.warmup_steps"),
@@ -121,6 +121,14 @@ def test_cli_exits_2_naming_the_key_without_traceback(
     assert cli_main([str(BASE_YAML), *overrides, "--nproc", str(nproc)]) == 2  # checked before any launch
     err = capsys.readouterr().err
     assert f"invalid config: {key}:" in err and "Traceback" not in err
+
+
+def test_zero3_is_for_dense_models_and_moe_is_told_the_alternative(capsys: pytest.CaptureFixture[str]) -> None:
+    assert load_run_config(BASE_YAML, ["distributed.zero_stage=3"], world_size=2).distributed.zero_stage == 3
+    assert cli_main([str(BASE_YAML), "model=llama4-tiny", "distributed.zero_stage=3", "--nproc", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "invalid config: distributed.zero_stage:" in err and "Traceback" not in err
+    assert "MoE" in err and "distributed.zero_stage=1 or 2" in err and "distributed.ep_size" in err
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
