@@ -39,6 +39,8 @@ from experiments.errors import write_text_atomic
 from experiments.evals.options import LongContextEvalConfig
 from experiments.overrides import as_layer, merge, omegaconf_message, read_yaml_file, to_dataclass, unflatten
 from models import presets
+from models.checkpointing import POLICIES
+from models.compile import compiler_missing
 from models.config import ConfigError, ModelConfig, model_config_from_dict
 from models.surgery import UPCYCLE_MODES
 
@@ -119,6 +121,8 @@ class TrainConfig:
     progress: Optional[bool] = None  # progress bar; null: only on an interactive terminal
     time_limit_s: Optional[float] = None  # wall clock of one invocation; stops and saves before it (exit 124)
     tensorboard: bool = False  # also write TensorBoard events under run_dir/tb (the `tb` extra)
+    activation_checkpointing: str = "none"  # none | full | selective (even blocks); models/checkpointing.py
+    compile: bool = False  # torch.compile each block (models/compile.py)
 
 
 @dataclass
@@ -404,6 +408,21 @@ def validate(cfg: RunConfig, world_size: Optional[int] = 1, check_machine: bool 
             "train.tensorboard",
             "needs the tensorboard package: pip install -e '.[tb]' (or set train.tensorboard=false)",
         )
+    need(
+        t.activation_checkpointing in POLICIES,
+        "train.activation_checkpointing",
+        f"must be one of {'|'.join(POLICIES)}, got {t.activation_checkpointing!r}",
+    )
+    need(
+        not (t.compile and cfg.model.moe is not None and cfg.model.moe.backend == "grouped_mm"),
+        "train.compile",
+        "cannot trace model.moe.backend=grouped_mm in training: torch 2.13 traces torch._grouped_mm with bf16 "
+        "inputs only, and the experts get fp32 activations; set model.moe.backend=torch or train.compile=false",
+    )
+    if check_machine and t.compile:
+        cuda = t.device == "cuda" or (t.device == "auto" and torch.cuda.is_available())
+        missing = compiler_missing("cuda" if cuda else "cpu")
+        need(missing is None, "train.compile", f"{missing}; install it or set train.compile=false")
     if check_machine and t.device == "cuda":
         need(torch.cuda.is_available(), "train.device", "is cuda but this machine has no CUDA device; use auto or cpu")
     need(t.batch_size >= 1, "train.batch_size", f"must be >= 1, got {t.batch_size}")

@@ -61,6 +61,7 @@ from experiments.distributed import (
 from experiments.errors import USAGE, UserError, exit_status, report
 from experiments.tensorboard_log import TensorBoardLog
 from models.build import build_model
+from models.compile import compile_blocks
 from models.transformer import ModelOutput
 from moe.balance import BiasBalancer
 
@@ -402,6 +403,9 @@ def _train(cfg: RunConfig, world: World, control: runctl.StopControl, t0: float)
         loaded = init_from.load(model, cfg)  # experiments/init_from.py: copies, upcycles, prints what it did
         if world.is_main:
             print(loaded, flush=True)
+    model.set_activation_checkpointing(cfg.train.activation_checkpointing)  # models/checkpointing.py
+    if cfg.train.compile:
+        compile_blocks(model)  # models/compile.py
     mark_expert_params(model, world)
     optimizer = build_optimizer(model, cfg, world)
     stepper: Stepper

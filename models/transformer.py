@@ -22,6 +22,7 @@ from attention.backends import get_backend
 from attention.cache import KVCache, LayerKVCache
 from attention.config import AttentionConfig
 from attention.rope import rope_angles, rope_frequencies
+from models.checkpointing import checkpointed_layers, run_block
 from models.config import ModelConfig
 from models.layers import FeedForward, RMSNorm
 from moe.layer import MoE
@@ -79,7 +80,8 @@ class Transformer(nn.Module):
 
     `cfg` is the frozen config the model was built from; nothing the model does changes it, so
     two models built from one config never affect each other. Eval-time attention knobs live in
-    the layers (`attention_settings`, changed by `set_attention`).
+    the layers (`attention_settings`, changed by `set_attention`); which blocks recompute their
+    activations in training is `activation_checkpointing` (changed by `set_activation_checkpointing`).
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -92,6 +94,8 @@ class Transformer(nn.Module):
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
         self._rope_table: Optional[torch.Tensor] = None  # see rope_freqs
+        self.activation_checkpointing = "none"
+        self._checkpointed = checkpointed_layers("none", cfg.n_layers)  # per block, see models/checkpointing.py
         if self.tok_embeddings.weight.device.type != "meta":
             self.init_weights()
 
@@ -133,12 +137,20 @@ class Transformer(nn.Module):
         aux_loss = torch.zeros((), device=h.device, dtype=torch.float32)
         router_stats: dict[int, dict[str, torch.Tensor]] = {}
         for i, layer in enumerate(self.layers):
-            h, layer_aux, stats = layer(h, rope, start_pos, cache[i] if cache is not None else None)
+            h, layer_aux, stats = run_block(
+                layer, self._checkpointed[i], h, rope, start_pos, cache[i] if cache is not None else None
+            )
             if stats is not None:
                 aux_loss = aux_loss + layer_aux
                 router_stats[i] = stats
         logits = self.output(self.norm(h))  # [B, L, V]
         return ModelOutput(logits=logits, aux_loss=aux_loss, router_stats=router_stats)
+
+    def set_activation_checkpointing(self, policy: str) -> None:
+        """Recompute the activations of the blocks `policy` names (none | full | selective) in the
+        backward instead of keeping them; see models/checkpointing.py. Results do not change."""
+        self._checkpointed = checkpointed_layers(policy, self.cfg.n_layers)
+        self.activation_checkpointing = policy
 
     def make_cache(self, batch_size: int, max_seq_len: int, dtype: Optional[torch.dtype] = None) -> KVCache:
         """Empty KV cache: full length for global layers, a chunk_size ring for chunked layers."""

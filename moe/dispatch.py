@@ -141,6 +141,9 @@ class AllToAllExchange(LocalExchange):
         self.ep_size = ep_size
         self.num_local_experts = num_local_experts
 
+    # Dispatch and combine are never compiled: the split sizes go to the host, and compiled code
+    # would be specialised on them and recompiled as they change (models/compile.py).
+    @torch.compiler.disable
     def dispatch(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Any]:
         ep, local = self.ep_size, self.num_local_experts
         send_counts = tokens_per_expert.reshape(ep, local)  # [ep, E_l] slots for each rank's experts
@@ -155,6 +158,7 @@ class AllToAllExchange(LocalExchange):
         handle = _ExchangeHandle(order=order, send_splits=send_splits, recv_splits=recv_splits)
         return received.index_select(0, order), recv_counts.sum(0), handle
 
+    @torch.compiler.disable
     def combine(self, y: torch.Tensor, handle: Any) -> torch.Tensor:
         h: _ExchangeHandle = handle
         unsorted = torch.empty_like(y).index_copy(0, h.order, y)  # back to (source rank, expert) order

@@ -18,6 +18,9 @@ from moe.experts.base import Experts
 class TorchExperts(Experts):
     """Per-expert torch.matmul over contiguous groups; the reference for the other backends."""
 
+    # Never compiled: the loop needs the group sizes on the host, and a compiled loop would be
+    # specialised on them (which experts are empty) and recompiled as they change (models/compile.py).
+    @torch.compiler.disable
     def forward(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:  # [N, D] -> [N, D]
         counts = tokens_per_expert.tolist()
         groups = x.split(counts)  # E views [n_e, D]

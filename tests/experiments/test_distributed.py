@@ -121,3 +121,28 @@ def test_cli_nproc_launches_expert_parallel_training(
     assert [r["step"] for r in read_metrics(tmp_path / "run")] == [1, 2]
     assert load_run_config(tmp_path / "run" / "config.yaml", world_size=2).distributed.ep_size == 2
     assert "done: step 2" in capfd.readouterr().out
+
+
+def test_activation_checkpointing_under_expert_parallelism_changes_nothing(
+    tmp_path: Path, moe_args: Callable[..., list[str]]
+) -> None:
+    """EP=2 through DeepSpeed: the recompute repeats the all-to-alls on both ranks; losses, routing and
+    biases stay bitwise equal. (The biases cannot show a load counted twice in every layer; that the
+    load counts once under EP is checked in tests/models/test_checkpointing.py.)"""
+    policies = ("none", "full", "selective")
+    plan = [moe_args(tmp_path / p, "distributed.ep_size=2", f"train.activation_checkpointing={p}") for p in policies]
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    assert launch(2, [str(WORKER), str(tmp_path / "plan.json")], module=False) == 0
+
+    reference = read_metrics(tmp_path / "none")
+    assert len(reference) == 4
+    for policy in policies[1:]:
+        rows = read_metrics(tmp_path / policy)
+        for key in ("loss", "grad_norm", "aux_loss", "val_loss", "router"):
+            assert [r.get(key) for r in rows] == [r.get(key) for r in reference], (policy, key)
+        state = load_checkpoint(tmp_path / policy / "checkpoints" / "step_4", 0).model
+        ref_state = load_checkpoint(tmp_path / "none" / "checkpoints" / "step_4", 0).model
+        biases = [k for k in ref_state if k.endswith("expert_bias")]
+        assert biases and any(ref_state[k].abs().sum() > 0 for k in biases)
+        for key in biases:
+            assert torch.equal(state[key], ref_state[key]), (policy, key)
