@@ -31,6 +31,10 @@ class GroupedMMExperts(Experts):
             )
 
     def forward(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:  # [N, D] -> [N, D]
+        if x.shape[0] == 0:  # no tokens on this rank: _grouped_mm's backward rejects an empty input, and the
+            # output must stay attached to `x` so the backward all-to-all still runs (moe/experts/torch_loop.py)
+            w1, w3, w2 = (w[0].to(x.dtype) for w in (self.w1, self.w3, self.w2))
+            return (F.silu(x @ w1) * (x @ w3)) @ w2
         offs = torch.cumsum(tokens_per_expert, 0).to(torch.int32)  # [E] end row of each group
         gate = torch._grouped_mm(x, self.w1.to(x.dtype), offs=offs)  # [N, F]
         up = torch._grouped_mm(x, self.w3.to(x.dtype), offs=offs)  # [N, F]

@@ -1,4 +1,4 @@
-"""The reference expert backend: one GEMM per non-empty expert over its contiguous token group.
+"""The reference expert backend: one GEMM per expert over its contiguous token group.
 
 Shapes: N expert-sorted token-slots, D model dim, F expert hidden dim, E experts.
 
@@ -25,7 +25,8 @@ class TorchExperts(Experts):
         counts = tokens_per_expert.tolist()
         groups = x.split(counts)  # E views [n_e, D]
         w1, w3, w2 = self.w1.unbind(0), self.w3.unbind(0), self.w2.unbind(0)  # E × [D, F], [D, F], [F, D]
-        outs = [(F.silu(g @ w1[e]) * (g @ w3[e])) @ w2[e] for e, g in enumerate(groups) if counts[e] > 0]
-        if not outs:
-            return x.new_zeros(x.shape)
+        # Empty groups too: a [0, D] product costs nothing, and it keeps the output attached to `x` when
+        # this rank received no tokens at all, so the backward all-to-all still runs here (EP ranks stay
+        # in step). The weight gradients are the same: unbind's backward fills unused experts with zeros.
+        outs = [(F.silu(g @ w1[e]) * (g @ w3[e])) @ w2[e] for e, g in enumerate(groups)]
         return torch.cat(outs)  # [N, D], groups in expert order

@@ -89,3 +89,18 @@ def test_cuda_backend_matches_torch_in_bf16(backend: str) -> None:
     counts = torch.tensor([300, 0, 17, 129, 0, 64, 1, 200], device="cuda")
     x = torch.randn(int(counts.sum()), 128, device="cuda")
     compare(ref, other, x, counts, torch.bfloat16, atol=0.0, rel=0.02)
+
+
+@pytest.mark.parametrize("backend", ["torch", "grouped_mm"])
+def test_a_rank_with_no_tokens_stays_in_the_autograd_graph(backend: str) -> None:
+    """Under EP a rank may receive no tokens; its expert output must still depend on its input, or the
+    backward all-to-all never runs on that rank and the others wait for it forever."""
+    if backend == "grouped_mm" and not hasattr(torch, "_grouped_mm"):
+        pytest.skip("torch._grouped_mm is missing from this torch build")
+    experts = BACKENDS[backend](4, 16, 24)
+    experts.init_weights(0.2, 0.2)
+    x = torch.zeros(0, 16, requires_grad=True)
+    out = experts(x, torch.zeros(4, dtype=torch.long))
+    assert out.shape == (0, 16) and out.grad_fn is not None
+    out.sum().backward()
+    assert x.grad is not None and x.grad.shape == (0, 16)
