@@ -10,7 +10,7 @@ The figures follow what this code does (experiments/train.py, experiments/distri
 - ZeRO (DeepSpeed): 0 keeps full gradients and moments (8 bytes a parameter). 1 and 2 shard the
   optimizer: each rank keeps an fp32 master copy and both moments of its partition (12 bytes an
   element) of every optimizer group, padded to a multiple of 2 elements per rank as DeepSpeed pads
-  them. The groups are those of `train.param_groups` (matrices; norm gains and embeddings), with the
+  them. The groups are those of `optim.param_groups` (matrices; norm gains and embeddings), with the
   routed experts as their own group under EP, sharded over the expert-data-parallel group
   (gpus/E ranks) while the rest is sharded over all gpus. ZeRO-1 holds the full gradient at the
   end of backward and copies its partition out of it; ZeRO-2 keeps the partition only (DeepSpeed
@@ -137,7 +137,7 @@ def zero_partition(numel: int, dp: int) -> int:
 
 def param_groups(cfg: ModelConfig, lay: Layout) -> list[tuple[str, int, int]]:
     """(group, parameters a rank holds in it, ranks it is sharded over) for the optimizer groups of
-    train.param_groups: matrices, then norm gains and embeddings; under EP the routed experts split off
+    optim.param_groups: matrices, then norm gains and embeddings; under EP the routed experts split off
     (deepspeed.moe.utils.split_params_into_different_moe_groups_for_optimizer)."""
     no_decay = cfg.vocab_size * cfg.dim + (2 * cfg.n_layers + 1) * cfg.dim
     decay = cfg.num_params() - no_decay

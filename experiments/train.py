@@ -14,7 +14,7 @@ The learning rate is a pure function of the step (linear warmup, cosine decay), 
 checkpoint's step restores the schedule.
 
 Outputs in run_dir: config.yaml (resolved), metrics.jsonl (one JSON object per logged
-step, see `_Metrics`; written and read by experiments/metrics_log.py), checkpoints/
+step, see `train_metrics.TrainingLog`; written and read by experiments/metrics_log.py), checkpoints/
 (experiments/checkpoint.py). Progress: a tqdm bar on an interactive terminal, plain log
 lines otherwise. A non-finite loss or gradient norm stops the run with `TrainingDiverged`
 before the optimizer applies it.
@@ -30,12 +30,11 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import resource
 import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -43,7 +42,7 @@ from torch import nn
 
 from experiments import checkpoint as ckpt_io
 from experiments import init_from, metrics_log, routing_health, runctl
-from experiments.config import ConfigError, OptimConfig, RunConfig, load_run_config
+from experiments.config import ConfigError, RunConfig, load_run_config
 from experiments.data.batches import MixedBatches, PackedBatches, ResumableBatches, ValidationBatches
 from experiments.data.corpus import load_corpus
 from experiments.data.task_mix import task_sources
@@ -51,15 +50,14 @@ from experiments.data.tasks import IGNORE_INDEX
 from experiments.data.tokenizer import Tokenizer
 from experiments.distributed import (
     World,
-    clip_grad_norm,
     full_state_dict,
     init_world,
     launch,
     mark_expert_params,
-    moe_param_groups,
 )
 from experiments.errors import USAGE, UserError, exit_status, report
-from experiments.tensorboard_log import TensorBoardLog
+from experiments.optim import LocalStepper, Stepper, build_optimizer, lr_at
+from experiments.train_metrics import RouterStats, TrainingLog, peak_memory_gib
 from models.build import build_model
 from models.compile import compile_blocks
 from models.transformer import ModelOutput
@@ -68,94 +66,6 @@ from moe.balance import BiasBalancer
 
 class TrainingDiverged(UserError, RuntimeError):
     """The loss or gradient norm became NaN or infinite."""
-
-
-# ---------------------------------------------------------------------- optimizer and schedule
-def lr_at(step: int, optim: OptimConfig, max_steps: int) -> float:
-    """Learning rate of optimizer step `step` (0-based): linear warmup, then cosine to lr·min_lr_ratio."""
-    if step < optim.warmup_steps:
-        return optim.lr * (step + 1) / optim.warmup_steps
-    horizon = optim.decay_steps or max_steps
-    progress = min((step - optim.warmup_steps) / max(horizon - optim.warmup_steps, 1), 1.0)
-    cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
-    return optim.lr * (optim.min_lr_ratio + (1.0 - optim.min_lr_ratio) * cosine)
-
-
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: matrices decay; norm gains (1-D) and embedding tables do not (see the module docstring)."""
-    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    decay, no_decay = [], []
-    for param in model.parameters():
-        if param.requires_grad:
-            (no_decay if param.ndim < 2 or id(param) in embeddings else decay).append(param)
-    return [
-        {"name": "decay", "params": decay, "weight_decay": weight_decay},
-        {"name": "no_decay", "params": no_decay, "weight_decay": 0.0},
-    ]
-
-
-def build_optimizer(model: nn.Module, cfg: RunConfig, world: World) -> torch.optim.Optimizer:
-    groups = param_groups(model, cfg.optim.weight_decay)
-    if world.ep_size > 1:
-        groups = moe_param_groups(groups)
-    o = cfg.optim
-    return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay)
-
-
-class Stepper(Protocol):
-    """How a step runs: a plain optimizer in one process, or DeepSpeed's engine (experiments/distributed.py)."""
-
-    @property
-    def module(self) -> nn.Module: ...
-
-    def forward(self, tokens: torch.Tensor) -> ModelOutput: ...
-
-    def backward(self, loss: torch.Tensor) -> None: ...
-
-    def step(self) -> float: ...
-
-    def set_lr(self, lr: float) -> None: ...
-
-    def optimizer_state(self) -> dict[str, Any]: ...
-
-    def load_optimizer_state(self, state: dict[str, Any]) -> None: ...
-
-
-class LocalStepper:
-    """Single process: gradients accumulate over micro batches, then clip and step."""
-
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, cfg: RunConfig, world: World) -> None:
-        self.model = model
-        self.optimizer = optimizer
-        self.accum = cfg.grad_accum_steps(world.size)
-        self.grad_clip = cfg.optim.grad_clip
-        self.world = world
-
-    @property
-    def module(self) -> nn.Module:
-        return self.model
-
-    def forward(self, tokens: torch.Tensor) -> ModelOutput:
-        return self.model(tokens)
-
-    def backward(self, loss: torch.Tensor) -> None:
-        (loss / self.accum).backward()
-
-    def step(self) -> float:
-        norm = float(clip_grad_norm(self.model.parameters(), self.grad_clip, self.world))
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return norm
-
-    def set_lr(self, lr: float) -> None:
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-
-    def optimizer_state(self) -> dict[str, Any]:
-        return self.optimizer.state_dict()
-
-    def load_optimizer_state(self, state: dict[str, Any]) -> None:
-        self.optimizer.load_state_dict(state)
 
 
 # ---------------------------------------------------------------------- data
@@ -203,129 +113,6 @@ def validation_loss(model: nn.Module, batches: ValidationBatches, world: World, 
     model.train()
     world.all_reduce(total)
     return float(total[0] / total[1])
-
-
-# ---------------------------------------------------------------------- metrics
-class _RouterStats:
-    """Sums the per-layer router stats of a logging window (counts summed, everything else averaged)."""
-
-    COUNTS = ("tokens_per_expert",)
-
-    def __init__(self) -> None:
-        self.sums: dict[int, dict[str, torch.Tensor]] = {}
-        self.n = 0
-
-    def add(self, stats: dict[int, dict[str, torch.Tensor]]) -> None:
-        if not stats:
-            return
-        self.n += 1
-        for layer, layer_stats in stats.items():
-            acc = self.sums.setdefault(layer, {})
-            for name, value in layer_stats.items():
-                value = value.detach().double()
-                acc[name] = acc[name] + value if name in acc else value.clone()
-
-    def reduce(self, world: World) -> dict[str, Any]:
-        """Metrics fields: `router` {layer: {stat: value}} plus layer means/maxima; resets the window."""
-        if not self.sums:
-            return {}
-        keys = [(layer, name) for layer in sorted(self.sums) for name in sorted(self.sums[layer])]
-        flat = torch.cat([self.sums[layer][name].reshape(-1) for layer, name in keys])
-        world.all_reduce(flat)  # every rank logs the same steps, so the stats line up
-        router: dict[str, dict[str, Any]] = {}
-        offset = 0
-        for layer, name in keys:
-            size = self.sums[layer][name].numel()
-            value = flat[offset : offset + size]
-            offset += size
-            if name not in self.COUNTS:
-                value = value / (self.n * world.size)
-            as_list = size > 1 or name in self.COUNTS
-            router.setdefault(str(layer), {})[name] = value.tolist() if as_list else float(value)
-        self.sums, self.n = {}, 0
-        out: dict[str, Any] = {}
-        for name in ("load_imbalance", "dropped_frac", "router_entropy"):
-            values = [s[name] for s in router.values() if name in s]
-            if values:
-                out[name] = sum(values) / len(values)
-        if "load_imbalance" in out:
-            out["load_imbalance_max"] = max(s["load_imbalance"] for s in router.values())
-        out["router"] = router
-        return out
-
-
-def peak_memory_gib(device: torch.device) -> float:
-    """This process's peak memory so far, in GiB: torch's max allocated bytes on a CUDA device, the
-    maximum resident set size (RSS) on CPU. Both are high-water marks over the process's life: a
-    metrics row counts every earlier step and checkpoint save, not its own step's save (a step's row
-    is logged before its save gathers the full model)."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    per_kib = 1024 if sys.platform == "darwin" else 1  # ru_maxrss is in KiB on Linux, in bytes on macOS
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / per_kib / 2**20
-
-
-class _Metrics:
-    """metrics.jsonl (rank 0) plus the console: a tqdm bar on a terminal, plain lines otherwise.
-
-    Row fields: step, loss (mean cross-entropy over the steps since the previous row),
-    aux_loss (same, weighted MoE aux losses), lr, tokens (seen so far, all ranks),
-    tokens_per_s (since the previous row), grad_norm (of the last step, before clipping),
-    elapsed_s, peak_mem_gib (rank 0's peak memory so far, taken before the row's validation:
-    max RSS on CPU, max allocated on CUDA; see `peak_memory_gib`), val_loss (on validation
-    steps), and for MoE models load_imbalance (max/mean expert load, mean over layers),
-    load_imbalance_max, dropped_frac, router_entropy and `router`: {layer: {tokens_per_expert:
-    [...], ...every router stat}}.
-    """
-
-    def __init__(self, cfg: RunConfig, world: World, start_step: int) -> None:
-        self.enabled = world.is_main
-        self.run_dir = cfg.run_dir
-        self.max_steps = cfg.train.max_steps
-        self.bar = None
-        self.tb: TensorBoardLog | None = None
-        if self.enabled:
-            metrics_log.truncate(self.run_dir, start_step)
-            if cfg.train.tensorboard:  # mirrors the rows; events after the checkpoint's step are purged
-                self.tb = TensorBoardLog(self.run_dir, purge_step=start_step + 1)
-            show = cfg.train.progress if cfg.train.progress is not None else sys.stderr.isatty()
-            if show:
-                from tqdm import tqdm
-
-                self.bar = tqdm(total=self.max_steps, initial=start_step, desc="train", dynamic_ncols=True)
-
-    def say(self, message: str) -> None:
-        if not self.enabled:
-            return
-        if self.bar is not None:
-            self.bar.write(message)
-        else:
-            print(message, flush=True)
-
-    def step_done(self, loss: float, tokens_per_s: float) -> None:
-        if self.bar is not None:
-            self.bar.update(1)
-            self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
-
-    def write(self, row: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        metrics_log.append(self.run_dir, row)
-        if self.tb is not None:
-            self.tb.write_row(row)
-        if self.bar is None or "val_loss" in row:
-            val = f" | val {row['val_loss']:.4f}" if "val_loss" in row else ""
-            moe = f" | imbalance {row['load_imbalance']:.2f}" if "load_imbalance" in row else ""
-            self.say(
-                f"step {row['step']}/{self.max_steps} | loss {row['loss']:.4f}{val} | lr {row['lr']:.2e} | "
-                f"grad {row['grad_norm']:.3f} | {row['tokens_per_s']:,.0f} tok/s{moe}"
-            )
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-        if self.tb is not None:
-            self.tb.close()
 
 
 # ---------------------------------------------------------------------- the loop
@@ -426,7 +213,7 @@ def _train(cfg: RunConfig, world: World, control: runctl.StopControl, t0: float)
             print(f"resuming from {state.path} at step {start}", flush=True)
         del state
 
-    metrics = _Metrics(cfg, world, start)
+    metrics = TrainingLog(cfg, world, start)
     try:
         result = _loop(cfg, world, stepper, batches, validation, metrics, start, control)
     finally:
@@ -442,7 +229,7 @@ def _loop(
     stepper: Stepper,
     batches: ResumableBatches,
     validation: ValidationBatches,
-    metrics: _Metrics,
+    metrics: TrainingLog,
     start: int,
     control: runctl.StopControl,
 ) -> dict[str, Any]:
@@ -454,7 +241,7 @@ def _loop(
     tokens_per_step = t.batch_size * t.seq_len
     bf16 = t.precision == "bf16"
     autocast = torch.autocast(world.device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
-    router = _RouterStats()
+    router = RouterStats()
     balancer = BiasBalancer.of(model, world.all_reduce)
     config_yaml = cfg.to_yaml()  # saved with every checkpoint
 

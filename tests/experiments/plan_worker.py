@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from experiments.config import load_run_config
 from experiments.distributed import DeepSpeedStepper, init_world, mark_expert_params
-from experiments.train import build_optimizer
+from experiments.optim import build_optimizer
 from models.build import build_model
 
 

@@ -14,7 +14,8 @@ from experiments import init_from
 from experiments.checkpoint import load_model
 from experiments.config import ConfigError, load_run_config
 from experiments.metrics_log import read_metrics
-from experiments.train import cli_main, lr_at, train
+from experiments.optim import lr_at
+from experiments.train import cli_main, train
 from models.build import build_model
 
 Args = Callable[..., list[str]]

@@ -16,7 +16,8 @@ from experiments.data.tokenizer import Tokenizer
 from experiments.distributed import World
 from experiments.metrics_log import read_metrics
 from experiments.report import build_report
-from experiments.train import _RouterStats, train
+from experiments.train import train
+from experiments.train_metrics import RouterStats
 from models import Transformer
 
 
@@ -59,7 +60,7 @@ def _routing_rows(moe_args: list[str], favoured_bias: float, steps: int = 4) -> 
                 buf[0] += favoured_bias
     ids = Tokenizer.byte_level().encode(Path(routing_health.__file__).read_text())
     batch = torch.tensor(ids[: 4 * 4 * 128]).reshape(4, 4, 128)  # steps x batch x length
-    stats, rows = _RouterStats(), []
+    stats, rows = RouterStats(), []
     with torch.no_grad():
         for step in range(steps):
             stats.add(model(batch[step % 4]).router_stats)

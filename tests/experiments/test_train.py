@@ -8,7 +8,8 @@ import pytest
 
 from experiments.config import OptimConfig, load_run_config
 from experiments.metrics_log import read_metrics
-from experiments.train import TrainingDiverged, cli_main, lr_at, param_groups, train
+from experiments.optim import lr_at, param_groups
+from experiments.train import TrainingDiverged, cli_main, train
 from models import Transformer, presets
 
 Args = Callable[..., list[str]]
