@@ -25,7 +25,7 @@ from __future__ import annotations
 import importlib.util
 import math
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
@@ -50,7 +50,7 @@ PRECISIONS = ("fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
 
 
-@dataclass
+@dataclass(frozen=True)
 class TokenizerConfig:
     """Which tokenizer turns text into ids: the file-free byte-level default, or Meta's tokenizer.model."""
 
@@ -65,7 +65,7 @@ class TokenizerConfig:
         return Tokenizer.from_file(self.path, kind=self.kind)  # type: ignore[arg-type]
 
 
-@dataclass
+@dataclass(frozen=True)
 class DataConfig:
     """Where training text comes from (see experiments/data/corpus.py for the source kinds).
 
@@ -80,7 +80,7 @@ class DataConfig:
     tasks: TaskMix = field(default_factory=TaskMix)  # synthetic long-context tasks mixed into training
 
 
-@dataclass
+@dataclass(frozen=True)
 class OptimConfig:
     """AdamW with decoupled weight decay, linear warmup then cosine decay, gradient clipping.
 
@@ -102,7 +102,7 @@ class OptimConfig:
     grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
     """The loop: how long, how big a batch, how often to log, validate and save."""
 
@@ -125,14 +125,14 @@ class TrainConfig:
     compile: bool = False  # torch.compile each block (models/compile.py)
 
 
-@dataclass
+@dataclass(frozen=True)
 class EvalConfig:
     """Evaluations run on a finished run (`llamoe eval RUN_DIR`); each suite adds its own section."""
 
     long_context: LongContextEvalConfig = field(default_factory=LongContextEvalConfig)  # experiments/evals/
 
 
-@dataclass
+@dataclass(frozen=True)
 class DistributedConfig:
     """Multi-process training through DeepSpeed (`llamoe train CONFIG --nproc N`).
 
@@ -146,7 +146,7 @@ class DistributedConfig:
     backend: str = "auto"  # auto: nccl on GPU, gloo on CPU
 
 
-@dataclass
+@dataclass(frozen=True)
 class UpcycleConfig:
     """How `init_from` turns a dense FFN of the source into an MoE layer of this model (models/surgery.py)."""
 
@@ -154,7 +154,7 @@ class UpcycleConfig:
     noise: float = 0.0  # Gaussian noise on each routed expert, std = noise x the weight's std (seeded by train.seed)
 
 
-@dataclass
+@dataclass(frozen=True)
 class RunConfig:
     """One training run. See experiments/configs/base.yaml for every key with its default."""
 
@@ -231,7 +231,8 @@ def load_run_config(
                 raise ConfigError(key, f"unknown section; the run config has: model, {', '.join(sections)}")
         run = merge(run, layer)
     cfg = to_dataclass(RunConfig, [run])
-    cfg.model, cfg.model_preset = model.build()
+    built, preset = model.build()
+    cfg = replace(cfg, model=built, model_preset=preset)  # frozen from here on
     validate(cfg, world_size, check_machine)
     return cfg
 

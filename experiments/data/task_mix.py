@@ -80,7 +80,7 @@ class TaskBatches:
         self.step = int(state["step"])
 
 
-@dataclass
+@dataclass(frozen=True)
 class TaskMix:
     """`data.tasks`: the fraction of training batches drawn from each synthetic task.
 

@@ -20,7 +20,7 @@ CALIBRATION_CRITERIA = ("nll", "passkey")
 KEY_PREFIX = "eval.long_context"
 
 
-@dataclass
+@dataclass(frozen=True)
 class LongContextEvalConfig:
     """Options of the long-context suite (shared/REFERENCE.md, "Long-context evaluation protocols").
 

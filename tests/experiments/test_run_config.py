@@ -161,3 +161,17 @@ def test_console_command_exits_2_without_traceback(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert "model.dim:" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "config.yaml").exists()
+
+
+def test_a_loaded_run_config_is_frozen_and_changes_go_through_validation_again() -> None:
+    import dataclasses
+
+    cfg = load_run_config(None, ["train.seq_len=64"])
+    for obj, name in ((cfg, "run_dir"), (cfg.train, "seq_len"), (cfg.optim, "lr"), (cfg.data.tasks, "mqar"),
+                      (cfg.eval.long_context, "sequences"), (cfg.model, "dim")):  # fmt: skip
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            setattr(obj, name, getattr(obj, name))
+    changed = load_run_config(cfg.to_dict(), {"train.seq_len": 128})  # the validated way to change one
+    assert changed.train.seq_len == 128 and cfg.train.seq_len == 64
+    with pytest.raises(ConfigError, match="train.seq_len"):
+        load_run_config(cfg.to_dict(), {"train.seq_len": 0})
