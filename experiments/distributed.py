@@ -52,6 +52,7 @@ experiments/deepspeed_compat.py, which checks the installed DeepSpeed release ag
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import socket
@@ -105,6 +106,14 @@ class World:
         return tensor
 
 
+def _leave_process_groups() -> None:
+    """At interpreter exit, destroy the process groups (the world's and the expert-parallel ones): left to
+    the interpreter's teardown, gloo's threads can abort a process whose run finished ("terminate called
+    without an active exception", exit -6). No barrier: the program's last collective is already done."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def _env_int(name: str, default: int) -> int:
     value = os.environ.get(name, "")
     return int(value) if value.isdigit() else default
@@ -134,6 +143,7 @@ def init_world(cfg: RunConfig) -> World:
     if backend == "auto":
         backend = "nccl" if device.type == "cuda" else "gloo"
     deepspeed.init_distributed(dist_backend=backend)
+    atexit.register(_leave_process_groups)
     world = World(rank=dist.get_rank(), size=dist.get_world_size(), local_rank=local_rank, device=device)
     ep = cfg.distributed.ep_size
     if ep > 1:
