@@ -279,7 +279,8 @@ def _texts(kind: str, files: list[Path], indices: list[int]) -> Iterator[str]:
 def _position_split(text: str, split: str, val_fraction: float) -> Iterator[str]:
     """One document split in two at the last line break before the (1 - val_fraction) point."""
     target = int(len(text) * (1.0 - val_fraction))
-    cut = (text.rfind("\n", 0, target) + 1) or target
+    # val_fraction 0 (a text evaluated whole) keeps every character, a last line without "\n" too
+    cut = len(text) if target >= len(text) else (text.rfind("\n", 0, target) + 1) or target
     yield text[:cut] if split == "train" else text[cut:]
 
 

@@ -22,9 +22,14 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from experiments.errors import UsageError
 from experiments.evals.scoring import token_nll
 from experiments.evals.stats import bootstrap_mean
 from models.transformer import Transformer
+
+
+class NotEnoughText(UsageError, ValueError):
+    """The held-out text has too few windows of a length for what was asked (bad input: exit 2)."""
 
 
 def heldout_windows(
@@ -45,7 +50,7 @@ def heldout_windows(
                 starts.append(start)
                 end = start + length
     if len(starts) < n_eval + n_reserved:
-        raise ValueError(
+        raise NotEnoughText(
             f"the held-out split has {len(tokens)} tokens and room for only {len(starts)} windows of {length} "
             f"tokens, but {n_eval} evaluation + {n_reserved} calibration windows were asked for; "
             "ask for fewer sequences or shorter lengths, or use a larger data.source"

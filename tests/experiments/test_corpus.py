@@ -125,6 +125,13 @@ def test_single_text_file_splits_at_a_line_break(tmp_path: Path) -> None:
     assert 0.05 < len(val[0]) / len(text) < 0.15
 
 
+def test_a_text_file_read_whole_keeps_a_last_line_without_newline(tmp_path: Path) -> None:
+    text = "".join(f"line {i}\n" for i in range(20)) + "the end, no newline"
+    path = tmp_path / "notes.txt"
+    path.write_text(text)
+    assert texts_of(load_corpus(str(path), BYTES, "train", tmp_path / "cache", val_fraction=0.0)) == [text]
+
+
 def test_jsonl_source(tmp_path: Path) -> None:
     path = tmp_path / "data.jsonl"
     records = [{"text": f"record {i}", "id": i} for i in range(40)]

@@ -511,6 +511,9 @@ def test_cli_exit_status_names_the_problem(heldout, tmp_path: Path, capsys) -> N
     assert "eval.long_context.passkey_trials" in capsys.readouterr().err
     assert cli_main([str(tmp_path / "nothing_here")]) == 2  # bad input, as every missing run directory
     assert "no checkpoint" in capsys.readouterr().err
+    assert cli_main([str(run_dir), "evals=[ppl]", "sequences=100000", "plots=false"]) == 2  # too little text
+    err = capsys.readouterr().err
+    assert "room for only" in err and "ask for fewer sequences" in err and "Traceback" not in err
 
 
 # ----------------------------------------------------------------------------- tail NLL, buckets, intervals
