@@ -119,17 +119,11 @@ def _evaluate(plan: PlannedRun, source_dir: Path, run_dir: Path) -> tuple[Any, d
     Options layer as: the run config's `eval.<suite>` section, the sweep's `eval.<suite>`, then the
     run's `eval_overrides`. Returns (run config, flat eval keys, their 95% intervals)."""
     from experiments.checkpoint import checkpoint_path, load_config
-    from experiments.config import load_run_config
     from experiments.evals.long_context import evaluate_run
 
     overrides = model_overrides(plan.eval_overrides)
     if not plan.eval:
-        cfg = load_config(checkpoint_path(source_dir))
-        return (
-            (load_run_config(cfg.to_dict(), overrides, world_size=None, check_machine=False) if overrides else cfg),
-            {},
-            {},
-        )
+        return load_config(checkpoint_path(source_dir), overrides), {}, {}
     flat: dict[str, float] = {}
     intervals: dict[str, list] = {}
     for suite, options in plan.eval.items():

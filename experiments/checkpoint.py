@@ -359,12 +359,16 @@ def check_resumable(path: Path, meta: dict[str, Any], saved: RunConfig, cfg: Run
             )
 
 
-def load_config(path: Path) -> RunConfig:
-    """The resolved run config stored with a checkpoint."""
+def load_config(path: Path, model_overrides: Optional[dict[str, Any]] = None) -> RunConfig:
+    """The resolved run config stored with a checkpoint, with eval-time `model_overrides` applied (and
+    validated again) when given."""
     try:
-        return load_run_config(path / "config.yaml", world_size=None, check_machine=False)
+        cfg = load_run_config(path / "config.yaml", world_size=None, check_machine=False)
     except ConfigError as e:
         raise CheckpointError(f"{path / 'config.yaml'} cannot be loaded: {e}") from None
+    if model_overrides:
+        cfg = load_run_config(cfg.to_dict(), model_overrides, world_size=None, check_machine=False)
+    return cfg
 
 
 def load_model(
@@ -380,9 +384,7 @@ def load_model(
     into; the load is strict, so an override that changes a parameter shape fails loudly.
     """
     path = checkpoint_path(run_dir, step)
-    cfg = load_config(path)
-    if model_overrides:
-        cfg = load_run_config(cfg.to_dict(), model_overrides, world_size=None, check_machine=False)
+    cfg = load_config(path, model_overrides)
     read_meta(path)
     state = _load_file(path / "model.pt", weights_only=True, mmap=True)
     try:
