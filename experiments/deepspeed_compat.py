@@ -11,6 +11,11 @@ needs what DeepSpeed offers only privately:
   marked expert parameters, and is built through the engine's constructor as
   `deepspeed.initialize` does.
 
+It also keeps DeepSpeed from JIT-compiling its CPU shared-memory all-reduce op
+(`deepspeed.comm.torch.build_shm_op`) when a process group is joined: training never uses it (it
+serves DeepSpeed inference's all-reduce only), the C++ build costs a minute per fresh machine, and a
+worker killed while building leaves a lock file on which every later launch waits forever.
+
 Private names change between releases without notice, so only the DeepSpeed releases this
 project was tested with (`SUPPORTED`, the same range as pyproject.toml) are accepted; any other
 version, or a missing private name, stops with the installed version, the range and the fix.
@@ -20,6 +25,7 @@ Nothing else in the project may touch a DeepSpeed private name (a test greps the
 from __future__ import annotations
 
 import functools
+import importlib
 import importlib.metadata
 import re
 from typing import Any
@@ -102,6 +108,23 @@ def expert_parallel_group(ep_size: int) -> tuple[str, Any, int]:
     return name, groups._get_expert_parallel_group(name), groups._get_expert_parallel_rank(name)
 
 
+def init_distributed(backend: str) -> None:
+    """Join the default process group through DeepSpeed (`backend`: gloo or nccl), without building its
+    shared-memory comm op (see the module docstring)."""
+    check_installed()
+    import deepspeed
+
+    # by module path: the attribute `deepspeed.comm.torch` is PyTorch itself (re-exported by a star import)
+    ds_torch_comm = importlib.import_module("deepspeed.comm.torch")
+    if hasattr(ds_torch_comm, "build_shm_op"):
+        ds_torch_comm.build_shm_op = _no_shm_op
+    deepspeed.init_distributed(dist_backend=backend)
+
+
+def _no_shm_op() -> None:
+    return None
+
+
 @functools.lru_cache(maxsize=None)
 def _expert_parallel_engine_class() -> type:
     check_private_api()
@@ -142,5 +165,6 @@ __all__ = [
     "check_private_api",
     "check_version",
     "expert_parallel_group",
+    "init_distributed",
     "installed_version",
 ]

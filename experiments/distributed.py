@@ -55,6 +55,7 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -132,8 +133,6 @@ def init_world(cfg: RunConfig) -> World:
     if size == 1:
         return World(device=device)
 
-    import deepspeed
-
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         # the launcher does not split the cores between the local ranks; oversubscribing them is slow
@@ -142,7 +141,7 @@ def init_world(cfg: RunConfig) -> World:
     backend = cfg.distributed.backend
     if backend == "auto":
         backend = "nccl" if device.type == "cuda" else "gloo"
-    deepspeed.init_distributed(dist_backend=backend)
+    deepspeed_compat.init_distributed(backend)
     atexit.register(_leave_process_groups)
     world = World(rank=dist.get_rank(), size=dist.get_world_size(), local_rank=local_rank, device=device)
     ep = cfg.distributed.ep_size
@@ -329,13 +328,15 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def launch(nproc: int, program: list[str], module: bool = True) -> int:
+def launch(nproc: int, program: list[str], module: bool = True, timeout: float | None = None) -> int:
     """Run `program` in `nproc` local worker processes through DeepSpeed's launcher; return its exit status.
 
     `program` is a module and its arguments (`["experiments.cli", "train", ...]`), or with
     module=False a script path and its arguments. Workers import this checkout's packages.
     The launcher runs in its own session, so a terminal's Ctrl-C reaches this process only; SIGTERM
     and SIGINT are passed on once to every worker (experiments/runctl.py), so each saves and stops.
+    With `timeout` (seconds), a launch still running then is killed whole and TimeoutError raised, so a
+    hung collective fails a test instead of stalling it.
     """
     deepspeed_compat.check_installed()  # one clear error here rather than one per worker
     root = str(Path(__file__).resolve().parent.parent)
@@ -357,9 +358,13 @@ def launch(nproc: int, program: list[str], module: bool = True) -> int:
     proc = subprocess.Popen(cmd, env=env, start_new_session=True)
     try:
         with forward_signals(proc.pid):
-            return proc.wait()
+            return proc.wait(timeout)
     except Aborted:  # a second signal: the workers were told to abort too
         return proc.wait()
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise TimeoutError(f"{nproc} workers of {' '.join(program)} still running after {timeout:.0f} s") from None
 
 
 __all__ = [

@@ -9,6 +9,7 @@ tokens, as in every data-parallel MoE.)
 """
 
 import json
+import time
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable
@@ -49,7 +50,7 @@ def test_zero_and_expert_parallel_reproduce_data_parallel(
     resumed = moe_args(tmp_path / "ep2_zero2_resumed", *runs["ep2_zero2"])
     plan += [[*resumed, "train.max_steps=2"], resumed]
     (tmp_path / "plan.json").write_text(json.dumps(plan))
-    assert launch(2, [str(WORKER), str(tmp_path / "plan.json")], module=False) == 0
+    assert launch(2, [str(WORKER), str(tmp_path / "plan.json")], module=False, timeout=600) == 0
     out = capfd.readouterr().out
     assert f"resuming from {tmp_path / 'ep2_zero2_resumed' / 'checkpoints' / 'step_2'} at step 2" in out
 
@@ -92,7 +93,7 @@ def test_zero3_reproduces_data_parallel_for_a_dense_model(
     plan = [run_args(tmp_path / "dp", *dense), run_args(tmp_path / "zero3", *dense, zero3)]
     plan += [[*resumed, "train.max_steps=2"], resumed]
     (tmp_path / "plan.json").write_text(json.dumps(plan))
-    assert launch(2, [str(WORKER), str(tmp_path / "plan.json")], module=False) == 0
+    assert launch(2, [str(WORKER), str(tmp_path / "plan.json")], module=False, timeout=600) == 0
     assert f"resuming from {tmp_path / 'zero3_resumed' / 'checkpoints' / 'step_2'} at step 2" in capfd.readouterr().out
 
     reference = read_metrics(tmp_path / "dp")
@@ -114,13 +115,40 @@ def test_zero3_reproduces_data_parallel_for_a_dense_model(
 
 
 def test_cli_nproc_launches_expert_parallel_training(
-    tmp_path: Path, moe_args: Callable[..., list[str]], capfd: pytest.CaptureFixture[str]
+    tmp_path: Path,
+    moe_args: Callable[..., list[str]],
+    capfd: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """`--nproc 2` trains with EP=2, and joining the process group compiles nothing: DeepSpeed's CPU
+    shared-memory comm op (inference only) would take a minute per fresh machine to build and leave a
+    lock that hangs every later launch if a worker dies while building it."""
+    extensions = tmp_path / "torch_extensions"
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(extensions))
     args = moe_args(tmp_path / "run", "train.max_steps=2", "distributed.ep_size=2")
     assert cli_main(["/dev/null", *args, "--nproc", "2"]) == 0
     assert [r["step"] for r in read_metrics(tmp_path / "run")] == [1, 2]
     assert load_run_config(tmp_path / "run" / "config.yaml", world_size=2).distributed.ep_size == 2
     assert "done: step 2" in capfd.readouterr().out
+    assert not extensions.exists() or not any(extensions.iterdir())
+
+
+def test_a_launch_still_running_at_its_timeout_is_killed_whole(tmp_path: Path) -> None:
+    """A hung collective must fail a test, not stall CI: the launcher and every worker are killed."""
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    script = tmp_path / "hang.py"
+    script.write_text(
+        f"import os, time\nopen(os.path.join({str(pids)!r}, str(os.getpid())), 'w').close()\ntime.sleep(600)\n"
+    )
+    with pytest.raises(TimeoutError, match="still running after 30 s"):
+        launch(2, [str(script)], module=False, timeout=30)
+    started = [int(p.name) for p in pids.iterdir()]
+    assert len(started) == 2
+    time.sleep(1)  # an orphan killed with its group is reaped by init
+    for pid in started:
+        stat = Path(f"/proc/{pid}/stat")
+        assert not stat.exists() or stat.read_text().rsplit(")", 1)[1].split()[0] == "Z", pid
 
 
 def test_activation_checkpointing_under_expert_parallelism_changes_nothing(
@@ -132,7 +160,7 @@ def test_activation_checkpointing_under_expert_parallelism_changes_nothing(
     policies = ("none", "full", "selective")
     plan = [moe_args(tmp_path / p, "distributed.ep_size=2", f"train.activation_checkpointing={p}") for p in policies]
     (tmp_path / "plan.json").write_text(json.dumps(plan))
-    assert launch(2, [str(WORKER), str(tmp_path / "plan.json")], module=False) == 0
+    assert launch(2, [str(WORKER), str(tmp_path / "plan.json")], module=False, timeout=600) == 0
 
     reference = read_metrics(tmp_path / "none")
     assert len(reference) == 4

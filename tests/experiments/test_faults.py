@@ -379,7 +379,12 @@ def test_sigterm_to_an_expert_parallel_run_saves_every_rank_and_resume_is_exact(
     (tmp_path / "plan.json").write_text(json.dumps(plan))
     capfd.readouterr()
     assert (
-        launch(2, [str(Path(__file__).parent / "distributed_worker.py"), str(tmp_path / "plan.json")], module=False)
+        launch(
+            2,
+            [str(Path(__file__).parent / "distributed_worker.py"), str(tmp_path / "plan.json")],
+            module=False,
+            timeout=600,
+        )
         == 1
     )
     out, err = capfd.readouterr()

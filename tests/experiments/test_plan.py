@@ -258,7 +258,7 @@ def test_state_bytes_equal_what_two_gloo_ranks_allocate(tmp_path: Path) -> None:
     layouts = [(ep, zero) for ep in (1, 2) for zero in (0, 1, 2)]
     runs = [[*SMALL_MOE, f"distributed.ep_size={ep}", f"distributed.zero_stage={zero}"] for ep, zero in layouts]
     (tmp_path / "plan.json").write_text(json.dumps(runs))
-    assert launch(2, [str(WORKER), str(tmp_path / "plan.json"), str(tmp_path)], module=False) == 0
+    assert launch(2, [str(WORKER), str(tmp_path / "plan.json"), str(tmp_path)], module=False, timeout=600) == 0
     cfg = load_run_config(None, SMALL_MOE, world_size=2, check_machine=False).model
     assert cfg.dim * (cfg.vocab_size + 2 * cfg.n_layers + 1) % 4 == 2  # a padded ZeRO group
     for i, (ep, zero) in enumerate(layouts):
