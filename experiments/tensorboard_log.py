@@ -11,11 +11,11 @@ A resumed run purges the events after its checkpoint's step, as the JSON log is 
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any, Optional, Union
 
 from config_error import ConfigError
+from experiments.report_stats import number
 
 DIR = "tb"
 
@@ -32,17 +32,11 @@ def scalars(row: dict[str, Any]) -> dict[str, float]:
                     if name == "tokens_per_expert" and isinstance(stat, list) and sum(stat) > 0:
                         total = float(sum(stat))
                         out.update({f"router/{layer}/expert_{i}_share": n / total for i, n in enumerate(stat)})
-                    elif _number(stat) is not None:
+                    elif number(stat) is not None:
                         out[f"router/{layer}/{name}"] = float(stat)
-        elif (number := _number(value)) is not None:
-            out[f"train/{key}"] = number
+        elif (scalar := number(value)) is not None:
+            out[f"train/{key}"] = scalar
     return out
-
-
-def _number(value: Any) -> Optional[float]:
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-        return float(value)
-    return None
 
 
 class TensorBoardLog:
@@ -67,8 +61,8 @@ class TensorBoardLog:
     def write_eval(self, keys: dict[str, Any], step: int) -> None:
         """Flat evaluation keys (`nll@256`, `passkey@1024`, ...) as `eval/<key>` at a checkpoint's step."""
         for key, value in keys.items():
-            if (number := _number(value)) is not None:
-                self.writer.add_scalar(f"eval/{key}", number, step)
+            if (scalar := number(value)) is not None:
+                self.writer.add_scalar(f"eval/{key}", scalar, step)
         self.writer.flush()
 
     def close(self) -> None:
