@@ -328,6 +328,23 @@ def plot_expert_load(sweep_dir: Path, groups: list[Group], plots: Path) -> list[
 
 
 # ---------------------------------------------------------------------------- report
+def _per_window(sweep_dir: Path, groups: list[Group]) -> dict[str, dict[str, Any]]:
+    """Each single-seed run's per-window evaluation values (`per_window` in its eval/long_context.json),
+    for factor effects paired by window; runs without them (older results, several seeds) are left out."""
+    out: dict[str, dict[str, Any]] = {}
+    for g in groups:
+        if len(g.ok) != 1:
+            continue
+        path = sweep_dir / g.ok[0]["run_dir"] / "eval" / "long_context.json"
+        try:
+            values = json.loads(path.read_text()).get("per_window")
+        except (OSError, ValueError):
+            continue
+        if values:
+            out[g.run] = values
+    return out
+
+
 def build_report(sweep_dir: Path) -> Path:
     """Write report.md and plots/*.png for a sweep directory; returns the report path."""
     sweep_dir = Path(sweep_dir)
@@ -364,7 +381,7 @@ def build_report(sweep_dir: Path) -> Path:
         "",
     ]
     lines += routing_health.report_lines(rows)  # routing columns explained, collapse warnings
-    lines += report_stats.factor_lines(groups, info.get("factors") or {})
+    lines += report_stats.factor_lines(groups, info.get("factors") or {}, _per_window(sweep_dir, groups))
     lines += report_stats.bucket_lines(groups)
     notes = matching_notes(groups, baseline)
     if notes:

@@ -4,7 +4,9 @@ One run (one seed): the 95% bootstrap interval its evaluation wrote (`eval_ci95`
 experiments/evals/stats.py). Several seeds: a Student-t interval over the per-seed values, which
 holds the training noise as well as the evaluation noise. A difference between two runs gets the
 interval sqrt(h_a^2 + h_b^2) around it (h: half-widths; the runs are independent), and counts as a
-result only when that interval excludes 0.
+result only when that interval excludes 0. Factor effects between single-seed runs scored on the same
+held-out windows are paired by window instead: the contrast is computed per window and bootstrapped,
+which removes the window-to-window variance every run shares.
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ import statistics
 from collections.abc import Sequence
 from typing import Any
 
-from experiments.evals.stats import t_interval
+import numpy as np
+
+from experiments.evals.stats import bootstrap_mean, t_interval
 
 Estimate = tuple[float, float, float]  # mean, low, high
 
@@ -242,13 +246,44 @@ def draw_bucket_nll(ax: Any, groups: Sequence[Any]) -> bool:
     return True
 
 
-def factor_lines(groups: Sequence[Any], factors: dict[str, dict[str, list[str]]]) -> list[str]:
+def paired_by_window(terms: Sequence[tuple[float, dict[str, Any] | None]], key: str) -> Estimate | None:
+    """sum(c * run) computed per held-out window and bootstrapped over windows, from each run's
+    `per_window` evaluation result (experiments/evals/long_context.py); None unless every run has `key`
+    on the same windows (equal windows_sha256 and count)."""
+    if not terms or any(w is None or key not in w for _, w in terms):
+        return None
+    if len({w["windows_sha256"] for _, w in terms}) != 1 or len({len(w[key]) for _, w in terms}) != 1:
+        return None
+    contrast = sum(c * np.asarray(w[key], dtype=np.float64) for c, w in terms)
+    lo, hi = bootstrap_mean(contrast)
+    return float(contrast.mean()), lo, hi
+
+
+def factor_lines(
+    groups: Sequence[Any],
+    factors: dict[str, dict[str, list[str]]],
+    per_window: dict[str, dict[str, Any]] | None = None,
+) -> list[str]:
     """Attribution in a two-level factorial design: each factor's effect (second level minus first,
     averaged over the other factors' runs) on held-out NLL at the training length and on the headline
-    key, with intervals; for two factors over four runs, also their interaction."""
+    key, with intervals; for two factors over four runs, also their interaction.
+
+    `per_window` maps a single-seed run to its evaluation's per-window values: an effect whose runs all
+    have them on the same windows is paired by window (`paired_by_window`), else the runs' intervals
+    are combined as independent (`combine`)."""
     if not factors:
         return []
+    per_window = per_window or {}
     by_run = {g.run: g for g in groups}
+    paired_cells: list[bool] = []
+
+    def contrast(terms: list[tuple[float, str]], key: str) -> Estimate | None:
+        paired = paired_by_window([(c, per_window.get(n)) for c, n in terms], key)
+        paired_cells.append(paired is not None)
+        if paired is not None:
+            return paired
+        return combine([(c, estimate(by_run[n].ok, key) if n in by_run else None) for c, n in terms])
+
     rows = [r for g in groups for r in g.ok]
     train_len = train_length(rows)
     keys = [k for k in (f"nll@{train_len}" if train_len else None, headline_key(rows)) if k]
@@ -267,9 +302,7 @@ def factor_lines(groups: Sequence[Any], factors: dict[str, dict[str, list[str]]]
 
     def effect(key: str, low: list[str], high: list[str]) -> str:
         """mean over `high`'s runs minus mean over `low`'s, as a table cell."""
-        terms = [(1 / len(high), estimate(by_run[n].ok, key) if n in by_run else None) for n in high]
-        terms += [(-1 / len(low), estimate(by_run[n].ok, key) if n in by_run else None) for n in low]
-        return _effect_cell(combine(terms))
+        return _effect_cell(contrast([(1 / len(high), n) for n in high] + [(-1 / len(low), n) for n in low], key))
 
     for factor, levels in factors.items():
         (first, a), (second, b) = levels.items()
@@ -281,10 +314,14 @@ def factor_lines(groups: Sequence[Any], factors: dict[str, dict[str, list[str]]]
         }
         if all(len(runs) == 1 and runs[0] in by_run for runs in corners.values()):
             sign = {(1, 1): 1.0, (0, 0): 1.0, (1, 0): -1.0, (0, 1): -1.0}
-            cells = [
-                _effect_cell(combine([(sign[c], estimate(by_run[runs[0]].ok, key)) for c, runs in corners.items()]))
-                for key in keys
-            ]
+            cells = [_effect_cell(contrast([(sign[c], runs[0]) for c, runs in corners.items()], key)) for key in keys]
             if "-" not in cells:
                 lines.append(f"| {f1} × {f2} | interaction | " + " | ".join(cells) + " |")
-    return [*lines, ""]
+    if paired_cells and all(paired_cells):
+        how = "Every interval is paired by held-out window: all runs were scored on the same windows"
+    elif any(paired_cells):
+        how = "Intervals are paired by held-out window where the runs share their windows, else combined as independent"
+    else:
+        how = "Intervals combine the runs' own intervals as independent estimates"
+    how += " (they hold evaluation noise; one seed per run cannot show training noise)." if any(paired_cells) else "."
+    return [*lines, "", how, ""]

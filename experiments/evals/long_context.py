@@ -18,6 +18,9 @@ and the same keys suffixed ":<label>" for every other setting evaluated ("off",
 "fs<floor_scale>_as<attn_scale>"), plus
     ci95: {flat key: [low, high]}       95% bootstrap interval of every key but entropy
           (experiments/evals/stats.py: over held-out sequences, keys or query sequences)
+    per_window: {windows_sha256, nll@L: [...], delta_tail_nll@L: [...]}
+                                        the primary setting's values per held-out window (for differences
+                                        paired by window between results with the same windows_sha256)
     suite, train_len, lengths, temperature (the primary setting and mode),
     details: {settings: {label: {temperature, ppl, passkey, needle, mqar, entropy}},
               calibration, nope_layers, options, seconds}.
@@ -31,6 +34,7 @@ entropy@L is the mean attention entropy (nats) of NoPE-layer queries at position
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import math
@@ -167,6 +171,22 @@ def _flat_keys(result: dict[str, Any], suffix: str) -> tuple[dict[str, float], d
     return flat, ci
 
 
+def _per_window(result: dict[str, Any], sequences: torch.Tensor) -> dict[str, Any]:
+    """nll@L and delta_tail_nll@L per held-out window, and a digest of the windows' tokens: two results
+    with the same digest were scored on the same windows, so their difference can be paired by window."""
+    if "ppl" not in result:
+        return {}
+    ppl = result["ppl"]
+    out: dict[str, Any] = {
+        "windows_sha256": hashlib.sha256(sequences[: ppl["sequences"]].numpy().tobytes()).hexdigest()
+    }
+    for i, length in enumerate(ppl["lengths"]):
+        out[f"nll@{length}"] = ppl["nll_per_sequence"][i]
+        if ppl["delta_tail_nll_per_sequence"]:
+            out[f"delta_tail_nll@{length}"] = ppl["delta_tail_nll_per_sequence"][i]
+    return out
+
+
 def evaluate(
     model: Transformer,
     tokenizer: Tokenizer,
@@ -213,11 +233,14 @@ def evaluate(
     per_setting: dict[str, dict[str, Any]] = {}
     flat: dict[str, float] = {}
     intervals: dict[str, list[float]] = {}
+    per_window: dict[str, Any] = {}
     haystack = heldout.tokens if heldout is not None else None
     for i, setting in enumerate(settings):
         with applied(model, setting):
             result = _evaluate_setting(model, tokenizer, options, lengths, train_len, sequences, haystack, seconds)
         per_setting[setting.label] = result
+        if i == 0 and sequences is not None:
+            per_window = _per_window(result, sequences)
         values, cis = _flat_keys(result, "" if i == 0 else f":{setting.label}")
         flat.update(values)
         intervals.update(cis)
@@ -231,6 +254,7 @@ def evaluate(
         "temperature": dict(settings[0].to_dict(), mode=options.temperature if has_nope else "config"),
         **flat,
         "ci95": intervals,
+        "per_window": per_window,
         "details": {
             "settings": per_setting,
             "calibration": calibration,

@@ -126,8 +126,9 @@ def perplexity_vs_length(
 ) -> dict[str, Any]:
     """Mean NLL, perplexity, tail NLL and NLL by position bucket at each length, on prefixes of sequences [N, >= L+1].
 
-    Each value comes with a 95% bootstrap interval over the sequences (`*_ci`, bucket "ci");
-    `delta_tail_nll` (paired, per sequence) is filled when `train_len` is one of `lengths`.
+    Each value comes with a 95% bootstrap interval over the sequences (`*_ci`, bucket "ci") and, for
+    nll and delta_tail_nll, its per-sequence values (`*_per_sequence`); `delta_tail_nll` (paired, per
+    sequence) is filled when `train_len` is one of `lengths`.
 
     A token's NLL depends only on the tokens before it (and, with a sliding window, on where the
     windows start, which does not depend on the total length), so one pass over the longest
@@ -164,6 +165,9 @@ def perplexity_vs_length(
         "delta_tail_nll": [],
         "delta_tail_nll_ci": [],
         "sequences": int(sequences.size(0)),
+        # one value per sequence, so results on the same windows (other runs, other settings) pair by window
+        "nll_per_sequence": [],
+        "delta_tail_nll_per_sequence": [],
     }
     for length in lengths:
         nll = nll_of(length)
@@ -177,9 +181,11 @@ def perplexity_vs_length(
         results["method"].append("full" if length in full else f"sliding(window={window}, stride={stride})")
         results["tail_nll"].append(float(tails.mean()))
         results["tail_nll_ci"].append(bootstrap_mean(tails))
+        results["nll_per_sequence"].append(per_sequence.tolist())
         if reference is not None:
             results["delta_tail_nll"].append(float((tails - reference).mean()))
             results["delta_tail_nll_ci"].append(bootstrap_mean(tails - reference))
+            results["delta_tail_nll_per_sequence"].append((tails - reference).tolist())
         buckets = []
         for a, b in position_buckets(length, train_len):
             values = nll[:, a:b].double().mean(dim=1).numpy()

@@ -1,5 +1,6 @@
 """Long-context evaluation: scoring of the tasks, perplexity (full, blockwise, sliding), temperature, entropy, suite."""
 
+import hashlib
 import json
 import math
 import random
@@ -537,6 +538,12 @@ def test_tail_bucket_and_delta_keys_equal_a_hand_computation(heldout) -> None:
     assert lo <= result["delta_tail_nll@128"] <= hi
     per_sequence = (tail[128] - tail[32]).numpy()
     assert per_sequence.min() <= lo and hi <= per_sequence.max()  # a bootstrap of the mean stays in the data's range
+    # the per-window values (for differences paired by window) are the same windows' values, in order
+    windows = result["per_window"]
+    assert windows["windows_sha256"] == hashlib.sha256(seqs.numpy().tobytes()).hexdigest()
+    for n in (32, 64, 128):
+        assert windows[f"nll@{n}"] == pytest.approx(nll[:, :n].mean(dim=1).tolist(), abs=1e-6)
+        assert windows[f"delta_tail_nll@{n}"] == pytest.approx((tail[n] - tail[32]).tolist(), abs=1e-6)
 
 
 def test_bootstrap_intervals_cover_a_known_mean_in_a_simulation() -> None:

@@ -3,9 +3,11 @@
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from experiments import report
+from experiments.evals.stats import bootstrap_mean
 
 
 def _write_run(sweep: Path, name: str, losses: list[float], moe: bool) -> None:
@@ -178,6 +180,52 @@ def test_factor_attribution_equals_a_hand_computation(tmp_path: Path) -> None:
     assert "-0.200 [-0.235, -0.165]" in lines["attention"]  # (1.9 + 1.5) / 2 - (2.0 + 1.8) / 2
     # interaction: 1.5 - 1.8 - 1.9 + 2.0 = -0.2, half-width sqrt(2 * .03^2 + 2 * .04^2) = 0.0707
     assert "-0.200 [-0.271, -0.129]" in lines["ffn × attention"]
+
+
+def test_factor_effects_pair_by_window_when_the_runs_share_their_windows(tmp_path: Path) -> None:
+    """Windows differ far more from each other than the runs do: pairing by window removes that shared
+    spread, so the effect's interval is the bootstrap of the per-window contrast, much narrower than
+    the independent one; with a run scored on other windows every effect (each involves all four runs)
+    falls back to the independent interval."""
+    rng = np.random.default_rng(0)
+    difficulty = rng.normal(2.0, 0.5, size=64)  # shared by every run
+    shift = {"dense-rope": 0.0, "dense-irope": -0.05, "moe-rope": -0.03, "moe-irope": -0.10}
+    per_window = {run: difficulty + s + rng.normal(0, 0.01, size=64) for run, s in shift.items()}
+    rows = []
+    for run, values in per_window.items():
+        lo, hi = bootstrap_mean(values)
+        rows.append({"run": run, "seed": 0, "run_dir": run, "status": "done", "train_seq_len": 64,
+                     "eval": {"nll@64": float(values.mean())}, "eval_ci95": {"nll@64": [lo, hi]}})  # fmt: skip
+        (tmp_path / run / "eval").mkdir(parents=True)
+        result = {"per_window": {"windows_sha256": "same", "nll@64": values.tolist()}}
+        (tmp_path / run / "eval" / "long_context.json").write_text(json.dumps(result))
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    factors = {
+        "ffn": {"dense": ["dense-rope", "dense-irope"], "moe": ["moe-rope", "moe-irope"]},
+        "attention": {"rope": ["dense-rope", "moe-rope"], "irope": ["dense-irope", "moe-irope"]},
+    }
+    (tmp_path / "sweep.json").write_text(json.dumps({"name": "q", "baseline": "dense-rope", "factors": factors}))
+
+    def ffn_cell() -> tuple[str, str]:
+        section = report.build_report(tmp_path).read_text().split("## Factor attribution")[1].split("\n## ")[0]
+        return next(ln for ln in section.splitlines() if ln.startswith("| ffn |")), section
+
+    contrast = (
+        per_window["moe-rope"] + per_window["moe-irope"] - per_window["dense-rope"] - per_window["dense-irope"]
+    ) / 2
+    lo, hi = bootstrap_mean(contrast)
+    cell, section = ffn_cell()
+    assert f"{contrast.mean():.3f} [{lo:.3f}, {hi:.3f}] (interval excludes 0)" in cell
+    assert "Every interval is paired by held-out window" in section
+    assert hi - lo < 0.01  # the windows' spread (0.5 nats) is gone from the interval
+
+    other = json.loads((tmp_path / "moe-irope" / "eval" / "long_context.json").read_text())
+    other["per_window"]["windows_sha256"] = "other"
+    (tmp_path / "moe-irope" / "eval" / "long_context.json").write_text(json.dumps(other))
+    cell, section = ffn_cell()
+    low, high = (float(x) for x in cell.split("[")[1].split("]")[0].split(", "))
+    assert high - low > 0.1 and "not a result" in cell  # the independent interval carries the windows' spread
+    assert "combine the runs' own intervals as independent estimates" in section
 
 
 def test_declared_headline_pairs_differences_by_seed(tmp_path: Path) -> None:
