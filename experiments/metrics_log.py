@@ -10,12 +10,20 @@ A resumed run first cuts the log back to its checkpoint's step and drops a torn 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any, Union
 
 from experiments.errors import UserError, write_text_atomic
 
 FILE = "metrics.jsonl"
+
+
+def number(value: Any) -> float | None:
+    """A logged value as a float when it is a finite int or float (not a bool), else None."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    return None
 
 
 def _rows(path: Path) -> list[tuple[str, dict[str, Any]]]:

@@ -27,7 +27,7 @@ import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first
 from experiments import report_stats, routing_health  # noqa: E402
 from experiments.errors import write_text_atomic  # noqa: E402
 from experiments.evals import plots as figures  # noqa: E402
-from experiments.metrics_log import read_metrics  # noqa: E402
+from experiments.metrics_log import number, read_metrics  # noqa: E402
 
 MATCH_TOLERANCE = 0.05  # ratios within 5% of 1 count as "matched"
 # Eval metrics shown in the tables, with 95% intervals. ppl and nll average over [0, N) and so hide
@@ -198,7 +198,7 @@ def _metric_series(metrics: list[dict[str, Any]], key: str) -> tuple[list[float]
     """(tokens, value) pairs of the logged rows that carry `key`."""
     xs, ys = [], []
     for m in metrics:
-        v, t = report_stats.number(m.get(key)), report_stats.number(m.get("tokens"))
+        v, t = number(m.get(key)), number(m.get("tokens"))
         if v is not None and t is not None:
             xs.append(t)
             ys.append(v)
@@ -291,7 +291,7 @@ def router_loads(metrics: list[dict[str, Any]]) -> dict[int, tuple[list[float], 
     that carries router stats (routing_health.expert_counts) and the tokens seen."""
     out: dict[int, tuple[list[float], list[list[float]]]] = {}
     for m in metrics:
-        tokens = report_stats.number(m.get("tokens"))
+        tokens = number(m.get("tokens"))
         if tokens is None:
             continue
         for layer, counts in routing_health.expert_counts(m).items():

@@ -19,15 +19,9 @@ from typing import Any
 import numpy as np
 
 from experiments.evals.stats import bootstrap_mean, t_interval
+from experiments.metrics_log import number
 
 Estimate = tuple[float, float, float]  # mean, low, high
-
-
-def number(value: Any) -> float | None:
-    """`value` as a float when it is a finite int or float (not a bool), else None."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-        return float(value)
-    return None
 
 
 def value(row: dict[str, Any], key: str) -> float | None:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 from config_error import ConfigError
-from experiments.report_stats import number
+from experiments.metrics_log import number
 
 DIR = "tb"
 
