@@ -353,6 +353,7 @@ def build_report(sweep_dir: Path) -> Path:
     groups = group_rows(rows)
     baseline = _baseline(groups, info.get("baseline"))
     keys = eval_keys(rows)
+    per_window = _per_window(sweep_dir, groups)
     plots = sweep_dir / "plots"
     plots.mkdir(exist_ok=True)
     images = plot_loss(sweep_dir, groups, plots)
@@ -374,14 +375,14 @@ def build_report(sweep_dir: Path) -> Path:
         "`tail_nll@N` is the mean NLL over positions [N/2, N); `delta_tail_nll@N` its change from the "
         "training length.",
         "",
-        *report_stats.headline_lines(groups, baseline, info.get("headline") or ()),
+        *report_stats.headline_lines(groups, baseline, info.get("headline") or (), per_window),
         "## Results",
         "",
         markdown_table(_columns(groups, baseline, keys)) if groups else "(no results yet)",
         "",
     ]
     lines += routing_health.report_lines(rows)  # routing columns explained, collapse warnings
-    lines += report_stats.factor_lines(groups, info.get("factors") or {}, _per_window(sweep_dir, groups))
+    lines += report_stats.factor_lines(groups, info.get("factors") or {}, per_window)
     lines += report_stats.bucket_lines(groups)
     notes = matching_notes(groups, baseline)
     if notes:

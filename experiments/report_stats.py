@@ -131,12 +131,27 @@ def headline_key(rows: Sequence[dict[str, Any]]) -> str | None:
     return preferred if preferred in keys else keys[-1]
 
 
-def headline_lines(groups: Sequence[Any], baseline: Any, keys: Sequence[str] = ()) -> list[str]:
+def baseline_difference(
+    g: Any, baseline: Any, key: str, per_window: dict[str, dict[str, Any]] | None = None
+) -> Estimate | None:
+    """g - baseline for one key: paired by held-out window when both are single-seed runs scored on the
+    same windows (`per_window`, see factor_lines), else `paired_difference` (by seed, or independent)."""
+    if baseline is None or g is baseline:
+        return None
+    per_window = per_window or {}
+    paired = paired_by_window([(1.0, per_window.get(g.run)), (-1.0, per_window.get(baseline.run))], key)
+    return paired if paired is not None else paired_difference(g.ok, baseline.ok, key)
+
+
+def headline_lines(
+    groups: Sequence[Any], baseline: Any, keys: Sequence[str] = (), per_window: dict[str, dict[str, Any]] | None = None
+) -> list[str]:
     """The study's lead. With `keys` (a sweep's `headline:`), each key per run with its interval and its
-    difference from the baseline (paired over seeds where it can be), beside the active parameters and
-    FLOPs/token each run paid. Without, the long-context lead: `delta_tail_nll@8L` and retrieval at 8L."""
+    difference from the baseline (paired over seeds or held-out windows where it can be), beside the
+    active parameters and FLOPs/token each run paid. Without, the long-context lead: `delta_tail_nll@8L`
+    and retrieval at 8L. `per_window`: as for factor_lines."""
     if keys:
-        return _compare_lines(groups, baseline, list(keys))
+        return _compare_lines(groups, baseline, list(keys), per_window)
     rows = [r for g in groups for r in g.ok]
     key = headline_key(rows)
     if key is None:
@@ -147,12 +162,12 @@ def headline_lines(groups: Sequence[Any], baseline: Any, keys: Sequence[str] = (
         for m in ("passkey", "needle", "mqar")
         if any(f"{m}@{length}" in (r.get("eval") or {}) for r in rows)
     ]
-    base = estimate(baseline.ok, key) if baseline is not None else None
     lines = [
         f"## Headline: `{key}`",
         "",
         "Change of the mean NLL over positions [N/2, N) from the training length (nats; lower is better), "
-        "its difference from the baseline, and retrieval at the same length (exact-match fraction); "
+        "its difference from the baseline (paired by seed, or for single-seed runs scored on the same "
+        "held-out windows by window), and retrieval at the same length (exact-match fraction); "
         "95% intervals.",
         "",
         f"| run | {key} | vs `{baseline.run if baseline else '-'}` | | " + " | ".join(retrieval) + " |",
@@ -160,14 +175,16 @@ def headline_lines(groups: Sequence[Any], baseline: Any, keys: Sequence[str] = (
     ]
     for g in groups:
         est = estimate(g.ok, key)
-        diff = difference(est, base) if est is not None and base is not None and g is not baseline else None
+        diff = baseline_difference(g, baseline, key, per_window)
         vs = fmt(diff) if diff is not None else "-"
         cells = " | ".join(fmt(estimate(g.ok, k)) for k in retrieval)
         lines.append(f"| {g.run} | {fmt(est)} | {vs} | {verdict(diff) if diff is not None else ''} | {cells} |")
     return [*lines, ""]
 
 
-def _compare_lines(groups: Sequence[Any], baseline: Any, keys: list[str]) -> list[str]:
+def _compare_lines(
+    groups: Sequence[Any], baseline: Any, keys: list[str], per_window: dict[str, dict[str, Any]] | None
+) -> list[str]:
     """One row per run: seeds, active params and FLOPs/token against the baseline, then per key the
     run's estimate, its difference from the baseline and whether that difference is a result."""
     base_name = baseline.run if baseline is not None else "-"
@@ -176,7 +193,8 @@ def _compare_lines(groups: Sequence[Any], baseline: Any, keys: list[str]) -> lis
         "",
         f"Each key per run and its difference from `{base_name}`, 95% intervals: a t-interval over seeds, "
         "and for a difference the t-interval of the per-seed differences (runs of one seed share data "
-        "order and evaluation windows), or for one seed the evaluation's bootstrap interval. "
+        "order and evaluation windows), or for single-seed runs scored on the same held-out windows the "
+        "bootstrap of the per-window differences (else the two runs' intervals as independent). "
         "A difference whose interval holds 0 is not a result.",
         "",
         "| run | seeds | active/base | FLOPs/base | " + " | ".join(f"{k} | vs `{base_name}`" for k in keys) + " |",
@@ -189,7 +207,7 @@ def _compare_lines(groups: Sequence[Any], baseline: Any, keys: list[str]) -> lis
     for g in groups:
         cells = [str(len(g.ok)), vs_base(g, "active_params"), vs_base(g, "flops_per_token")]
         for k in keys:
-            diff = paired_difference(g.ok, baseline.ok, k) if baseline is not None and g is not baseline else None
+            diff = baseline_difference(g, baseline, k, per_window)
             cells += [fmt(estimate(g.ok, k)), _effect_cell(diff)]
         lines.append(f"| {g.run} | " + " | ".join(cells) + " |")
     return [*lines, ""]

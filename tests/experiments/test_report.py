@@ -228,6 +228,28 @@ def test_factor_effects_pair_by_window_when_the_runs_share_their_windows(tmp_pat
     assert "combine the runs' own intervals as independent estimates" in section
 
 
+def test_the_headline_difference_of_single_seed_runs_pairs_by_window(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    difficulty = rng.normal(0.5, 0.4, size=48)
+    per_window = {"rope": difficulty + 0.30, "irope": difficulty + rng.normal(0, 0.02, size=48)}
+    rows = []
+    for run, values in per_window.items():
+        lo, hi = bootstrap_mean(values)
+        rows.append({"run": run, "seed": 0, "run_dir": run, "status": "done", "train_seq_len": 64,
+                     "eval": {"delta_tail_nll@512": float(values.mean())},
+                     "eval_ci95": {"delta_tail_nll@512": [lo, hi]}})  # fmt: skip
+        (tmp_path / run / "eval").mkdir(parents=True)
+        result = {"per_window": {"windows_sha256": "w", "delta_tail_nll@512": values.tolist()}}
+        (tmp_path / run / "eval" / "long_context.json").write_text(json.dumps(result))
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "sweep.json").write_text(json.dumps({"name": "lc", "baseline": "rope"}))
+    text = report.build_report(tmp_path).read_text()
+    line = next(ln for ln in text.splitlines() if ln.startswith("| irope |"))
+    diff = per_window["irope"] - per_window["rope"]
+    lo, hi = bootstrap_mean(diff)
+    assert f"{diff.mean():.3f} [{lo:.3f}, {hi:.3f}] | interval excludes 0" in line
+
+
 def test_declared_headline_pairs_differences_by_seed(tmp_path: Path) -> None:
     """A sweep's `headline:` keys lead the report; with shared seeds the difference's interval is the
     t-interval of the per-seed differences, here much narrower than the unpaired one."""
