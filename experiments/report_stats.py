@@ -104,14 +104,18 @@ def difference(a: Estimate, b: Estimate) -> Estimate | None:
     return combine([(1.0, a), (-1.0, b)])
 
 
-def _effect_cell(diff: Estimate | None) -> str:
-    return f"{fmt(diff)} ({verdict(diff)})" if diff is not None else "-"
+def _effect_cell(diff: Estimate | None, one_seed: bool = False) -> str:
+    return f"{fmt(diff)} ({verdict(diff, one_seed)})" if diff is not None else "-"
 
 
-def verdict(diff: Estimate | None) -> str:
+def verdict(diff: Estimate | None, one_seed: bool = False) -> str:
+    """Whether a difference is a result. With `one_seed` (a run in it has a single seed) its interval holds
+    evaluation noise only: it says these trained weights differ, not that the configurations do."""
     if diff is None:
         return "no interval"
-    return "inside its interval: not a result" if diff[1] <= 0 <= diff[2] else "interval excludes 0"
+    if diff[1] <= 0 <= diff[2]:
+        return "inside its interval: not a result"
+    return "excludes 0 for these weights; one seed, training noise not measured" if one_seed else "interval excludes 0"
 
 
 def metric_keys(rows: Sequence[dict[str, Any]], metric: str) -> list[str]:
@@ -131,16 +135,16 @@ def headline_key(rows: Sequence[dict[str, Any]]) -> str | None:
     return preferred if preferred in keys else keys[-1]
 
 
-def baseline_difference(
-    g: Any, baseline: Any, key: str, per_window: dict[str, dict[str, Any]] | None = None
-) -> Estimate | None:
-    """g - baseline for one key: paired by held-out window when both are single-seed runs scored on the
-    same windows (`per_window`, see factor_lines), else `paired_difference` (by seed, or independent)."""
+def baseline_difference(g: Any, baseline: Any, key: str, per_window: dict[str, dict[str, Any]] | None = None) -> str:
+    """g - baseline for one key as a table cell with its verdict: paired by held-out window when both are
+    single-seed runs scored on the same windows (`per_window`, see factor_lines), else `paired_difference`
+    (by seed, or independent); "-" for the baseline itself."""
     if baseline is None or g is baseline:
-        return None
+        return "-"
     per_window = per_window or {}
     paired = paired_by_window([(1.0, per_window.get(g.run)), (-1.0, per_window.get(baseline.run))], key)
-    return paired if paired is not None else paired_difference(g.ok, baseline.ok, key)
+    diff = paired if paired is not None else paired_difference(g.ok, baseline.ok, key)
+    return _effect_cell(diff, one_seed=min(len(g.ok), len(baseline.ok)) < 2)
 
 
 def headline_lines(
@@ -174,11 +178,9 @@ def headline_lines(
         "|---|---:|---:|---|" + "---:|" * len(retrieval),
     ]
     for g in groups:
-        est = estimate(g.ok, key)
-        diff = baseline_difference(g, baseline, key, per_window)
-        vs = fmt(diff) if diff is not None else "-"
         cells = " | ".join(fmt(estimate(g.ok, k)) for k in retrieval)
-        lines.append(f"| {g.run} | {fmt(est)} | {vs} | {verdict(diff) if diff is not None else ''} | {cells} |")
+        vs, _, why = baseline_difference(g, baseline, key, per_window).partition(" (")
+        lines.append(f"| {g.run} | {fmt(estimate(g.ok, key))} | {vs} | {why.removesuffix(')')} | {cells} |")
     return [*lines, ""]
 
 
@@ -207,8 +209,7 @@ def _compare_lines(
     for g in groups:
         cells = [str(len(g.ok)), vs_base(g, "active_params"), vs_base(g, "flops_per_token")]
         for k in keys:
-            diff = baseline_difference(g, baseline, k, per_window)
-            cells += [fmt(estimate(g.ok, k)), _effect_cell(diff)]
+            cells += [fmt(estimate(g.ok, k)), baseline_difference(g, baseline, k, per_window)]
         lines.append(f"| {g.run} | " + " | ".join(cells) + " |")
     return [*lines, ""]
 
@@ -289,12 +290,13 @@ def factor_lines(
     by_run = {g.run: g for g in groups}
     paired_cells: list[bool] = []
 
-    def contrast(terms: list[tuple[float, str]], key: str) -> Estimate | None:
+    def contrast(terms: list[tuple[float, str]], key: str) -> str:
+        """sum(c * run) as a table cell with its verdict."""
         paired = paired_by_window([(c, per_window.get(n)) for c, n in terms], key)
         paired_cells.append(paired is not None)
-        if paired is not None:
-            return paired
-        return combine([(c, estimate(by_run[n].ok, key) if n in by_run else None) for c, n in terms])
+        if paired is None:
+            paired = combine([(c, estimate(by_run[n].ok, key) if n in by_run else None) for c, n in terms])
+        return _effect_cell(paired, one_seed=any(len(by_run[n].ok) < 2 for _, n in terms if n in by_run))
 
     rows = [r for g in groups for r in g.ok]
     train_len = train_length(rows)
@@ -314,7 +316,7 @@ def factor_lines(
 
     def effect(key: str, low: list[str], high: list[str]) -> str:
         """mean over `high`'s runs minus mean over `low`'s, as a table cell."""
-        return _effect_cell(contrast([(1 / len(high), n) for n in high] + [(-1 / len(low), n) for n in low], key))
+        return contrast([(1 / len(high), n) for n in high] + [(-1 / len(low), n) for n in low], key)
 
     for factor, levels in factors.items():
         (first, a), (second, b) = levels.items()
@@ -326,7 +328,7 @@ def factor_lines(
         }
         if all(len(runs) == 1 and runs[0] in by_run for runs in corners.values()):
             sign = {(1, 1): 1.0, (0, 0): 1.0, (1, 0): -1.0, (0, 1): -1.0}
-            cells = [_effect_cell(contrast([(sign[c], runs[0]) for c, runs in corners.items()], key)) for key in keys]
+            cells = [contrast([(sign[c], runs[0]) for c, runs in corners.items()], key) for key in keys]
             if "-" not in cells:
                 lines.append(f"| {f1} × {f2} | interaction | " + " | ".join(cells) + " |")
     if paired_cells and all(paired_cells):
@@ -335,5 +337,12 @@ def factor_lines(
         how = "Intervals are paired by held-out window where the runs share their windows, else combined as independent"
     else:
         how = "Intervals combine the runs' own intervals as independent estimates"
-    how += " (they hold evaluation noise; one seed per run cannot show training noise)." if any(paired_cells) else "."
+    how += "."
+    if any(
+        len(by_run[n].ok) < 2 for levels in factors.values() for runs in levels.values() for n in runs if n in by_run
+    ):
+        how += (
+            " With one seed per run an interval holds evaluation noise only: an effect outside it shows that "
+            "these trained weights differ, not that the configurations do; `seeds: [0, 1, 2]` measures that."
+        )
     return [*lines, "", how, ""]

@@ -143,7 +143,7 @@ def test_one_seed_cells_carry_the_bootstrap_interval_and_the_headline_compares_w
     lines = {ln.split("|")[1].strip(): ln for ln in head.splitlines() if ln.startswith("| ") and "run |" not in ln}
     assert "0.800 [0.770, 0.830]" in lines["rope"]
     # irope - rope = -0.7, half-width hypot(0.04, 0.03) = 0.05
-    assert "-0.700 [-0.750, -0.650]" in lines["irope"] and "interval excludes 0" in lines["irope"]
+    assert "-0.700 [-0.750, -0.650]" in lines["irope"] and "excludes 0 for these weights; one seed" in lines["irope"]
     assert "not a result" in lines["nope"]  # -0.02 +- 0.058
     assert "| run | [0, 64) | [64, 128) |" in text and "1.500 [1.400, 1.600]" in text
     assert (tmp_path / "plots" / "nll_by_position.png").is_file()
@@ -176,7 +176,10 @@ def test_factor_attribution_equals_a_hand_computation(tmp_path: Path) -> None:
     }
     # ffn: (1.8 + 1.5) / 2 - (2.0 + 1.9) / 2 = -0.3; each level mean has half-width sqrt(.03^2 + .04^2) / 2 = 0.025,
     # so the difference has hypot(0.025, 0.025) = 0.0354
-    assert "-0.300 [-0.335, -0.265] (interval excludes 0)" in lines["ffn"] and "moe − dense" in lines["ffn"]
+    assert (
+        "-0.300 [-0.335, -0.265] (excludes 0 for these weights; one seed, training noise not measured)" in lines["ffn"]
+        and "moe − dense" in lines["ffn"]
+    )
     assert "-0.200 [-0.235, -0.165]" in lines["attention"]  # (1.9 + 1.5) / 2 - (2.0 + 1.8) / 2
     # interaction: 1.5 - 1.8 - 1.9 + 2.0 = -0.2, half-width sqrt(2 * .03^2 + 2 * .04^2) = 0.0707
     assert "-0.200 [-0.271, -0.129]" in lines["ffn × attention"]
@@ -215,8 +218,9 @@ def test_factor_effects_pair_by_window_when_the_runs_share_their_windows(tmp_pat
     ) / 2
     lo, hi = bootstrap_mean(contrast)
     cell, section = ffn_cell()
-    assert f"{contrast.mean():.3f} [{lo:.3f}, {hi:.3f}] (interval excludes 0)" in cell
+    assert f"{contrast.mean():.3f} [{lo:.3f}, {hi:.3f}] (excludes 0 for these weights; one seed" in cell
     assert "Every interval is paired by held-out window" in section
+    assert "evaluation noise only" in section  # one seed per run: not a claim about the configurations
     assert hi - lo < 0.01  # the windows' spread (0.5 nats) is gone from the interval
 
     other = json.loads((tmp_path / "moe-irope" / "eval" / "long_context.json").read_text())
@@ -247,7 +251,7 @@ def test_the_headline_difference_of_single_seed_runs_pairs_by_window(tmp_path: P
     line = next(ln for ln in text.splitlines() if ln.startswith("| irope |"))
     diff = per_window["irope"] - per_window["rope"]
     lo, hi = bootstrap_mean(diff)
-    assert f"{diff.mean():.3f} [{lo:.3f}, {hi:.3f}] | interval excludes 0" in line
+    assert f"{diff.mean():.3f} [{lo:.3f}, {hi:.3f}] | excludes 0 for these weights; one seed" in line
 
 
 def test_declared_headline_pairs_differences_by_seed(tmp_path: Path) -> None:
