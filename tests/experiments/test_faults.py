@@ -38,11 +38,48 @@ def dense(run_args: Args, tiny_dense: list[str]) -> Callable[[Path, int], list[s
     return build
 
 
+_SPAWNED: list[subprocess.Popen] = []
+
+
 def _spawn(*argv: str) -> subprocess.Popen:
     """`llamoe ...` in a subprocess (one torch thread), with stdout and stderr captured."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    return subprocess.Popen([sys.executable, "-m", "experiments.cli", *argv], env=env, cwd=ROOT,
+    proc = subprocess.Popen([sys.executable, "-m", "experiments.cli", *argv], env=env, cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    _SPAWNED.append(proc)
+    return proc
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every live process below `pid` (from /proc), children first found first."""
+    parent_of = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent_of[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+    found, frontier = [], [pid]
+    while frontier:
+        children = [p for p, parent in parent_of.items() if parent in frontier]
+        found += children
+        frontier = children
+    return found
+
+
+@pytest.fixture(autouse=True)
+def _kill_what_a_failed_test_left_running():
+    """A test that fails mid-run must not leave its `llamoe` process, launcher or workers (which run in
+    their own session) behind to load the machine for the tests after it."""
+    yield
+    while _SPAWNED:
+        proc = _SPAWNED.pop()
+        if proc.poll() is None:
+            for pid in [*_descendants(proc.pid), proc.pid]:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            proc.communicate()
 
 
 def _wait_for_rows(run_dir: Path, proc: subprocess.Popen, n: int, timeout: float = 120) -> None:
