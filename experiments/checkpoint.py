@@ -5,9 +5,13 @@ Layout of `run_dir/checkpoints/`:
     step_<N>/
         meta.json      step, tokens seen, the process layout (world size, ep_size, ZeRO stage)
         config.yaml    the resolved run config at save time
-        model.pt       the whole model's state dict (experts of every rank and ZeRO-3 partitions
-                       gathered); read memory-mapped, so a resuming expert-parallel rank reads only
-                       its experts
+        model.pt       the model's state dict (ZeRO-3 partitions gathered); under expert
+                       parallelism without the routed experts, which are in:
+        experts<e>.pt  per expert-parallel rank e (written by the first expert-parallel group):
+                       its routed experts [e·E_l, (e+1)·E_l) of every MoE layer, so no rank ever
+                       gathers the whole model to save it (meta.json "expert_shards": their count)
+                       Both are read memory-mapped (`model_state`), so a resuming expert-parallel
+                       rank reads only its experts, and a one-process load assembles them.
         rank<r>.pt     per rank: optimizer state (its ZeRO partition, at ZeRO-3 with its fp32
                        parameter partition / its experts' moments),
                        data position (the batch iterator's state_dict), RNG states
@@ -41,7 +45,7 @@ import shutil
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Iterator, Mapping, Optional, Union
 
 import numpy as np
 import torch
@@ -55,6 +59,7 @@ from models.transformer import Transformer
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
+MODEL_FILE = "model.pt"
 FORMAT_VERSION = 1
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -67,6 +72,52 @@ class NoCheckpoint(CheckpointError, UsageError):
     """The run directory or the checkpoint asked for does not exist (bad input: exit status 2)."""
 
 
+class ShardedModelState(Mapping[str, torch.Tensor]):
+    """A checkpoint's model state with its routed experts in per-rank files: a read-only mapping whose
+    expert tensors are [E, ...] in global order, assembled when read; `expert_rows(key, first, stop)`
+    reads experts [first, stop) from the shard files that hold them only."""
+
+    def __init__(self, base: Mapping[str, torch.Tensor], shards: list[Mapping[str, torch.Tensor]]) -> None:
+        self.base, self.shards = base, shards
+        self._keys = [*base.keys(), *(k for k in shards[0] if k not in base)]
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key in self.base:
+            return self.base[key]
+        return torch.cat([shard[key] for shard in self.shards])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def expert_rows(self, key: str, first: int, stop: int) -> torch.Tensor:
+        parts, offset = [], 0
+        for shard in self.shards:
+            rows = shard[key]
+            lo, hi = max(first, offset), min(stop, offset + rows.size(0))
+            if lo < hi:
+                parts.append(rows[lo - offset : hi - offset])
+            offset += rows.size(0)
+        return torch.cat(parts)
+
+
+def model_state(path: Path, meta: Optional[dict[str, Any]] = None) -> Mapping[str, torch.Tensor]:
+    """The model state of checkpoint directory `path`, memory-mapped: model.pt, with the routed experts of
+    its experts<e>.pt files when it has them (meta.json "expert_shards")."""
+    meta = read_meta(path) if meta is None else meta
+    base = _load_file(path / MODEL_FILE, weights_only=True, mmap=True)
+    n = int(meta.get("expert_shards", 0))
+    if n == 0:
+        return base
+    return ShardedModelState(base, [_load_file(path / expert_file(e), weights_only=True, mmap=True) for e in range(n)])
+
+
+def expert_file(ep_rank: int) -> str:
+    return f"experts{ep_rank}.pt"
+
+
 @dataclass
 class Checkpoint:
     """One loaded checkpoint: where it is, its metadata, the full model state (memory-mapped: tensors are
@@ -75,7 +126,7 @@ class Checkpoint:
     path: Path
     step: int
     meta: dict[str, Any]
-    model: dict[str, torch.Tensor]
+    model: Mapping[str, torch.Tensor]
     rank_state: dict[str, Any]
 
 
@@ -173,6 +224,7 @@ def save_checkpoint(
     rank_state: dict[str, Any],
     meta: dict[str, Any],
     config_yaml: str,
+    expert_shard: Optional[tuple[int, dict[str, torch.Tensor]]] = None,
     rank: int = 0,
     barrier: Callable[[], None] = lambda: None,
     all_ok: Callable[[bool], bool] = lambda ok: ok,
@@ -180,8 +232,9 @@ def save_checkpoint(
 ) -> Path:
     """Save step `step` atomically (see the module docstring); every rank calls this.
 
-    `model_state` (the full model) is needed on rank 0 only; `rank_state` is this rank's
-    own; `config_yaml` is the resolved run config (`RunConfig.to_yaml()`); `barrier`
+    `model_state` (the model, or without its routed experts when they come as shards) is needed on
+    rank 0 only; `expert_shard` is (expert-parallel rank, its routed experts) on the ranks that write
+    one (meta must then say "expert_shards"); `rank_state` is this rank's own; `config_yaml` is the resolved run config (`RunConfig.to_yaml()`); `barrier`
     synchronises the ranks and `all_ok` tells every rank whether all of them succeeded (both
     trivial in one process). Returns the new path; WriteError (on every rank) if the save failed.
     """
@@ -198,9 +251,11 @@ def save_checkpoint(
             tmp.mkdir()
         barrier()
         _write_file(tmp / f"rank{rank}.pt", lambda f: torch.save(rank_state, f))
+        if expert_shard is not None:
+            _write_file(tmp / expert_file(expert_shard[0]), lambda f: torch.save(expert_shard[1], f))
         if rank == 0:
-            assert model_state is not None, "rank 0 must pass the full model state"
-            _write_file(tmp / "model.pt", lambda f: torch.save(model_state, f))
+            assert model_state is not None, "rank 0 must pass the model state"
+            _write_file(tmp / MODEL_FILE, lambda f: torch.save(model_state, f))
             _write_text(tmp / "config.yaml", config_yaml)
             _write_text(
                 tmp / "meta.json", json.dumps({**meta, "step": step, "format": FORMAT_VERSION}, indent=1) + "\n"
@@ -217,7 +272,8 @@ def save_checkpoint(
     if not all_ok(failure is None):
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
-        raise _save_failed(final, failure, _nbytes(rank_state) + _nbytes(model_state), previous)
+        needed = _nbytes(rank_state) + _nbytes(model_state) + _nbytes(expert_shard)
+        raise _save_failed(final, failure, needed, previous)
     if rank == 0:
         _prune(root, keep, current=final)
     barrier()
@@ -327,7 +383,7 @@ def load_checkpoint(path: Path, rank: int = 0, all_ok: Callable[[bool], bool] = 
     error: Optional[CheckpointError] = None
     try:
         meta = read_meta(path)
-        model = _load_file(path / "model.pt", weights_only=True, mmap=True)
+        model = model_state(path, meta)
         rank_state = _load_file(path / f"rank{rank}.pt", weights_only=False)
     except CheckpointError as e:
         error = e
@@ -379,18 +435,18 @@ def load_model(
 ) -> tuple[Transformer, RunConfig]:
     """The trained model of a run (latest checkpoint, or `step`) in eval mode, with its run config.
 
-    Works for runs trained with any number of processes: the checkpoint holds the whole model.
+    Works for runs trained with any number of processes: the checkpoint holds the whole model (its
+    routed experts assembled from the expert-parallel ranks' files when it has them).
     `model_overrides` ({"model.attention.chunk_size": 64, ...}) change the config the weights load
     into; the load is strict, so an override that changes a parameter shape fails loudly.
     """
     path = checkpoint_path(run_dir, step)
     cfg = load_config(path, model_overrides)
-    read_meta(path)
-    state = _load_file(path / "model.pt", weights_only=True, mmap=True)
+    state = model_state(path)
     try:
         model = build_model(cfg.model, device=device, state_dict=state)
     except RuntimeError as e:
-        raise CheckpointError(f"{path / 'model.pt'} does not match its config.yaml: {str(e)[:300]}") from None
+        raise CheckpointError(f"{path / MODEL_FILE} does not match its config.yaml: {str(e)[:300]}") from None
     return model.eval(), cfg
 
 
@@ -403,13 +459,16 @@ __all__ = [
     "Checkpoint",
     "CheckpointError",
     "NoCheckpoint",
+    "ShardedModelState",
     "check_resumable",
     "checkpoint_path",
+    "expert_file",
     "latest_checkpoint",
     "load_checkpoint",
     "load_config",
     "load_model",
     "load_tokenizer",
+    "model_state",
     "read_meta",
     "remove_stale",
     "rng_state",

@@ -28,7 +28,9 @@ keeps a 1/N slice of every parameter larger than DeepSpeed's `stage3_param_persi
 (1e5 elements by default; smaller ones stay whole), and the engine's hooks all-gather them around
 each module's forward and backward. The model is still built whole on every rank first (the one
 build path), so ZeRO-3 shrinks the training state, not the build. `full_state_dict(...,
-partitioned=True)` gathers one module at a time into rank 0's CPU copy for model.pt.
+partitioned=True)` gathers one module at a time into rank 0's CPU copy for model.pt. An
+expert-parallel model is saved without any gather (`sharded_state`): rank 0 writes every tensor but
+the routed experts, and each rank of the first expert-parallel group writes its own experts.
 
 Two things DeepSpeed does not do for a model whose MoE layers are not DeepSpeed's own
 `deepspeed.moe.layer.MoE`, and what is done instead:
@@ -173,24 +175,30 @@ def mark_expert_params(model: nn.Module, world: World) -> None:
 
 
 def full_state_dict(model: nn.Module, world: World, partitioned: bool = False) -> dict[str, torch.Tensor]:
-    """The state dict of the whole model, experts of every rank included (collective; complete on rank 0).
-
-    Under expert parallelism each rank holds experts [ep_rank·E_l, (ep_rank+1)·E_l) along
-    dim 0 of every expert tensor; they are gathered over the expert-parallel group, so
-    the result loads into an unsharded model of the same config. `partitioned`: the
-    parameters are ZeRO-3 partitions (`_gather_partitioned`).
-    """
+    """The state dict of a model without expert parallelism (an expert-parallel one saves per rank:
+    `sharded_state`). `partitioned`: the parameters are ZeRO-3 partitions, gathered one module at a
+    time (collective; complete on rank 0, {} elsewhere: `_gather_partitioned`)."""
+    assert world.ep_size == 1, "an expert-parallel model is saved per rank (sharded_state)"
     if partitioned:
         return _gather_partitioned(model, world)
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    if world.ep_size == 1:
-        return state
-    for name, param in model.named_parameters():
-        if is_expert_param(param):
-            parts = [torch.empty_like(param.data) for _ in range(world.ep_size)]
-            dist.all_gather(parts, param.data.contiguous(), group=world.ep_group)
-            state[name] = torch.cat(parts, dim=0).cpu()  # [E, ...] in global expert order
-    return state
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+
+def sharded_state(
+    model: nn.Module, world: World
+) -> tuple[Optional[dict[str, torch.Tensor]], Optional[tuple[int, dict]]]:
+    """What this rank writes of an expert-parallel model's checkpoint, with no collective and no gather:
+    (rank 0: every tensor but the routed experts, else None; the ranks of the first expert-parallel
+    group, [0, ep_size): (ep_rank, its routed experts [E_l, ...]), else None: the other groups hold
+    copies of the same experts)."""
+    expert_keys = {name for name, param in model.named_parameters() if is_expert_param(param)}
+    rest = (
+        {k: v.detach().cpu() for k, v in model.state_dict().items() if k not in expert_keys} if world.is_main else None
+    )
+    if world.rank >= world.ep_size:
+        return rest, None
+    mine = {name: param.detach().cpu() for name, param in model.named_parameters() if name in expert_keys}
+    return rest, (world.ep_rank, mine)
 
 
 def _gather_partitioned(model: nn.Module, world: World) -> dict[str, torch.Tensor]:
@@ -379,4 +387,5 @@ __all__ = [
     "mark_expert_params",
     "moe_layers",
     "moe_param_groups",
+    "sharded_state",
 ]

@@ -86,8 +86,9 @@ class ModelSource:
 
             return HFStateDict(SafetensorsDir(self.path), self.model)
         assert self.weights_path is not None
-        state = _torch_load(self.weights_path)
-        return state["model"] if self.kind == FILE else state
+        if self.kind == FILE:
+            return _torch_load(self.weights_path)["model"]
+        return ckpt_io.model_state(self.weights_path.parent)  # model.pt (+ per-rank expert files)
 
     def load(
         self,

@@ -54,6 +54,7 @@ from experiments.distributed import (
     init_world,
     launch,
     mark_expert_params,
+    sharded_state,
 )
 from experiments.errors import USAGE, UserError, exit_status, report
 from experiments.optim import LocalStepper, Stepper, build_optimizer, lr_at
@@ -334,7 +335,11 @@ def _save(
     control: runctl.StopControl,
 ) -> None:
     started = time.perf_counter()
-    model_state = full_state_dict(stepper.module, world, partitioned=cfg.distributed.zero_stage == 3)
+    shard = None
+    if world.ep_size > 1:  # each expert-parallel rank writes its own experts: nothing is gathered
+        model_state, shard = sharded_state(stepper.module, world)
+    else:
+        model_state = full_state_dict(stepper.module, world, partitioned=cfg.distributed.zero_stage == 3)
     ckpt_io.save_checkpoint(
         cfg.run_dir,
         step,
@@ -344,9 +349,11 @@ def _save(
             "tokens": tokens,
             "world_size": world.size,
             "ep_size": world.ep_size,
+            "expert_shards": world.ep_size if world.ep_size > 1 else 0,
             "zero_stage": cfg.distributed.zero_stage,
         },
         config_yaml=config_yaml,
+        expert_shard=shard,
         rank=world.rank,
         barrier=world.barrier,
         all_ok=lambda ok: runctl.all_ok(ok, world.distributed),

@@ -85,7 +85,9 @@ def _init(model: Transformer, seed: int) -> None:
 def _load(model: Transformer, state_dict: Mapping[str, torch.Tensor], ep_size: int) -> None:
     """Strict copy of `state_dict` into `model`, one tensor at a time: each routed-expert tensor of the
     whole model [E, ...] is cut to the experts `model` holds, [first_expert, first_expert + E_l), so a
-    memory-mapped state dict is read only there. Tied tensors (one parameter, two keys) are copied once."""
+    memory-mapped state dict is read only there (a mapping with `expert_rows(key, first, stop)`, such as a
+    checkpoint's per-rank expert files, is asked for those rows only). Tied tensors (one parameter, two
+    keys) are copied once."""
     targets = model.state_dict(keep_vars=True)
     missing, unexpected = sorted(targets.keys() - state_dict.keys()), sorted(state_dict.keys() - targets.keys())
     if missing or unexpected:
@@ -98,14 +100,20 @@ def _load(model: Transformer, state_dict: Mapping[str, torch.Tensor], ep_size: i
         if isinstance(module, Experts)
         for name in ("w1", "w3", "w2")
     }
+    # a state dict whose experts are stored per rank reads only the rows this model holds
+    expert_rows = getattr(state_dict, "expert_rows", None)
     done: set[int] = set()
     for key, target in targets.items():
         if id(target) in done:
             continue
-        value = state_dict[key]
         module = experts.get(key)
-        if module is not None and ep_size > 1 and value.size(0) == module.num_experts * ep_size:
-            value = value[module.first_expert : module.first_expert + module.num_experts]
+        first, stop = (module.first_expert, module.first_expert + module.num_experts) if module else (0, 0)
+        if module is not None and ep_size > 1 and expert_rows is not None:
+            value = expert_rows(key, first, stop)
+        else:
+            value = state_dict[key]
+            if module is not None and ep_size > 1 and value.size(0) == module.num_experts * ep_size:
+                value = value[first:stop]
         if value.shape != target.shape:
             raise RuntimeError(
                 f"size mismatch for {key}: the state dict has {tuple(value.shape)}, the model {tuple(target.shape)}"

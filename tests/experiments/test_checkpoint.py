@@ -13,6 +13,7 @@ import torch
 
 from experiments.checkpoint import (
     CheckpointError,
+    ShardedModelState,
     latest_checkpoint,
     load_checkpoint,
     load_model,
@@ -180,3 +181,15 @@ def test_kill_9_during_training_never_breaks_latest_and_resume_is_exact(
     assert [r["step"] for r in killed] == list(range(1, steps + 1))
     assert [r["loss"] for r in killed] == [r["loss"] for r in straight]
     assert [r["grad_norm"] for r in killed] == [r["grad_norm"] for r in straight]
+
+
+def test_expert_rows_of_per_rank_files_equal_rows_of_the_whole_tensor() -> None:
+    """Experts saved by 2 ranks (2 each) read back as the whole [4, ...] tensor, and any row range, one
+    rank's of another layout included, comes from the files that hold it."""
+    full = {"layers.1.feed_forward.experts.w1": torch.randn(4, 3, 5), "norm.weight": torch.randn(5)}
+    key = "layers.1.feed_forward.experts.w1"
+    state = ShardedModelState({"norm.weight": full["norm.weight"]}, [{key: full[key][:2]}, {key: full[key][2:]}])
+    assert list(state) == ["norm.weight", key] and len(state) == 2
+    assert torch.equal(state[key], full[key]) and torch.equal(state["norm.weight"], full["norm.weight"])
+    for first, stop in [(0, 2), (2, 4), (1, 3), (0, 4), (3, 4), (0, 1)]:
+        assert torch.equal(state.expert_rows(key, first, stop), full[key][first:stop]), (first, stop)

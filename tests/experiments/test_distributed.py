@@ -21,6 +21,7 @@ from experiments.checkpoint import load_checkpoint, load_model
 from experiments.config import load_run_config
 from experiments.distributed import World, launch
 from experiments.metrics_log import read_metrics
+from experiments.model_source import open_source
 from experiments.train import cli_main, val_batches, validation_loss
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
@@ -69,9 +70,18 @@ def test_zero_and_expert_parallel_reproduce_data_parallel(
     moments = [[s["exp_avg"] for s in state if s["exp_avg"].ndim == 3] for state in states]
     assert moments[0] and all(m.shape[0] == 2 for m in moments[0] + moments[1])
     assert not torch.equal(moments[0][0], moments[1][0])
+    # each expert-parallel rank saved its own experts and nothing was gathered: model.pt holds no routed
+    # expert, experts0.pt and experts1.pt two of the four each
+    base = torch.load(ckpt / "model.pt", weights_only=True)
+    shards = [torch.load(ckpt / f"experts{e}.pt", weights_only=True) for e in (0, 1)]
+    assert shards[0].keys() == shards[1].keys() and not shards[0].keys() & base.keys()
+    assert {k.rsplit(".", 1)[1] for k in shards[0]} == {"w1", "w2", "w3"}
+    assert all(t.shape[0] == 2 for shard in shards for t in shard.values())
     # the checkpoint holds every rank's experts: in one process it has the validation loss the run logged
     model, cfg = load_model(tmp_path / "ep2")
     assert model.layers[0].feed_forward.experts.w1.shape[0] == 4
+    evaluated = open_source(tmp_path / "ep2").load()  # what `llamoe eval` and `init_from` read
+    assert all(torch.equal(a, b) for a, b in zip(evaluated.state_dict().values(), model.state_dict().values()))
     one = World()
     val = validation_loss(model, val_batches(cfg, cfg.tokenizer.build(), one), one, nullcontext())
     assert val == pytest.approx(read_metrics(tmp_path / "ep2")[-1]["val_loss"], rel=1e-5)
