@@ -135,16 +135,18 @@ def headline_key(rows: Sequence[dict[str, Any]]) -> str | None:
     return preferred if preferred in keys else keys[-1]
 
 
-def baseline_difference(g: Any, baseline: Any, key: str, per_window: dict[str, dict[str, Any]] | None = None) -> str:
-    """g - baseline for one key as a table cell with its verdict: paired by held-out window when both are
-    single-seed runs scored on the same windows (`per_window`, see factor_lines), else `paired_difference`
-    (by seed, or independent); "-" for the baseline itself."""
+def baseline_difference(
+    g: Any, baseline: Any, key: str, per_window: dict[str, dict[str, Any]] | None = None
+) -> tuple[Estimate | None, bool]:
+    """(g - baseline for one key, whether a run in it has a single seed): paired by held-out window when
+    both are single-seed runs scored on the same windows (`per_window`, see factor_lines), else
+    `paired_difference` (by seed, or independent); (None, False) for the baseline itself."""
     if baseline is None or g is baseline:
-        return "-"
+        return None, False
     per_window = per_window or {}
     paired = paired_by_window([(1.0, per_window.get(g.run)), (-1.0, per_window.get(baseline.run))], key)
     diff = paired if paired is not None else paired_difference(g.ok, baseline.ok, key)
-    return _effect_cell(diff, one_seed=min(len(g.ok), len(baseline.ok)) < 2)
+    return diff, min(len(g.ok), len(baseline.ok)) < 2
 
 
 def headline_lines(
@@ -179,8 +181,9 @@ def headline_lines(
     ]
     for g in groups:
         cells = " | ".join(fmt(estimate(g.ok, k)) for k in retrieval)
-        vs, _, why = baseline_difference(g, baseline, key, per_window).partition(" (")
-        lines.append(f"| {g.run} | {fmt(estimate(g.ok, key))} | {vs} | {why.removesuffix(')')} | {cells} |")
+        diff, one_seed = baseline_difference(g, baseline, key, per_window)
+        vs, why = (fmt(diff), verdict(diff, one_seed)) if diff is not None else ("-", "")
+        lines.append(f"| {g.run} | {fmt(estimate(g.ok, key))} | {vs} | {why} | {cells} |")
     return [*lines, ""]
 
 
@@ -209,7 +212,7 @@ def _compare_lines(
     for g in groups:
         cells = [str(len(g.ok)), vs_base(g, "active_params"), vs_base(g, "flops_per_token")]
         for k in keys:
-            cells += [fmt(estimate(g.ok, k)), baseline_difference(g, baseline, k, per_window)]
+            cells += [fmt(estimate(g.ok, k)), _effect_cell(*baseline_difference(g, baseline, k, per_window))]
         lines.append(f"| {g.run} | " + " | ".join(cells) + " |")
     return [*lines, ""]
 
