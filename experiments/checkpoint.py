@@ -81,6 +81,9 @@ class ShardedModelState(Mapping[str, torch.Tensor]):
         self.base, self.shards = base, shards
         self._keys = [*base.keys(), *(k for k in shards[0] if k not in base)]
 
+    def __contains__(self, key: object) -> bool:  # without assembling an expert tensor, as Mapping's would
+        return key in self.base or key in self.shards[0]
+
     def __getitem__(self, key: str) -> torch.Tensor:
         if key in self.base:
             return self.base[key]
@@ -234,9 +237,9 @@ def save_checkpoint(
 
     `model_state` (the model, or without its routed experts when they come as shards) is needed on
     rank 0 only; `expert_shard` is (expert-parallel rank, its routed experts) on the ranks that write
-    one (meta must then say "expert_shards"); `rank_state` is this rank's own; `config_yaml` is the resolved run config (`RunConfig.to_yaml()`); `barrier`
-    synchronises the ranks and `all_ok` tells every rank whether all of them succeeded (both
-    trivial in one process). Returns the new path; WriteError (on every rank) if the save failed.
+    one (meta must then say "expert_shards"); `rank_state` is this rank's own; `config_yaml` is the
+    resolved run config (`RunConfig.to_yaml()`); `barrier` synchronises the ranks and `all_ok` tells
+    every rank whether all of them succeeded (both trivial in one process). Returns the new path; WriteError (on every rank) if the save failed.
     """
     root = Path(run_dir) / CHECKPOINTS
     name = f"step_{step}"

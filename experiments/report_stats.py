@@ -4,8 +4,8 @@ One run (one seed): the 95% bootstrap interval its evaluation wrote (`eval_ci95`
 experiments/evals/stats.py). Several seeds: a Student-t interval over the per-seed values, which
 holds the training noise as well as the evaluation noise. A difference between two runs gets the
 interval sqrt(h_a^2 + h_b^2) around it (h: half-widths; the runs are independent), and counts as a
-result only when that interval excludes 0. Factor effects between single-seed runs scored on the same
-held-out windows are paired by window instead: the contrast is computed per window and bootstrapped,
+result only when that interval excludes 0. Factor effects and differences from the baseline between
+single-seed runs scored on the same held-out windows are paired by window instead: the contrast is computed per window and bootstrapped,
 which removes the window-to-window variance every run shares.
 """
 
@@ -291,15 +291,16 @@ def factor_lines(
         return []
     per_window = per_window or {}
     by_run = {g.run: g for g in groups}
-    paired_cells: list[bool] = []
+    cells_seen: list[tuple[bool, bool]] = []  # (paired by window, a run has one seed) of every cell
 
     def contrast(terms: list[tuple[float, str]], key: str) -> str:
         """sum(c * run) as a table cell with its verdict."""
         paired = paired_by_window([(c, per_window.get(n)) for c, n in terms], key)
-        paired_cells.append(paired is not None)
+        one_seed = any(len(by_run[n].ok) < 2 for _, n in terms if n in by_run)
+        cells_seen.append((paired is not None, one_seed))
         if paired is None:
             paired = combine([(c, estimate(by_run[n].ok, key) if n in by_run else None) for c, n in terms])
-        return _effect_cell(paired, one_seed=any(len(by_run[n].ok) < 2 for _, n in terms if n in by_run))
+        return _effect_cell(paired, one_seed)
 
     rows = [r for g in groups for r in g.ok]
     train_len = train_length(rows)
@@ -334,6 +335,7 @@ def factor_lines(
             cells = [contrast([(sign[c], runs[0]) for c, runs in corners.items()], key) for key in keys]
             if "-" not in cells:
                 lines.append(f"| {f1} × {f2} | interaction | " + " | ".join(cells) + " |")
+    paired_cells = [paired for paired, _ in cells_seen]
     if paired_cells and all(paired_cells):
         how = "Every interval is paired by held-out window: all runs were scored on the same windows"
     elif any(paired_cells):
@@ -341,9 +343,7 @@ def factor_lines(
     else:
         how = "Intervals combine the runs' own intervals as independent estimates"
     how += "."
-    if any(
-        len(by_run[n].ok) < 2 for levels in factors.values() for runs in levels.values() for n in runs if n in by_run
-    ):
+    if any(one_seed for _, one_seed in cells_seen):
         how += (
             " With one seed per run an interval holds evaluation noise only: an effect outside it shows that "
             "these trained weights differ, not that the configurations do; `seeds: [0, 1, 2]` measures that."

@@ -190,6 +190,7 @@ def test_expert_rows_of_per_rank_files_equal_rows_of_the_whole_tensor() -> None:
     key = "layers.1.feed_forward.experts.w1"
     state = ShardedModelState({"norm.weight": full["norm.weight"]}, [{key: full[key][:2]}, {key: full[key][2:]}])
     assert list(state) == ["norm.weight", key] and len(state) == 2
+    assert key in state and "norm.weight" in state and "missing" not in state
     assert torch.equal(state[key], full[key]) and torch.equal(state["norm.weight"], full["norm.weight"])
     for first, stop in [(0, 2), (2, 4), (1, 3), (0, 4), (3, 4), (0, 1)]:
         assert torch.equal(state.expert_rows(key, first, stop), full[key][first:stop]), (first, stop)
