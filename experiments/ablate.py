@@ -19,13 +19,14 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Optional, TextIO
 
 from experiments import runctl
-from experiments.errors import USAGE, exit_status, report, write_failed
+from experiments.errors import USAGE, UsageError, exit_status, report, write_failed
 from experiments.overrides import format_items, parse_items
 from experiments.routing_health import KEYS as ROUTING_KEYS
 from experiments.scheduler import DONE_FILE, ERROR_FILE, RESULTS_FILE, run_sweep, write_json_atomic
+from experiments.slurm import EXECUTORS, ClusterOptions, check_slurm, planned_runs, refresh, submit_sweep, sweep_status
 from experiments.sweep import (
     PlannedRun,
     Sweep,
@@ -77,14 +78,24 @@ def _spent_before(plan: PlannedRun, run_dir: Path) -> dict[str, Any]:
     }
 
 
-def run_one(plan: PlannedRun, run_dir: Path) -> dict[str, Any]:
+def run_config(plan: PlannedRun, run_dir: Path, extra: Optional[dict[str, Any]] = None, world_size: int = 1) -> Any:
+    """The RunConfig a planned run trains with in `run_dir`; `extra` overrides apply last (settings of where it
+    runs, such as train.time_limit_s, that are not part of its fingerprint)."""
+    from experiments.config import load_run_config
+
+    start = {"init_from": str(run_dir.parent / plan.init_from)} if plan.init_from else {}
+    overrides = {**plan.overrides, **start, "run_dir": str(run_dir), **(extra or {})}
+    return load_run_config(plan.base, overrides, world_size=world_size)
+
+
+def run_one(
+    plan: PlannedRun, run_dir: Path, extra: Optional[dict[str, Any]] = None, world_size: int = 1
+) -> dict[str, Any]:
     """Train (unless eval-only), evaluate, and return the run's results row."""
     if plan.reuse is None:
-        from experiments.config import load_run_config
         from experiments.train import train
 
-        start = {"init_from": str(run_dir.parent / plan.init_from)} if plan.init_from else {}
-        cfg = load_run_config(plan.base, {**plan.overrides, **start, "run_dir": str(run_dir)})
+        cfg = run_config(plan, run_dir, extra, world_size)
         training = {**_training_fields(train(cfg), run_dir), **_spent_before(plan, run_dir)}
         source_dir = run_dir
     else:
@@ -151,7 +162,8 @@ def _print_plan(plans: list[PlannedRun], out: TextIO) -> None:
 
 
 def cli_main(argv: list[str]) -> int:
-    """`llamoe ablate SWEEP [--parallel N] [--out DIR] [--dry-run] [key=value ...]`."""
+    """`llamoe ablate SWEEP [--parallel N] [--out DIR] [--dry-run] [--executor local|slurm|debug] [--status]
+    [--report] [Slurm options] [key=value ...]`."""
     parser = argparse.ArgumentParser(
         prog="llamoe ablate",
         description="Train and evaluate every run of a sweep, then write results.jsonl, report.md and plots/.",
@@ -163,8 +175,28 @@ def cli_main(argv: list[str]) -> int:
         "--parallel", type=int, metavar="N", help="runs trained at once (default: the sweep's `parallel`, else 1)"
     )
     parser.add_argument("--out", type=Path, default=None, metavar="DIR", help="sweep directory (default runs/<name>)")
-    parser.add_argument("--dry-run", action="store_true", help="validate and list the runs without training")
+    parser.add_argument(
+        "--dry-run", action="store_true", help="validate and list the runs (with slurm: print the sbatch scripts)"
+    )
     parser.add_argument("--list", action="store_true", help="list the built-in sweeps and exit")
+    parser.add_argument(
+        "--executor",
+        choices=EXECUTORS,
+        default="local",
+        help="local: worker processes here (default); slurm: one job per run through submitit; "
+        "debug: submitit's in-process executor, one run after another",
+    )
+    parser.add_argument("--status", action="store_true", help="show each run's state and job, then exit")
+    parser.add_argument("--report", action="store_true", help="rebuild results.jsonl and the report now, then exit")
+    cluster = parser.add_argument_group("Slurm (with --executor slurm)")
+    cluster.add_argument("--partition", help="sbatch --partition")
+    cluster.add_argument("--account", help="sbatch --account")
+    cluster.add_argument("--gpus-per-run", type=int, metavar="G", help="GPUs of each run, one srun task (rank) each")
+    cluster.add_argument("--nodes-per-run", type=int, metavar="N", help="nodes of each run (default 1)")
+    cluster.add_argument("--time", help="time limit of each job: minutes or [D-]HH:MM[:SS] (required)")
+    cluster.add_argument(
+        "--slurm", action="append", default=[], metavar="KEY=VALUE", help="any other sbatch option (repeatable)"
+    )
     parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -178,22 +210,53 @@ def cli_main(argv: list[str]) -> int:
         return 0
     if args.sweep is None:
         parser.error("the SWEEP argument is required")
+    prog = "llamoe ablate"
+    try:
+        opts = ClusterOptions.parse(
+            args.executor,
+            partition=args.partition,
+            account=args.account,
+            gpus_per_run=args.gpus_per_run,
+            nodes_per_run=args.nodes_per_run,
+            time=args.time,
+            slurm=tuple(args.slurm),
+        )
+    except SweepError as e:
+        return report(prog, e, USAGE)
     try:
         sweep = load_sweep(args.sweep)
         plans = expand(sweep, parse_items(args.overrides))
-        validate_plans(plans)
+        if not (args.status or args.report):
+            validate_plans(plans, world_size=opts.world_size)
     except (SweepError, ValueError) as e:
-        return report("llamoe ablate", e, USAGE, f"invalid sweep {args.sweep!r}: ")
+        return report(prog, e, USAGE, f"invalid sweep {args.sweep!r}: ")
     sweep_dir = args.out if args.out is not None else Path("runs") / sweep.name
+    try:
+        if args.status:
+            return sweep_status(sweep_dir, sys.stdout)
+        if args.report:
+            return _report_now(sweep, sweep_dir)
+    except BaseException as e:
+        status = exit_status(e)
+        if status is None:
+            raise
+        return report(prog, e, status)
     if args.dry_run:
         print(f"sweep {sweep.name}: {len(plans)} runs -> {sweep_dir}")
         _print_plan(plans, sys.stdout)
+        if opts.executor == "slurm":
+            submit_sweep(
+                execute, plans, sweep_dir, opts, parallel=args.parallel, extra=_extra(plans, opts), dry_run=True
+            )
         return 0
 
-    prog = "llamoe ablate"
     try:
+        if opts.executor == "slurm":
+            check_slurm()
         with runctl.DirLock(sweep_dir, "sweep directory"):
-            return _run_and_report(sweep, plans, sweep_dir, args)
+            if opts.executor == "local":
+                return _run_and_report(sweep, plans, sweep_dir, args)
+            return _submit_and_report(sweep, plans, sweep_dir, opts, args)
     except BaseException as e:  # re-raised unless it is a user error or a requested stop
         status = exit_status(e)
         if status is None:
@@ -201,10 +264,21 @@ def cli_main(argv: list[str]) -> int:
         return report(prog, e, status)
 
 
-def _run_and_report(sweep: Sweep, plans: list[PlannedRun], sweep_dir: Path, args: argparse.Namespace) -> int:
-    """Run the sweep, then write its report and print the summary; the exit status."""
-    from experiments import report
+def _extra(plans: list[PlannedRun], opts: ClusterOptions) -> dict[str, dict[str, Any]]:
+    """run -> train.time_limit_s derived from --time, for the runs that train and do not set one."""
+    from experiments.config import load_run_config
 
+    limit = opts.time_limit_s()
+    if limit is None:
+        return {}
+    return {
+        p.name: {"train.time_limit_s": limit}
+        for p in plans
+        if p.reuse is None and load_run_config(p.base, p.overrides, world_size=None).train.time_limit_s is None
+    }
+
+
+def _write_sweep_file(sweep: Sweep, plans: list[PlannedRun], sweep_dir: Path) -> None:
     write_json_atomic(
         sweep_dir / "sweep.json",
         {
@@ -216,15 +290,14 @@ def _run_and_report(sweep: Sweep, plans: list[PlannedRun], sweep_dir: Path, args
             "runs": [p.name for p in plans],
         },
     )
-    t0 = time.time()
-    parallel = args.parallel if args.parallel is not None else sweep.parallel
-    rows = run_sweep(sweep, sweep_dir, WORKER, parallel=parallel, cli_overrides=parse_items(args.overrides))
-    try:
-        report_path = report.build_report(sweep_dir)
-    except OSError as e:
-        raise write_failed("the sweep report in", sweep_dir, e) from e
+
+
+def _summary(sweep: Sweep, rows: list[dict[str, Any]], sweep_dir: Path, report_path: Path, seconds: float) -> int:
+    """Print the summary table and where the results are; the exit status (1 if a run failed)."""
+    from experiments import report
+
     failed = [r for r in rows if r["status"] != "done"]
-    print(f"\nsweep {sweep.name}: {len(rows) - len(failed)}/{len(rows)} runs done in {time.time() - t0:.0f}s\n")
+    print(f"\nsweep {sweep.name}: {len(rows) - len(failed)}/{len(rows)} runs done in {seconds:.0f}s\n")
     print(report.terminal_table(rows, sweep.baseline))
     print(f"\nresults: {sweep_dir / RESULTS_FILE}\nreport:  {report_path}\nplots:   {sweep_dir / 'plots'}")
     for r in failed:
@@ -232,26 +305,87 @@ def _run_and_report(sweep: Sweep, plans: list[PlannedRun], sweep_dir: Path, args
     return 1 if failed else 0
 
 
+def _run_and_report(sweep: Sweep, plans: list[PlannedRun], sweep_dir: Path, args: argparse.Namespace) -> int:
+    """Run the sweep with the local scheduler, then write its report and print the summary; the exit status."""
+    from experiments import report
+
+    _write_sweep_file(sweep, plans, sweep_dir)
+    t0 = time.time()
+    parallel = args.parallel if args.parallel is not None else sweep.parallel
+    rows = run_sweep(sweep, sweep_dir, WORKER, parallel=parallel, cli_overrides=parse_items(args.overrides))
+    try:
+        report_path = report.build_report(sweep_dir)
+    except OSError as e:
+        raise write_failed("the sweep report in", sweep_dir, e) from e
+    return _summary(sweep, rows, sweep_dir, report_path, time.time() - t0)
+
+
+def _submit_and_report(
+    sweep: Sweep, plans: list[PlannedRun], sweep_dir: Path, opts: ClusterOptions, args: argparse.Namespace
+) -> int:
+    """Submit the runs that are not done (experiments/slurm.py). Slurm: say what was submitted and return;
+    debug: the runs ran here, so print the summary as the local scheduler does."""
+    _write_sweep_file(sweep, plans, sweep_dir)
+    t0 = time.time()
+    parallel = args.parallel if args.parallel is not None or opts.executor == "slurm" else sweep.parallel
+    rows = submit_sweep(execute, plans, sweep_dir, opts, parallel=parallel, extra=_extra(plans, opts))
+    if opts.executor == "debug":
+        return _summary(sweep, rows, sweep_dir, sweep_dir / "report.md", time.time() - t0)
+    print(f"\nsweep {sweep.name}: {len(rows)}/{len(plans)} runs ended so far; results.jsonl and report.md are "
+          f"written as runs end.\n  llamoe ablate {sweep.name} --out {sweep_dir} --status   # each run's state\n"
+          f"  llamoe ablate {sweep.name} --out {sweep_dir} --report   # the report now")  # fmt: skip
+    return 0
+
+
+def _report_now(sweep: Sweep, sweep_dir: Path) -> int:
+    """`--report`: results.jsonl from the run directories, then report.md and plots/ whether or not all ended."""
+    from experiments import report
+
+    if not planned_runs(sweep_dir):
+        raise UsageError(f"no sweep in {sweep_dir} (no sweep.json with planned runs); run or submit it first")
+    rows, _ = refresh(sweep_dir)
+    try:
+        report_path = report.build_report(sweep_dir)
+    except OSError as e:
+        raise write_failed("the sweep report in", sweep_dir, e) from e
+    print(report.terminal_table(rows, sweep.baseline))
+    print(f"\nresults: {sweep_dir / RESULTS_FILE}\nreport:  {report_path}")
+    return 0
+
+
+def execute(
+    plan: PlannedRun, run_dir: Path, extra: Optional[dict[str, Any]] = None, world_size: int = 1, rank: int = 0
+) -> int:
+    """Run one planned run in this process and leave its outcome in run_dir (rank 0: DONE_FILE with the row, or
+    ERROR_FILE with the traceback; the other ranks of a multi-process run only train). Returns the exit status:
+    0 done, 1 failed, 124 / 128+N stopped on request after saving (rerunning resumes it)."""
+    try:
+        if rank == 0:
+            row = run_one(plan, run_dir, extra, world_size)
+            write_json_atomic(run_dir / DONE_FILE, {"fingerprint": plan.fingerprint(), "row": row})
+        elif plan.reuse is None:
+            from experiments.train import train
+
+            train(run_config(plan, run_dir, extra, world_size))
+    except (runctl.Stopped, runctl.Aborted, KeyboardInterrupt) as e:  # stopped on request: resumes on a rerun
+        status = exit_status(e) or 130
+        return report("worker", e, status, quiet=rank != 0)
+    except BaseException:  # noqa: BLE001  (any failure is this run's to report)
+        text = traceback.format_exc()
+        if rank == 0:
+            (run_dir / ERROR_FILE).write_text(text)
+        sys.stderr.write(text)
+        return 1
+    return 0
+
+
 def _worker_main(plan_path: Path, threads: int) -> int:
-    """Run one planned run inside a worker process; on failure save the traceback in the run directory."""
+    """Run one planned run inside a worker process of the local scheduler."""
     import torch
 
     if threads > 0:
         torch.set_num_threads(threads)
-    run_dir = plan_path.parent
-    plan = PlannedRun.from_dict(json.loads(plan_path.read_text()))
-    try:
-        row = run_one(plan, run_dir)
-        write_json_atomic(run_dir / DONE_FILE, {"fingerprint": plan.fingerprint(), "row": row})
-    except (runctl.Stopped, runctl.Aborted, KeyboardInterrupt) as e:  # stopped on request: resumes on a rerun
-        status = exit_status(e) or 130
-        return report("worker", e, status)
-    except BaseException:  # noqa: BLE001  (any failure is this run's to report)
-        text = traceback.format_exc()
-        (run_dir / ERROR_FILE).write_text(text)
-        sys.stderr.write(text)
-        return 1
-    return 0
+    return execute(PlannedRun.from_dict(json.loads(plan_path.read_text())), plan_path.parent)
 
 
 if __name__ == "__main__":

@@ -428,8 +428,9 @@ def expand(sweep: Sweep, cli_overrides: Optional[dict[str, Any]] = None) -> list
     return plans
 
 
-def validate_plans(plans: list[PlannedRun]) -> None:
-    """Resolve every run's config and evaluation options without training; SweepError names run and key."""
+def validate_plans(plans: list[PlannedRun], world_size: int = 1) -> None:
+    """Resolve every run's config (for `world_size` processes) and evaluation options without training;
+    SweepError names run and key."""
     from experiments.config import load_run_config
     from experiments.evals.options import load_options
 
@@ -437,7 +438,8 @@ def validate_plans(plans: list[PlannedRun]) -> None:
     for plan in plans:
         source = by_name[plan.reuse] if plan.reuse else plan
         try:
-            load_run_config(source.base, {**source.overrides, **model_overrides(plan.eval_overrides)})
+            overrides = {**source.overrides, **model_overrides(plan.eval_overrides)}
+            load_run_config(source.base, overrides, world_size=world_size)
             for suite, options in plan.eval.items():
                 load_options(options, suite_overrides(plan.eval_overrides, suite))
         except ValueError as e:  # ConfigError names the key in its message

@@ -162,7 +162,8 @@ def _corpus(tmp_path: Path) -> Path:
     return root
 
 
-def _tiny_sweep(tmp_path: Path, runs: dict[str, Any]) -> sweeps.Sweep:
+def tiny_sweep_data(tmp_path: Path, runs: dict[str, Any]) -> dict[str, Any]:
+    """A sweep file's mapping: a 2-step, 2-layer, dim-32 model on a small corpus, evaluated at 1x and 2x."""
     base = {
         "model": {
             "preset": "llama3.1-tiny",
@@ -185,7 +186,11 @@ def _tiny_sweep(tmp_path: Path, runs: dict[str, Any]) -> sweeps.Sweep:
             "plots": False,
         }
     }
-    return parse_sweep({"name": "tiny", "base": base, "runs": runs, "eval": eval_})
+    return {"name": "tiny", "base": base, "runs": runs, "eval": eval_}
+
+
+def _tiny_sweep(tmp_path: Path, runs: dict[str, Any]) -> sweeps.Sweep:
+    return parse_sweep(tiny_sweep_data(tmp_path, runs))
 
 
 def _rows(sweep_dir: Path) -> dict[str, dict[str, Any]]:
