@@ -200,7 +200,11 @@ class RunJob(Checkpointable):
         """The run's state when this task ends: done, failed, interrupted or requeued."""
         env = submitit.JobEnvironment()
         if env.num_tasks > 1:  # srun tasks, one per GPU: the env:// variables DeepSpeed's init reads
+            import torch
+
             TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+            if not torch.cuda.is_available():
+                os.environ.setdefault("DS_ACCELERATOR", "cpu")  # as experiments/distributed.launch does
         if self.threads > 0:
             import torch
 
@@ -442,7 +446,7 @@ def submit_sweep(
         map_count = {"map_count": len(first)} if len(first) > 1 else {}
         scripts = [(f"{', '.join(p.name for p in first)}", {**params, **map_count})] if first else []
         for p in rest:
-            scripts.append((p.name, opts.slurm_parameters(f"{name}-{p.name}", f"afterany:<job of {waits[p.name]}>")))
+            scripts.append((p.name, opts.slurm_parameters(f"{name}-{p.name}", f"afterany:JOB-OF-{waits[p.name]}")))
         for what, script_params in scripts:
             out.write(
                 f"# ---- sbatch script for {what}\n{_make_sbatch_string(_job_command(folder), folder, **script_params)}\n"
