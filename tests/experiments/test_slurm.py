@@ -291,3 +291,63 @@ def test_an_interrupted_run_is_resubmitted_alone_and_a_requeued_job_resumes(
     # resumed exactly: the same results as `b`, the same run trained without stopping
     same = ("final_loss", "val_loss", "eval", "eval_ci95", "tokens")
     assert {k: rows["a"][k] for k in same} == {k: rows["b"][k] for k in same}
+
+
+def _job_pids(folder: Path) -> list[int]:
+    """The pids of the submitit job processes working on `folder` (this test's own jobs)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        launcher = any(a.endswith(b"/srun") for a in argv[:2])  # the fake srun's bash has the same arguments
+        if b"submitit.core._submit" in argv and str(folder).encode() in argv and not launcher:
+            pids.append(int(proc.name))
+    return pids
+
+
+@pytest.mark.slow
+def test_preemption_signal_saves_requeues_and_the_job_resumes(
+    fake_slurm: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import signal
+
+    path, out = _sweep_file(tmp_path, {"a": {"train.max_steps": 150}}), tmp_path / "out"
+    assert ablate.cli_main([str(path), "--out", str(out), *SLURM_ARGS]) == 0
+    metrics, deadline = out / "a" / "metrics.jsonl", time.time() + 120
+    while time.time() < deadline and len(metrics.read_text().splitlines() if metrics.exists() else []) < 3:
+        time.sleep(0.1)
+    pids = _job_pids(out / "_submitit")
+    assert len(pids) == 1
+    os.kill(pids[0], signal.SIGUSR2)  # what Slurm sends before preemption or the time limit (--signal=USR2@90)
+    assert _wait_for_jobs(fake_slurm) == {"1000": "COMPLETED"}
+    assert (fake_slurm / "requeued").read_text().split() == ["1000"]
+    log = Path(json.loads((out / "a" / "job.json").read_text())["log"]).read_text()
+    assert "resuming from" in log
+    assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == list(range(1, 151))
+    assert load_results(out)[0]["status"] == "done"
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_a_two_gpu_run_is_two_srun_ranks_through_deepspeed(
+    fake_slurm: Path, tmp_path: Path, scheduler_sweep: tuple[Path, list[dict[str, Any]]]
+) -> None:
+    """Two srun tasks, ranks from Slurm's variables, joined by DeepSpeed (gloo here): data parallel over the same
+    global batch, so the single-process run's losses, and rank 0 evaluates."""
+    from experiments.checkpoint import latest_checkpoint, read_meta
+
+    _, reference = scheduler_sweep
+    path, out = _sweep_file(tmp_path, {"a": {}}), tmp_path / "out"
+    args = [a for a in SLURM_ARGS if a != "1"]  # --gpus-per-run 2
+    args[args.index("--gpus-per-run") + 1 : args.index("--gpus-per-run") + 1] = ["2"]
+    assert ablate.cli_main([str(path), "--out", str(out), *args]) == 0
+    assert "#SBATCH --ntasks-per-node=2\n" in (fake_slurm / "1000.sbatch").read_text()
+    assert _wait_for_jobs(fake_slurm) == {"1000": "COMPLETED"}
+    assert read_meta(latest_checkpoint(out / "a"))["world_size"] == 2
+    row, single = load_results(out)[0], reference[0]
+    assert row["status"] == "done" and row["tokens"] == single["tokens"]
+    for key in ("final_loss", "val_loss"):
+        assert row[key] == pytest.approx(single[key], rel=1e-4)
+    assert row["eval"] == pytest.approx(single["eval"], rel=1e-4)
