@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from attention.attention import Attention
+from experiments.evals.scoring import DEFAULT_MAX_LOGITS_BYTES, fit_to_budget
 from models.transformer import Transformer
 
 _FORWARD = inspect.signature(Attention.forward)  # binds a pre-hook's arguments by name
@@ -87,6 +88,7 @@ def nope_attention_entropy(
     *,
     queries_per_bucket: int = 32,
     block: int = 1024,
+    max_logits_bytes: int = DEFAULT_MAX_LOGITS_BYTES,
 ) -> dict[str, Any]:
     """Mean NoPE attention entropy of queries in each position bucket [edges[i], edges[i+1]) of sequences [B, T].
 
@@ -110,6 +112,7 @@ def nope_attention_entropy(
     ]
     try:
         cache = model.make_cache(tokens.size(0), total)
+        _, block = fit_to_budget(tokens.size(0), block, model.cfg.vocab_size, max_logits_bytes)
         for start in range(0, total, block):
             model(tokens[:, start : start + block], start_pos=start, cache=cache)
     finally:

@@ -104,7 +104,7 @@ def _evaluate_setting(
 ) -> dict[str, Any]:
     """Every selected evaluation under the model's current temperature setting, keyed by eval name."""
     o = options
-    memory = {"block": o.block, "max_batch_tokens": o.max_batch_tokens}
+    memory = {"block": o.block, "max_batch_tokens": o.max_batch_tokens, "max_logits_bytes": o.max_logits_bytes}
     # the training length is always scored, as the reference of delta_tail_nll
     ppl_lengths = sorted({*lengths, train_len}) if train_len <= lengths[-1] else lengths
     runs: dict[str, Callable[[], dict[str, Any]]] = {
@@ -124,6 +124,7 @@ def _evaluate_setting(
             [0, *lengths],
             queries_per_bucket=o.entropy_queries,
             block=o.block,
+            max_logits_bytes=o.max_logits_bytes,
         ),
     }
     label = TemperatureSetting.of(model).label
@@ -275,7 +276,9 @@ def _calibrate(
 ) -> dict[str, Any]:
     """Pick the temperature setting among off + the grid, on data disjoint from the evaluation data."""
     candidates = _unique([TemperatureSetting.of(model).switched(False), *_candidates(model, options)])
-    memory = dict(block=options.block, max_batch_tokens=options.max_batch_tokens)
+    memory = dict(
+        block=options.block, max_batch_tokens=options.max_batch_tokens, max_logits_bytes=options.max_logits_bytes
+    )
     if options.calibrate_by == "nll":
         if sequences is None:
             raise ValueError("calibrate_by=nll needs held-out text: pass heldout=<val Corpus>")

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence, Union
 
 from config_error import ConfigError
+from experiments.evals.scoring import DEFAULT_MAX_LOGITS_BYTES
 from experiments.overrides import as_layer, to_dataclass
 
 EVALS = ("ppl", "passkey", "needle", "mqar", "entropy")
@@ -30,7 +31,10 @@ class LongContextEvalConfig:
       +-0.05 nats for the tiny presets); `window`/`stride` switch lengths above `window` to a
       sliding window (null: full context for every length).
     Memory: `block` tokens per prefill forward; `max_batch_tokens` tokens per batch (rows = this
-      // length, at least 1), so 16x-64x lengths run at batch 1 through the bounded caches.
+      // length, at least 1), so 16x-64x lengths run at batch 1 through the bounded caches;
+      `max_logits_bytes` caps the fp32 logits of one forward (rows x block x vocab x 4 bytes; rows
+      and block shrink to fit, at least one token), so memory stays bounded at any vocabulary: the
+      default 512 MiB peaks near 1 GiB of logits with the log-softmax copy (experiments/evals/scoring.py).
     Passkey: `passkey_depths` × lengths grid, `passkey_trials` keys per cell.
     Needle: `needle_trials` per length with `needles` needles each.
     MQAR: `mqar_pairs` pairs (capped by what fits; as many as training used keeps the question one of
@@ -57,6 +61,7 @@ class LongContextEvalConfig:
     stride: int = 256
     block: int = 1024
     max_batch_tokens: int = 32768
+    max_logits_bytes: int = DEFAULT_MAX_LOGITS_BYTES
     passkey_depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
     passkey_trials: int = 2
     needle_trials: int = 8
@@ -96,6 +101,7 @@ class LongContextEvalConfig:
             "sequences",
             "block",
             "max_batch_tokens",
+            "max_logits_bytes",
             "passkey_trials",
             "needle_trials",
             "needles",

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from experiments.errors import UsageError
-from experiments.evals.scoring import token_nll
+from experiments.evals.scoring import DEFAULT_MAX_LOGITS_BYTES, fit_to_budget, token_nll
 from experiments.evals.stats import bootstrap_mean
 from models.transformer import Transformer
 
@@ -67,7 +67,12 @@ def heldout_windows(
 
 
 def sliding_window_nll(
-    model: Transformer, tokens: torch.Tensor, window: int, stride: int, block: int = 1024
+    model: Transformer,
+    tokens: torch.Tensor,
+    window: int,
+    stride: int,
+    block: int = 1024,
+    max_logits_bytes: int = DEFAULT_MAX_LOGITS_BYTES,
 ) -> torch.Tensor:
     """NLL [B, L] of tokens[:, 1:] where each token sees at most `window` and at least window - stride tokens."""
     if not 1 <= stride <= window:
@@ -77,7 +82,7 @@ def sliding_window_nll(
     begin, scored = 0, 0  # positions [0, scored) have their NLL
     while scored < length:
         end = min(begin + window, length)
-        window_nll = token_nll(model, tokens[:, begin : end + 1], block)  # positions begin .. end-1
+        window_nll = token_nll(model, tokens[:, begin : end + 1], block, max_logits_bytes)  # positions begin .. end-1
         out[:, scored:end] = window_nll[:, scored - begin :]
         scored, begin = end, begin + stride
     return out
@@ -97,19 +102,21 @@ def _batched_nll(
     *,
     block: int,
     max_batch_tokens: int,
+    max_logits_bytes: int,
     window: Optional[int],
     stride: int,
 ) -> torch.Tensor:
-    """NLL [N, L] of sequences [N, L+1], a batch of at most max_batch_tokens tokens at a time."""
+    """NLL [N, L] of sequences [N, L+1], a batch of at most max_batch_tokens tokens at a time, and at most
+    max_logits_bytes of logits per forward (experiments/evals/scoring.py)."""
     length = sequences.size(1) - 1
-    rows = max(1, max_batch_tokens // length)
+    rows, _ = fit_to_budget(max(1, max_batch_tokens // length), block, model.cfg.vocab_size, max_logits_bytes)
     parts = []
     for first in range(0, sequences.size(0), rows):
         batch = sequences[first : first + rows]
         if window is None:
-            parts.append(token_nll(model, batch, block))
+            parts.append(token_nll(model, batch, block, max_logits_bytes))
         else:
-            parts.append(sliding_window_nll(model, batch, window, stride, block))
+            parts.append(sliding_window_nll(model, batch, window, stride, block, max_logits_bytes))
     return torch.cat(parts)
 
 
@@ -121,6 +128,7 @@ def perplexity_vs_length(
     *,
     block: int = 1024,
     max_batch_tokens: int = 32768,
+    max_logits_bytes: int = DEFAULT_MAX_LOGITS_BYTES,
     window: Optional[int] = None,
     stride: int = 256,
 ) -> dict[str, Any]:
@@ -139,7 +147,7 @@ def perplexity_vs_length(
     if sequences.size(1) < longest + 1:
         raise ValueError(f"length {longest} needs sequences of {longest + 1} tokens, got {sequences.size(1)}")
     full = [n for n in lengths if window is None or n <= window]
-    kw = dict(block=block, max_batch_tokens=max_batch_tokens, stride=stride)
+    kw = dict(block=block, max_batch_tokens=max_batch_tokens, max_logits_bytes=max_logits_bytes, stride=stride)
     nll_full = _batched_nll(model, sequences[:, : max(full) + 1], window=None, **kw) if full else None
     slid = [n for n in lengths if n not in full]
     nll_slid = _batched_nll(model, sequences[:, : max(slid) + 1], window=window, **kw) if slid else None

@@ -22,7 +22,7 @@ import torch
 
 from experiments.data.tasks import MQAR, Needle, Passkey, TaskExample
 from experiments.data.tokenizer import Tokenizer
-from experiments.evals.scoring import greedy_predictions, model_device
+from experiments.evals.scoring import DEFAULT_MAX_LOGITS_BYTES, fit_to_budget, greedy_predictions, model_device
 from experiments.evals.stats import bootstrap_mean, bootstrap_ratio
 from models.generate import generate
 from models.transformer import Transformer
@@ -36,21 +36,29 @@ def _split_lengths(lengths: Sequence[int], minimum: int) -> tuple[list[int], lis
 
 
 def greedy_exact_match(
-    model: Transformer, examples: Sequence[TaskExample], *, block: int = 1024, max_batch_tokens: int = 32768
+    model: Transformer,
+    examples: Sequence[TaskExample],
+    *,
+    block: int = 1024,
+    max_batch_tokens: int = 32768,
+    max_logits_bytes: int = DEFAULT_MAX_LOGITS_BYTES,
 ) -> list[bool]:
-    """For each example: does greedy decoding after its prompt reproduce its (single) answer exactly?"""
+    """For each example: does greedy decoding after its prompt reproduce its (single) answer exactly?
+    Batches and prefill blocks are cut to max_logits_bytes of logits per forward (scoring.fit_to_budget)."""
     groups: dict[int, list[int]] = defaultdict(list)  # prompt length -> example indices, batched together
     for i, ex in enumerate(examples):
         groups[len(ex.prompt())].append(i)
     hits = [False] * len(examples)
     device = model_device(model)
     for prompt_len, members in groups.items():
-        rows = max(1, max_batch_tokens // prompt_len)
+        rows, chunk = fit_to_budget(
+            max(1, max_batch_tokens // prompt_len), block, model.cfg.vocab_size, max_logits_bytes
+        )
         for first in range(0, len(members), rows):
             batch = members[first : first + rows]
             answers = [examples[i].answers()[0] for i in batch]
             prompts = torch.from_numpy(np.stack([examples[i].prompt() for i in batch])).to(device)  # [B, P]
-            new = generate(model, prompts, max(len(a) for a in answers), prefill_chunk=block).cpu()
+            new = generate(model, prompts, max(len(a) for a in answers), prefill_chunk=chunk).cpu()
             for row, (i, answer) in enumerate(zip(batch, answers)):
                 hits[i] = bool(np.array_equal(new[row, : len(answer)].numpy(), answer))
     return hits
@@ -67,6 +75,7 @@ def passkey_grid(
     stream: str = "eval",
     block: int = 1024,
     max_batch_tokens: int = 32768,
+    max_logits_bytes: int = DEFAULT_MAX_LOGITS_BYTES,
 ) -> dict[str, Any]:
     """Passkey accuracy per (length, depth) cell over `trials` keys, and per length (mean over depths).
 
@@ -81,7 +90,11 @@ def passkey_grid(
             for j, depth in enumerate(depths)
             for t in range(trials)
         ]
-        hits = np.array(greedy_exact_match(model, examples, block=block, max_batch_tokens=max_batch_tokens))
+        hits = np.array(
+            greedy_exact_match(
+                model, examples, block=block, max_batch_tokens=max_batch_tokens, max_logits_bytes=max_logits_bytes
+            )
+        )
         grid.append(hits.reshape(len(depths), trials).mean(axis=1).tolist())
         intervals.append(bootstrap_mean(hits))
     return {
@@ -108,6 +121,7 @@ def needle_accuracy(
     stream: str = "eval",
     block: int = 1024,
     max_batch_tokens: int = 32768,
+    max_logits_bytes: int = DEFAULT_MAX_LOGITS_BYTES,
 ) -> dict[str, Any]:
     """Needle accuracy per length; trial t asks for the needle at depth (t + 0.5) / trials.
 
@@ -120,7 +134,9 @@ def needle_accuracy(
         examples = [
             task.example(length, [seed, STREAMS[stream], length, t], depth=(t + 0.5) / trials) for t in range(trials)
         ]
-        hits = greedy_exact_match(model, examples, block=block, max_batch_tokens=max_batch_tokens)
+        hits = greedy_exact_match(
+            model, examples, block=block, max_batch_tokens=max_batch_tokens, max_logits_bytes=max_logits_bytes
+        )
         accuracy.append(float(np.mean(hits)))
         intervals.append(bootstrap_mean(hits))
     return {
@@ -145,6 +161,7 @@ def mqar_accuracy(
     stream: str = "eval",
     block: int = 1024,
     max_batch_tokens: int = 32768,
+    max_logits_bytes: int = DEFAULT_MAX_LOGITS_BYTES,
 ) -> dict[str, Any]:
     """Fraction of MQAR queries whose value tokens are all predicted (teacher-forced argmax), per length.
 
@@ -158,12 +175,14 @@ def mqar_accuracy(
         n = min(n_pairs, task.max_pairs(length))
         pairs.append(n)
         examples = [task.example(length, n, [seed, STREAMS[stream], length, t]) for t in range(trials)]
-        rows = max(1, max_batch_tokens // length)
+        rows, _ = fit_to_budget(max(1, max_batch_tokens // length), block, model.cfg.vocab_size, max_logits_bytes)
         correct, right_per_sequence, tokens_right, tokens_total = [], [], 0, 0
         for first in range(0, trials, rows):
             batch = examples[first : first + rows]
             tokens = torch.from_numpy(np.stack([ex.tokens for ex in batch]))  # [B, L]
-            predicted = greedy_predictions(model, tokens, block).numpy()  # [B, L-1]: prediction of token i+1
+            predicted = greedy_predictions(
+                model, tokens, block, max_logits_bytes
+            ).numpy()  # [B, L-1]: prediction of token i+1
             for row, ex in enumerate(batch):
                 before = len(correct)
                 for start, end in ex.answer_spans:

@@ -6,6 +6,11 @@ which is bounded by chunk_size on chunked layers. Only a per-token reduction of
 each block's logits (NLL, argmax) is kept, never the [B, L, V] logits. Inputs move
 to the model's device; scores come back on the CPU.
 
+Logits budget: a forward of B rows x l positions forms B*l*V fp32 logits (4 bytes each), plus one
+copy of that size in the reduction (log-softmax). `fit_to_budget` shrinks the rows of a batch and
+the block so that B*l*V*4 <= max_logits_bytes (at least one token per forward), whatever the
+vocabulary: the default 512 MiB keeps the logits of one forward near 1 GiB at their peak.
+
 Shapes: B batch, L sequence, V vocab.
 """
 
@@ -25,14 +30,36 @@ def model_device(model: torch.nn.Module) -> torch.device:
     return param.device if param is not None else torch.device("cpu")
 
 
+LOGIT_BYTES = 4  # bytes per logit: the reductions run in fp32
+DEFAULT_MAX_LOGITS_BYTES = 512 * 2**20
+
+
+def fit_to_budget(rows: int, block: int, vocab_size: int, max_logits_bytes: int) -> tuple[int, int]:
+    """(rows, block) no larger than asked, with rows * block * vocab_size * 4 bytes <= max_logits_bytes
+    (at least one row of one token)."""
+    if max_logits_bytes < 1:
+        raise ValueError(f"max_logits_bytes must be >= 1, got {max_logits_bytes}")
+    tokens = max(1, max_logits_bytes // (vocab_size * LOGIT_BYTES))  # logits one forward may form
+    rows = max(1, min(rows, tokens))
+    return rows, max(1, min(block, tokens // rows))
+
+
 Reduce = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits [B, l, V], targets [B, l]) -> [B, l]
 
 
 @torch.inference_mode()
-def score_tokens(model: Transformer, tokens: torch.Tensor, reduce: Reduce, block: int = 1024) -> torch.Tensor:
-    """reduce(logits, next tokens) at every position of tokens [B, L+1] -> [B, L], prefilling `block` at a time."""
+def score_tokens(
+    model: Transformer,
+    tokens: torch.Tensor,
+    reduce: Reduce,
+    block: int = 1024,
+    max_logits_bytes: int = DEFAULT_MAX_LOGITS_BYTES,
+) -> torch.Tensor:
+    """reduce(logits, next tokens) at every position of tokens [B, L+1] -> [B, L], prefilling `block` at a time
+    (fewer when B * block logits would exceed max_logits_bytes; the caller bounds B with `fit_to_budget`)."""
     if block < 1:
         raise ValueError(f"block must be >= 1, got {block}")
+    _, block = fit_to_budget(tokens.size(0), block, model.cfg.vocab_size, max_logits_bytes)
     tokens = tokens.to(model_device(model))
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
     batch, length = inputs.shape
@@ -55,11 +82,15 @@ def argmax(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return logits.argmax(dim=-1)
 
 
-def token_nll(model: Transformer, tokens: torch.Tensor, block: int = 1024) -> torch.Tensor:
+def token_nll(
+    model: Transformer, tokens: torch.Tensor, block: int = 1024, max_logits_bytes: int = DEFAULT_MAX_LOGITS_BYTES
+) -> torch.Tensor:
     """NLL [B, L] of tokens[:, 1:] given everything before them (full context)."""
-    return score_tokens(model, tokens, nll, block)
+    return score_tokens(model, tokens, nll, block, max_logits_bytes)
 
 
-def greedy_predictions(model: Transformer, tokens: torch.Tensor, block: int = 1024) -> torch.Tensor:
+def greedy_predictions(
+    model: Transformer, tokens: torch.Tensor, block: int = 1024, max_logits_bytes: int = DEFAULT_MAX_LOGITS_BYTES
+) -> torch.Tensor:
     """Teacher-forced argmax predictions [B, L] for tokens[:, 1:]."""
-    return score_tokens(model, tokens, argmax, block)
+    return score_tokens(model, tokens, argmax, block, max_logits_bytes)

@@ -5,6 +5,7 @@ import json
 import math
 import random
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -69,6 +70,7 @@ class CopyOracle(nn.Module):
     def __init__(self, vocab_size: int) -> None:
         super().__init__()
         self.vocab_size = vocab_size
+        self.cfg = SimpleNamespace(vocab_size=vocab_size)  # what the logits budget reads of a Transformer
 
     def make_cache(self, batch_size: int, max_seq_len: int) -> _History:
         return _History(batch_size, max_seq_len)
@@ -98,6 +100,7 @@ class DigitGuesser(nn.Module):
     def __init__(self, vocab_size: int, seed: int = 0) -> None:
         super().__init__()
         self.vocab_size = vocab_size
+        self.cfg = SimpleNamespace(vocab_size=vocab_size)  # what the logits budget reads of a Transformer
         self.generator = torch.Generator().manual_seed(seed)
 
     def make_cache(self, batch_size: int, max_seq_len: int) -> None:
@@ -150,6 +153,7 @@ class PositionalOracle(nn.Module):
     def __init__(self, vocab_size: int, offset: int = 1) -> None:
         super().__init__()
         self.vocab_size, self.offset = vocab_size, offset
+        self.cfg = SimpleNamespace(vocab_size=vocab_size)
 
     def fit(self, rows: list[tuple[torch.Tensor, torch.Tensor]]) -> "PositionalOracle":
         votes: dict[int, int] = {}
