@@ -297,17 +297,30 @@ class DeepSpeedStepper:
         return self.engine(tokens)
 
     def backward(self, loss: torch.Tensor) -> None:
-        """Backward of one micro batch's mean loss; DeepSpeed divides by the accumulation steps."""
+        """Backward of one micro batch's mean loss; DeepSpeed divides by the accumulation steps.
+
+        DeepSpeed counts micro batches in `engine.step()`, which must follow every backward: inside an
+        accumulation window it only advances that count (the next backward then knows whether it ends the
+        window and must reduce the gradients); the window's last backward is followed by `step()` below.
+        """
         self.engine.backward(loss)
+        if not self.engine.is_gradient_accumulation_boundary():
+            self.engine.step()
 
     def step(self) -> float:
-        """Clip, step the optimizer, clear gradients; return the global gradient norm before clipping."""
+        """Clip, step the optimizer, clear gradients; return the global gradient norm before clipping.
+        Called once per optimizer step, after the backward of its last micro batch."""
+        if not self.engine.is_gradient_accumulation_boundary():
+            raise RuntimeError("DeepSpeedStepper.step() called inside a gradient accumulation window")
         if self.zero_stage == 0:
             norm = float(clip_grad_norm(self.engine.module.parameters(), self.grad_clip, self.world))
             self.engine.step()
             return norm
         self.engine.step()
-        return float(self.engine.get_global_grad_norm())
+        norm = self.engine.get_global_grad_norm()
+        if norm is None:
+            raise RuntimeError("DeepSpeed's ZeRO optimizer reported no gradient norm for this step")
+        return float(norm)
 
     def set_lr(self, lr: float) -> None:
         for group in self.base_optimizer.param_groups:
