@@ -1,7 +1,8 @@
 """`llamoe ablate SWEEP`: one YAML, one command, one results folder.
 
 The sweep file's format and its expansion into run directories are experiments/sweep.py's;
-running them N at a time, resumably, is experiments/scheduler.py's; the report is
+running them N at a time, resumably, is experiments/scheduler.py's (`--executor local`), or one
+submitit job per run experiments/slurm.py's (`--executor slurm|debug`); the report is
 experiments/report.py's. This module is the command and the worker's job: train one planned
 run (experiments/train.py), evaluate it through `llamoe eval`'s own path
 (experiments/evals/long_context.evaluate_run), and return its results row.
@@ -9,6 +10,8 @@ run (experiments/train.py), evaluate it through `llamoe eval`'s own path
     llamoe ablate quickstart                  # a built-in sweep (experiments/configs/ablations/)
     llamoe ablate my_sweep.yaml train.max_steps=50 --parallel 2 --out runs/try
     llamoe ablate quickstart --dry-run        # validate and list the runs
+    llamoe ablate quickstart --executor slurm --partition gpu --time 4:00:00 --gpus-per-run 8
+    llamoe ablate quickstart --status         # each run's state (and job)
 """
 
 from __future__ import annotations
@@ -221,6 +224,8 @@ def cli_main(argv: list[str]) -> int:
             time=args.time,
             slurm=tuple(args.slurm),
         )
+        if args.parallel is not None and args.parallel < 1:
+            raise SweepError("--parallel", f"must be >= 1, got {args.parallel}")
     except SweepError as e:
         return report(prog, e, USAGE)
     try:

@@ -1,31 +1,26 @@
 """Sweeps through submitit: `llamoe ablate SWEEP --executor slurm|debug`, one job per run.
 
-The sweep directory stays the one source of truth, whichever executor ran it. Each run is the
-same run directory as under the local scheduler (experiments/scheduler.py): its `plan.json`, and
-one outcome file written by the job itself: `done.json` (the results row), `error.txt` (a
-traceback) or `stopped.json` (it stopped on request after saving a checkpoint). `job.json` records
-the job that runs it (executor, job id, log). `results.jsonl` is rebuilt from those files after
-every run, under a lock, by the job that ran it, and the report is built when the last run ends
-(`llamoe ablate SWEEP --report` builds it on demand). `--status` shows each run's state; a rerun
-of the same command submits only the runs that are neither done nor queued or running (squeue).
+The sweep directory stays the one source of truth. Each run is the run directory the local
+scheduler (experiments/scheduler.py) makes: its `plan.json`, `job.json` (executor, job id, log), and
+one outcome file the job writes itself: `done.json` (the results row), `error.txt` (a traceback) or
+`stopped.json` (stopped on request after saving). The job rebuilds `results.jsonl` from those files
+under a lock, and the report once the last run ended (`--report` builds it on demand). `--status`
+shows each run's state; rerunning submits only the runs neither done nor pending/running (squeue).
 
-Slurm: the runs without a dependency go out as one job array (`--parallel N` throttles it to N
-at once); a run that evaluates or starts from another run waits for that run's job
-(`--dependency=afterany:<id>`) and fails, as under the local scheduler, if that run did not
-finish. A run of G GPUs on N nodes is N x G/N srun tasks, one per GPU (submitit's advice); each
-task maps its Slurm ids to RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT
-(submitit.helpers.TorchDistributedEnvironment) and trains through the same DeepSpeed
+Slurm: runs that depend on no other run go out as one job array (`--parallel N` throttles it); a
+run that evaluates or starts from another waits for its job (`--dependency=afterany:<id>`) and
+fails, as locally, if that run did not finish. A run of G GPUs on N nodes is G srun tasks, one per
+GPU (submitit's advice); each maps Slurm's ids to RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR /
+MASTER_PORT (submitit.helpers.TorchDistributedEnvironment) and trains through the same DeepSpeed
 initialisation as `llamoe train --nproc` (experiments/distributed.init_world); rank 0 evaluates.
 
-Preemption and time limits: submitit asks Slurm for SIGUSR2 `signal_delay_s` before the end (on
-preemption too). The job turns it into today's graceful stop (experiments/runctl.py: finish the
-step, save a checkpoint), then rank 0 requeues the job (`scontrol requeue`, what submitit's
-checkpoint hook does), and the requeued job resumes from that checkpoint. `train.time_limit_s`,
-unless the run sets it, is derived from `--time` (TIME_MARGIN_S before the end, left for the
-evaluation), and a run stopped by it is requeued the same way. SIGTERM (scancel) saves and stops
-without a requeue: the run is `interrupted`, and a rerun of the sweep resumes it.
-
-Debug: submitit's DebugExecutor runs the same jobs one after the other in this process.
+Preemption and time limits: submitit asks Slurm for SIGUSR2 `signal_delay_s` before the end (and
+on preemption). The job turns it into runctl's graceful stop (finish the step, save), then rank 0
+requeues the job (`scontrol requeue`, as submitit's checkpoint hook does) and the requeued job
+resumes from that checkpoint. `train.time_limit_s`, unless the run sets it, is `--time` less
+TIME_MARGIN_S (kept for the evaluation); a run stopped by it is requeued the same way. SIGTERM
+(scancel) saves and stops without a requeue: the run is `interrupted` until the sweep is rerun.
+The debug executor (submitit's DebugExecutor) runs the same jobs one after another in this process.
 """
 
 from __future__ import annotations
@@ -74,7 +69,8 @@ TIME_MARGIN_S = 300.0  # train.time_limit_s ends this long before --time (at mos
 # experiments/ablate.execute(plan, run_dir, extra, world_size=, rank=) -> exit status: one run, here
 Execute = Callable[..., int]
 _OWN_FLAGS = {"partition": "--partition", "account": "--account", "time": "--time", "nodes": "--nodes-per-run",
-              "gpus-per-node": "--gpus-per-run", "ntasks-per-node": "--gpus-per-run"}  # fmt: skip
+              "gpus-per-node": "--gpus-per-run", "ntasks-per-node": "--gpus-per-run", "array": "--parallel"}  # fmt: skip
+_MANAGED = ("dependency", "signal", "output", "error", "open-mode", "job-name")  # what the bookkeeping relies on
 
 
 # ---------------------------------------------------------------------------- options
@@ -144,8 +140,8 @@ class ClusterOptions:
             key = key.strip().lstrip("-").replace("_", "-")
             if not sep or not key:
                 raise SweepError("--slurm", f"takes key=value (an sbatch option without its dashes), got {item!r}")
-            if key in _OWN_FLAGS:
-                raise SweepError("--slurm", f"{key} is set by {_OWN_FLAGS[key]}, not --slurm")
+            if key in _OWN_FLAGS or key in _MANAGED:
+                raise SweepError("--slurm", f"{key} is set by {_OWN_FLAGS.get(key, 'llamoe ablate')}, not --slurm")
             items.append((key, value))
         return cls(executor, partition, account, gpus_per_run, nodes, parse_time(time), tuple(items))
 
@@ -210,6 +206,8 @@ class RunJob(Checkpointable):
 
             torch.set_num_threads(self.threads)
         run_dir = self.sweep_dir / self.plan.name
+        if env.global_rank == 0:  # a job Slurm requeued itself after a SIGTERM runs again: not stopped any more
+            (run_dir / STOP_FILE).unlink(missing_ok=True)
         if self.parent is not None and completed_row(self.sweep_dir / self.parent.name, self.parent) is None:
             if env.global_rank == 0:
                 (run_dir / ERROR_FILE).write_text(f"the run it depends on, {self.parent.name}, failed\n")
@@ -233,6 +231,7 @@ class RunJob(Checkpointable):
     def _preempted(self, signum: int, frame: Optional[FrameType]) -> None:
         """SIGUSR2 (preemption or the time limit is near): today's graceful stop, then a requeue."""
         self._requeue = True
+        print("SIGUSR2 (preemption or the time limit): saving, then requeueing the job", file=sys.stderr, flush=True)
         signal.raise_signal(signal.SIGTERM)  # runctl's handler: finish the step, save, stop
 
 
@@ -347,8 +346,7 @@ def sweep_status(sweep_dir: Path, out: TextIO) -> int:
     for plan in plans:
         run_dir, record = sweep_dir / plan.name, records[plan.name]
         row = rows.get(plan.name) if plan.name not in live else None
-        state = row["status"] if row is not None else live.get(plan.name, "submitted" if record else "not started")
-        state = state.lower()
+        state = (row["status"] if row else live.get(plan.name, "submitted" if record else "not started")).lower()
         counts[state] = counts.get(state, 0) + 1
         latest = latest_checkpoint(run_dir) if run_dir.is_dir() else None
         detail = [f"job {record['job_id']} ({record['executor']})"] if record else []
@@ -363,12 +361,11 @@ def sweep_status(sweep_dir: Path, out: TextIO) -> int:
 # ---------------------------------------------------------------------------- submission
 def _dependency_order(plans: list[PlannedRun]) -> list[PlannedRun]:
     """Plans with each run after the run it depends on (file order otherwise)."""
-    names = {p.name for p in plans}
     order: list[PlannedRun] = []
     placed: set[str] = set()
     pending = list(plans)
     while pending:
-        ready = [p for p in pending if p.depends_on is None or p.depends_on in placed or p.depends_on not in names]
+        ready = [p for p in pending if p.depends_on is None or p.depends_on in placed]
         if not ready:
             raise SweepError("runs", f"circular init_from/reuse between {', '.join(p.name for p in pending)}")
         order += ready
@@ -391,7 +388,7 @@ def check_slurm() -> None:
 
 
 def _slurm_executor(folder: Path, params: dict[str, Any]) -> submitit.SlurmExecutor:
-    executor = submitit.SlurmExecutor(folder=folder)
+    executor = submitit.SlurmExecutor(folder=folder)  # parameters accumulate: one executor per submission
     executor.update_parameters(**params)
     return executor
 
@@ -407,11 +404,9 @@ def submit_sweep(
     dry_run: bool = False,
     out: Optional[TextIO] = None,
 ) -> list[dict[str, Any]]:
-    """Submit a job running `execute` for every run that is neither done nor queued/running (in dependency
-    order); returns the rows of the
-    runs that have ended so far. Slurm returns once submitted; debug runs the jobs here, one after another.
-    `extra`: run -> overrides applied when it runs but not part of its settings (train.time_limit_s).
-    `dry_run` prints the sbatch scripts instead of submitting them."""
+    """Submit a job running `execute` for each run neither done nor pending/running, in dependency order;
+    returns the rows of the runs ended so far. Slurm returns once submitted (`dry_run`: prints the sbatch
+    scripts instead); debug runs the jobs here. `extra`: run -> overrides outside its fingerprint."""
     out = out or sys.stdout
     folder = (sweep_dir / SUBMITIT_DIR).absolute()  # as submitit's executors spell it
     by_name = {p.name: p for p in plans}
@@ -443,13 +438,14 @@ def submit_sweep(
     if parallel is not None:
         params["array_parallelism"] = parallel
     if dry_run:
-        map_count = {"map_count": len(first)} if len(first) > 1 else {}
-        scripts = [(f"{', '.join(p.name for p in first)}", {**params, **map_count})] if first else []
-        for p in rest:
-            scripts.append((p.name, opts.slurm_parameters(f"{name}-{p.name}", f"afterany:JOB-OF-{waits[p.name]}")))
-        for what, script_params in scripts:
+        array = {"map_count": len(first)} if len(first) > 1 else {}
+        scripts = [(", ".join(p.name for p in first), {**params, **array})] if first else []
+        scripts += [
+            (p.name, opts.slurm_parameters(f"{name}-{p.name}", f"afterany:JOB-OF-{waits[p.name]}")) for p in rest
+        ]
+        for what, script in scripts:
             out.write(
-                f"# ---- sbatch script for {what}\n{_make_sbatch_string(_job_command(folder), folder, **script_params)}\n"
+                f"# ---- sbatch script for {what}\n{_make_sbatch_string(_job_command(folder), folder, **script)}\n"
             )
         return []
     if first:
@@ -491,19 +487,3 @@ def _run_debug(
             raise runctl.Stopped(status, f"sweep stopped by {runctl.describe(status)} in {plan.name} (saved); "
                                          "rerun the same command to resume")  # fmt: skip
     return refresh(sweep_dir)[0]
-
-
-__all__ = [
-    "EXECUTORS",
-    "JOB_FILE",
-    "STOP_FILE",
-    "ClusterOptions",
-    "check_slurm",
-    "RunJob",
-    "outcome",
-    "parse_time",
-    "planned_runs",
-    "refresh",
-    "submit_sweep",
-    "sweep_status",
-]

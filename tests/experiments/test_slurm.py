@@ -167,6 +167,7 @@ def test_time_limit_is_derived_from_time_with_room_for_the_evaluation() -> None:
         (["--executor", "slurm", "--time", "9", "--slurm", "ntasks-per-node=4"], "--slurm"),
         (["--executor", "slurm", "--time", "9", "--gpus-per-run", "two"], "--gpus-per-run"),
         (["--executor", "cloud"], "--executor"),
+        (["--parallel", "0"], "--parallel"),
     ],
 )
 def test_bad_cluster_options_exit_2_naming_the_option(
