@@ -69,7 +69,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from experiments import deepspeed_compat
+from experiments import collectives, deepspeed_compat
 from experiments.config import RunConfig
 from experiments.runctl import Aborted, forward_signals
 from moe.layer import MoE
@@ -98,15 +98,11 @@ class World:
 
     def barrier(self) -> None:
         if self.distributed:
-            dist.barrier()
+            collectives.barrier()
 
     def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
-        """Sum (or average, op="mean") `tensor` over all ranks, in place; returns it."""
-        if self.distributed:
-            dist.all_reduce(tensor)
-            if op == "mean":
-                tensor /= self.size
-        return tensor
+        """Sum (or average, op="mean") `tensor` over all ranks, in place, on the backend's device; returns it."""
+        return collectives.all_reduce(tensor, op) if self.distributed else tensor
 
 
 def _leave_process_groups() -> None:
@@ -238,7 +234,7 @@ def clip_grad_norm(params: Iterable[nn.Parameter], max_norm: float, world: World
     dense_sq = torch.stack([g.square().sum() for g in dense]).sum() if dense else torch.zeros((), device=device)
     expert_sq = torch.stack([g.square().sum() for g in expert]).sum() if expert else torch.zeros((), device=device)
     if world.ep_size > 1:
-        dist.all_reduce(expert_sq, group=world.ep_group)
+        collectives.all_reduce(expert_sq, group=world.ep_group)
     norm = (dense_sq + expert_sq).sqrt()
     if max_norm > 0:
         scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)  # torch.nn.utils.clip_grad_norm_'s rule

@@ -30,9 +30,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, Callable, Optional
 
-import torch
-import torch.distributed as dist
-
+from experiments import collectives
 from experiments.errors import TIME_LIMIT, UsageError
 
 LOCK_FILE = ".llamoe.lock"
@@ -213,11 +211,7 @@ class StopControl:
         if not status and self.time_limit_s is not None:
             remaining = self.time_limit_s - (time.perf_counter() - self.started)
             status = TIME_LIMIT if remaining < self.longest_step_s + self.save_s else 0
-        if distributed:
-            flag = torch.tensor([status], dtype=torch.int64)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            status = int(flag)
-        return status
+        return collectives.agree_max(status) if distributed else status
 
     def stopped(self, status: int, step: int, max_steps: int, checkpoint: Path) -> Stopped:
         """The Stopped of a run that saved `checkpoint` at `step` and stops with `status`."""
@@ -227,11 +221,7 @@ class StopControl:
 
 def all_ok(ok: bool, distributed: bool) -> bool:
     """Whether `ok` holds on every rank (an all-reduce of failures; `ok` itself in one process)."""
-    if not distributed:
-        return ok
-    failures = torch.tensor([0 if ok else 1], dtype=torch.int64)
-    dist.all_reduce(failures)
-    return int(failures) == 0
+    return collectives.all_true(ok) if distributed else ok
 
 
 # ---------------------------------------------------------------------- launchers
