@@ -14,10 +14,9 @@ import os
 import sys
 from pathlib import Path
 
+import distributed_worker
 import torch
 import torch.distributed as dist
-
-import distributed_worker
 
 ROOT = Path(__file__).resolve().parents[2]
 CHECKED = ["all_reduce", "barrier", "broadcast", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor",
