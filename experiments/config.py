@@ -45,17 +45,18 @@ from models.config import ConfigError, ModelConfig, model_config_from_dict
 from models.surgery import UPCYCLE_MODES
 
 DEFAULT_PRESET = "llama3.1-tiny"
-TOKENIZER_KINDS = ("byte_level", "llama3", "llama4")
+TOKENIZER_KINDS = ("byte_level", "llama3", "llama4", "hf")
 PRECISIONS = ("fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
 
 
 @dataclass(frozen=True)
 class TokenizerConfig:
-    """Which tokenizer turns text into ids: the file-free byte-level default, or Meta's tokenizer.model."""
+    """Which tokenizer turns text into ids: the file-free byte-level default, Meta's tokenizer.model, or a Hugging
+    Face tokenizer.json (kind hf; bos/eos/pad from the tokenizer_config.json beside it)."""
 
-    kind: str = "byte_level"  # byte_level | llama3 | llama4
-    path: Optional[str] = None  # the tokenizer.model file, for llama3 / llama4
+    kind: str = "byte_level"  # byte_level | llama3 | llama4 | hf
+    path: Optional[str] = None  # the tokenizer.model file (llama3 / llama4) or tokenizer.json (hf)
 
     def build(self) -> Tokenizer:
         """The tokenizer this section describes."""
@@ -85,9 +86,9 @@ class OptimConfig:
     """AdamW with decoupled weight decay, linear warmup then cosine decay, gradient clipping.
 
     The learning rate rises linearly over `warmup_steps` to `lr`, then follows a cosine
-    down to `lr * min_lr_ratio` at step `decay_steps` (null: train.max_steps) and stays
-    there. Fix `decay_steps` when you plan to extend a run: resuming with a larger
-    train.max_steps otherwise stretches the cosine of the remaining steps.
+    down to `lr * min_lr_ratio` at step `decay_steps` (null: the train.max_steps the run started
+    with, kept in its checkpoints) and stays there. Resuming with a larger train.max_steps keeps
+    that horizon, so the extra steps run at the floor; set `decay_steps` to stretch the cosine.
     Weight decay applies to matrices only: not to norm gains (1-D) or the embedding table.
     """
 
@@ -343,7 +344,11 @@ def validate(cfg: RunConfig, world_size: Optional[int] = 1, check_machine: bool 
     if tok.kind == "byte_level":
         need(tok.path is None, "tokenizer.path", "the byte_level tokenizer needs no file; set it to null")
     else:
-        need(tok.path is not None, "tokenizer.path", f"the {tok.kind} tokenizer needs its tokenizer.model file")
+        need(
+            tok.path is not None,
+            "tokenizer.path",
+            f"the {tok.kind} tokenizer needs its {'tokenizer.json' if tok.kind == 'hf' else 'tokenizer.model'} file",
+        )
     if check_machine:
         if tok.path is not None:
             need(Path(tok.path).expanduser().is_file(), "tokenizer.path", f"{tok.path!r} does not exist")

@@ -10,7 +10,7 @@ over micro batches, then clip and step), DeepSpeed's engine for ZeRO and expert 
 from __future__ import annotations
 
 import math
-from typing import Any, Protocol
+from typing import Any, Optional, Protocol
 
 import torch
 from torch import nn
@@ -28,6 +28,14 @@ def lr_at(step: int, optim: OptimConfig, max_steps: int) -> float:
     progress = min((step - optim.warmup_steps) / max(horizon - optim.warmup_steps, 1), 1.0)
     cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
     return optim.lr * (optim.min_lr_ratio + (1.0 - optim.min_lr_ratio) * cosine)
+
+
+def schedule_horizon(optim: OptimConfig, max_steps: int, started_with: Optional[int]) -> int:
+    """The step at which the cosine ends: `optim.decay_steps` when set, else the horizon the run started
+    with (`started_with`, kept in every checkpoint), else `max_steps`. So rerunning a finished run with a
+    larger train.max_steps continues its schedule (at the floor lr · min_lr_ratio once past the horizon)
+    instead of recomputing a cosine that would jump the learning rate back up."""
+    return optim.decay_steps or started_with or max_steps
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:

@@ -10,8 +10,9 @@ processes and micro batch size, and so are the data it sees (see experiments/dat
 Optimizer (see OptimConfig): AdamW with decoupled weight decay on matrices only. Norm
 gains are scale parameters that decay would pull towards zero, and embedding rows of rare
 tokens get few gradient updates, so decay would mostly erase them; neither is decayed.
-The learning rate is a pure function of the step (linear warmup, cosine decay), so a
-checkpoint's step restores the schedule.
+The learning rate is a pure function of the step (linear warmup, cosine decay) and of the
+schedule's horizon, fixed when the run starts and kept in every checkpoint (`optim.schedule_horizon`):
+a checkpoint restores the schedule, and an extended run (a larger train.max_steps) continues it.
 
 Outputs in run_dir: config.yaml (resolved), metrics.jsonl (one JSON object per logged
 step, see `train_metrics.TrainingLog`; written and read by experiments/metrics_log.py), checkpoints/
@@ -57,7 +58,7 @@ from experiments.distributed import (
     sharded_state,
 )
 from experiments.errors import USAGE, UserError, exit_status, report
-from experiments.optim import LocalStepper, Stepper, build_optimizer, lr_at
+from experiments.optim import LocalStepper, Stepper, build_optimizer, lr_at, schedule_horizon
 from experiments.train_metrics import RouterStats, TrainingLog, peak_memory_gib
 from models.build import build_model
 from models.compile import compile_blocks
@@ -146,11 +147,21 @@ def _train(cfg: RunConfig, world: World, control: runctl.StopControl, t0: float)
     }
 
     resume_path = ckpt_io.latest_checkpoint(run_dir)
+    horizon = schedule_horizon(cfg.optim, cfg.train.max_steps, None)
     if resume_path is not None:
         meta = ckpt_io.read_meta(resume_path)
         saved_cfg = ckpt_io.load_config(resume_path)
         layout = {"world_size": world.size, "ep_size": world.ep_size, "zero_stage": cfg.distributed.zero_stage}
         ckpt_io.check_resumable(resume_path, meta, saved_cfg, cfg, layout)
+        started_with = meta.get("lr_horizon", saved_cfg.optim.decay_steps or saved_cfg.train.max_steps)
+        horizon = schedule_horizon(cfg.optim, cfg.train.max_steps, started_with)
+        if world.is_main and horizon < cfg.train.max_steps and not cfg.optim.decay_steps:
+            print(
+                f"the learning-rate schedule keeps the horizon this run started with ({horizon} steps): steps past "
+                f"it run at lr * min_lr_ratio = {lr_at(horizon, cfg.optim, horizon):.3g}; set optim.decay_steps to "
+                "stretch the cosine instead (the learning rate then jumps to that schedule's value)",
+                flush=True,
+            )
         if meta["step"] >= cfg.train.max_steps:
             rows = metrics_log.read_metrics(run_dir)
             if world.is_main:
@@ -216,7 +227,7 @@ def _train(cfg: RunConfig, world: World, control: runctl.StopControl, t0: float)
 
     metrics = TrainingLog(cfg, world, start)
     try:
-        result = _loop(cfg, world, stepper, batches, validation, metrics, start, control)
+        result = _loop(cfg, world, stepper, batches, validation, metrics, start, horizon, control)
     finally:
         metrics.close()
     if world.is_main and (health := routing_health.summarize(metrics_log.read_metrics(run_dir))):
@@ -232,6 +243,7 @@ def _loop(
     validation: ValidationBatches,
     metrics: TrainingLog,
     start: int,
+    horizon: int,
     control: runctl.StopControl,
 ) -> dict[str, Any]:
     t = cfg.train
@@ -251,7 +263,7 @@ def _loop(
     run_start, val_loss, last_row = time.perf_counter(), None, None
     for step in range(start, t.max_steps):
         step_start = time.perf_counter()
-        lr = lr_at(step, cfg.optim, t.max_steps)
+        lr = lr_at(step, cfg.optim, horizon)
         stepper.set_lr(lr)
         inputs, targets = next(batches)
         losses = torch.zeros(2, device=world.device)  # [cross-entropy, aux] summed over micro batches
@@ -307,11 +319,11 @@ def _loop(
             window_steps, window_start = 0, time.perf_counter()
         save_now = last or (t.save_every > 0 and done % t.save_every == 0)
         if save_now:
-            _save(cfg, config_yaml, world, stepper, batches, done, done * tokens_per_step, control)
+            _save(cfg, config_yaml, world, stepper, batches, done, done * tokens_per_step, horizon, control)
         status = 0 if last else control.should_stop(time.perf_counter() - step_start, world.distributed)
         if status:
             if not save_now:
-                _save(cfg, config_yaml, world, stepper, batches, done, done * tokens_per_step, control)
+                _save(cfg, config_yaml, world, stepper, batches, done, done * tokens_per_step, horizon, control)
             raise control.stopped(status, done, t.max_steps, Path(cfg.run_dir) / ckpt_io.CHECKPOINTS / f"step_{done}")
 
     trained = t.max_steps - start
@@ -332,6 +344,7 @@ def _save(
     batches: ResumableBatches,
     step: int,
     tokens: int,
+    horizon: int,
     control: runctl.StopControl,
 ) -> None:
     started = time.perf_counter()
@@ -347,6 +360,7 @@ def _save(
         rank_state={"optimizer": stepper.optimizer_state(), "data": batches.state_dict(), "rng": ckpt_io.rng_state()},
         meta={
             "tokens": tokens,
+            "lr_horizon": horizon,
             "world_size": world.size,
             "ep_size": world.ep_size,
             "expert_shards": world.ep_size if world.ep_size > 1 else 0,
