@@ -24,6 +24,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional, TextIO
 
+import torch
+
 from experiments import runctl
 from experiments.errors import write_text_atomic
 from experiments.sweep import PlannedRun, Sweep, SweepError, expand
@@ -89,13 +91,29 @@ class _Worker:
     proc: subprocess.Popen
     reader: threading.Thread
     started: float
+    slot: int
+
+
+def visible_gpus() -> list[str]:
+    """The CUDA devices this process may give its workers: CUDA_VISIBLE_DEVICES's entries when it is set,
+    else every device torch counts (none on a machine without CUDA)."""
+    if "CUDA_VISIBLE_DEVICES" in os.environ:
+        return [d.strip() for d in os.environ["CUDA_VISIBLE_DEVICES"].split(",") if d.strip()]
+    return [str(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
 
 
 def _launch(
-    plan: PlannedRun, sweep_dir: Path, worker: Sequence[str], threads: int, out: TextIO, lock: threading.Lock
+    plan: PlannedRun,
+    sweep_dir: Path,
+    worker: Sequence[str],
+    threads: int,
+    out: TextIO,
+    lock: threading.Lock,
+    slot: int = 0,
+    gpu: Optional[str] = None,
 ) -> _Worker:
-    """Start a worker subprocess for one run (`worker` + PLAN_FILE --threads N); its output goes to the run's
-    sweep.log and, prefixed, to `out`."""
+    """Start a worker subprocess in worker slot `slot` for one run (`worker` + PLAN_FILE --threads N), on CUDA
+    device `gpu` alone when given (its CUDA_VISIBLE_DEVICES); its output goes to the run's sweep.log and, prefixed, to `out`."""
     run_dir = sweep_dir / plan.name
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / ERROR_FILE).unlink(missing_ok=True)
@@ -104,6 +122,8 @@ def _launch(
     root = str(Path(__file__).resolve().parents[1])
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
+    if gpu is not None:
+        env["CUDA_VISIBLE_DEVICES"] = gpu
     cmd = [*worker, str(run_dir / PLAN_FILE), "--threads", str(threads)]
     proc = subprocess.Popen(  # its own session: a terminal's Ctrl-C reaches the sweep, which passes it on once
         cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, env=env, start_new_session=True
@@ -121,7 +141,7 @@ def _launch(
 
     reader = threading.Thread(target=pump, daemon=True)
     reader.start()
-    return _Worker(plan, proc, reader, time.time())
+    return _Worker(plan, proc, reader, time.time(), slot)
 
 
 def run_sweep(
@@ -143,6 +163,8 @@ def run_sweep(
     rewritten after every run, so a sweep in progress can already be inspected.
     SIGTERM/SIGINT are passed on to the running workers; once they saved, this raises
     runctl.Stopped (rows so far are in results.jsonl, stopped runs `interrupted`).
+    On a machine with CUDA devices, worker slot i (of `parallel`) runs on visible device i mod their
+    count, alone (its CUDA_VISIBLE_DEVICES), so N workers spread over N GPUs instead of sharing cuda:0.
     """
     if parallel < 1:
         raise SweepError("--parallel", f"must be >= 1, got {parallel}")
@@ -150,6 +172,8 @@ def run_sweep(
     out = out or sys.stdout
     sweep_dir.mkdir(parents=True, exist_ok=True)
     threads = max(1, (os.cpu_count() or 1) // parallel)
+    gpus = visible_gpus()
+    free_slots = list(range(parallel))
     lock = threading.Lock()
     rows: dict[str, dict[str, Any]] = {}
     queue = list(plans)
@@ -170,7 +194,8 @@ def run_sweep(
             if w.proc.poll() is None:
                 w.proc.send_signal(signum)
 
-    say(f"{len(plans)} runs -> {sweep_dir} ({parallel} at a time, {threads} torch thread(s) each)")
+    on = f", GPUs {','.join(gpus)} round-robin" if gpus else ""
+    say(f"{len(plans)} runs -> {sweep_dir} ({parallel} at a time, {threads} torch thread(s) each{on})")
     signals = runctl.StopSignals(forward, announce=False)
     try:
         signals.__enter__()
@@ -197,7 +222,9 @@ def run_sweep(
                         say(f"{plan.name}: FAILED, the run it depends on, {plan.depends_on}, failed")
                         continue
                 queue.remove(plan)
-                running[plan.name] = _launch(plan, sweep_dir, worker, threads, out, lock)
+                slot = free_slots.pop(0)
+                gpu = gpus[slot % len(gpus)] if gpus else None
+                running[plan.name] = _launch(plan, sweep_dir, worker, threads, out, lock, slot, gpu)
                 say(
                     f"{plan.name}: started"
                     + (f" (evaluating {plan.reuse}'s checkpoint)" if plan.reuse else "")
@@ -207,6 +234,8 @@ def run_sweep(
             for w in finished:
                 w.reader.join()
                 del running[w.plan.name]
+                free_slots.append(w.slot)
+                free_slots.sort()
                 run_dir = sweep_dir / w.plan.name
                 row = completed_row(run_dir, w.plan) if w.proc.returncode == 0 else None
                 took = time.time() - w.started
