@@ -35,7 +35,8 @@ from models.config import ModelConfig
 from models.transformer import Transformer
 
 RUN, CHECKPOINT, FILE, HF = "run", "checkpoint", "file", "hf"
-HF_TOKENIZER_FILES = ("original/tokenizer.model", "tokenizer.model")  # where HF Llama repos ship Meta's file
+# where HF Llama repositories ship Meta's file, then the Hugging Face tokenizer file most repositories ship alone
+HF_TOKENIZER_FILES = ("original/tokenizer.model", "tokenizer.model", "tokenizer.json")
 
 
 @dataclass
@@ -168,7 +169,8 @@ def _hf_source(path: Path) -> ModelSource:
 
 
 def hf_tokenizer_file(directory: Path) -> Optional[Path]:
-    """Meta's tokenizer.model as HF Llama repositories ship it: `original/tokenizer.model`, else `tokenizer.model`."""
+    """The tokenizer file of an HF directory: Meta's `original/tokenizer.model`, else `tokenizer.model`, else the
+    Hugging Face `tokenizer.json`."""
     for name in HF_TOKENIZER_FILES:
         if (directory / name).is_file():
             return directory / name

@@ -1,12 +1,14 @@
-"""Tokenizers: Meta's Llama 3 / Llama 4 tiktoken BPE files, and a file-free byte-level default.
+"""Tokenizers: Meta's Llama 3 / Llama 4 tiktoken BPE files, Hugging Face tokenizer.json files, and a file-free
+byte-level default.
 
 Public API:
     Tokenizer.byte_level() -> Tokenizer
-    Tokenizer.from_file(path, kind="llama3" | "llama4") -> Tokenizer
+    Tokenizer.from_file(path, kind="llama3" | "llama4" | "hf") -> Tokenizer
     tok.encode(text, bos=False, eos=False) -> list[int]
     tok.encode_array(text) -> np.ndarray          # same ids as encode(text), bulk path for corpora
     tok.decode(ids) -> str
     tok.vocab_size, tok.bos_id, tok.eos_id, tok.pad_id, tok.special_tokens, tok.fingerprint
+    tok.adds_bos                                  # does the tokenizer's own convention start a text with bos
 
 Special tokens in the *text* are always encoded as plain text (never as control ids), so a corpus
 that happens to contain "<|end_of_text|>" cannot inject control tokens. Control ids enter only
@@ -18,6 +20,11 @@ released Llama 3.1 tokenizer (see REFERENCE.md). The Llama 4 special-token order
 pre-tokenizer regex follow Meta's reference tokenizer (github.com/meta-llama/llama-models,
 models/llama4/tokenizer.py): 5 basic tokens, 75 text post-training tokens, 1054 vision tokens,
 10 reasoning tokens, then `<|reserved_special_token_N|>` up to 2048 in total.
+
+Hugging Face (`kind="hf"`, the `tokenizers` library): a `tokenizer.json`; bos, eos and pad are the
+`bos_token`, `eos_token` and `pad_token` of the `tokenizer_config.json` beside it (else
+`special_tokens_map.json`; pad defaults to eos, bos may be absent). `adds_bos` is whether the file's
+post-processor puts a token first, as HF's own `tokenizer(text)` does (Llama 3 files do; SmolLM2's does not).
 """
 
 from __future__ import annotations
@@ -25,12 +32,14 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import json
 import re
 from pathlib import Path
-from typing import Iterable, Iterator, Literal
+from typing import Any, Iterable, Iterator, Literal, Optional
 
 import numpy as np
 import tiktoken
+import tokenizers
 
 # Llama 3 pre-tokenizer (REFERENCE.md); also used for the byte-level default, where it only
 # decides how text is cut before the (merge-free) byte mapping.
@@ -190,10 +199,11 @@ class Tokenizer:
         self.kind = kind
         self.n_ranks = n_ranks
         self.special_tokens = special_tokens
-        self.bos_id = special_tokens[BOS]
+        self.bos_id: Optional[int] = special_tokens[BOS]
         self.eos_id = special_tokens[EOS]
         self.pad_id = special_tokens[pad_token]
         self.fingerprint = fingerprint
+        self.adds_bos = kind != "byte_level"  # Meta's tokenizers start every text with <|begin_of_text|>
 
     @classmethod
     def byte_level(cls) -> Tokenizer:
@@ -207,8 +217,11 @@ class Tokenizer:
         return cls(encoding, "byte_level", 256, specials, "<|pad|>", fingerprint)
 
     @classmethod
-    def from_file(cls, path: str | Path, kind: Literal["llama3", "llama4"] = "llama3") -> Tokenizer:
-        """Load Meta's `tokenizer.model`; special-token ids start right after the file's ranks."""
+    def from_file(cls, path: str | Path, kind: Literal["llama3", "llama4", "hf"] = "llama3") -> Tokenizer:
+        """Load Meta's `tokenizer.model` (special-token ids start right after the file's ranks), or a Hugging Face
+        `tokenizer.json` (kind "hf")."""
+        if kind == "hf":
+            return HFTokenizer(Path(path).expanduser())
         if kind not in _KINDS:
             raise ValueError(f"tokenizer kind {kind!r} is unknown; use one of {sorted(_KINDS)}")
         pattern, specials_fn, pad_token = _KINDS[kind]
@@ -233,6 +246,8 @@ class Tokenizer:
             raise TypeError(f"Tokenizer.encode expects str, got {type(text).__name__}")
         ids = self.encode_array(text).tolist()
         if bos:
+            if self.bos_id is None:
+                raise ValueError(f"{self!r} defines no bos token")
             ids.insert(0, self.bos_id)
         if eos:
             ids.append(self.eos_id)
@@ -258,3 +273,78 @@ class Tokenizer:
 
     def __repr__(self) -> str:
         return f"Tokenizer(kind={self.kind!r}, vocab_size={self.vocab_size})"
+
+
+def _token_name(value: Any) -> Optional[str]:
+    """A special token as tokenizer_config.json writes it: a string or {"content": ...}."""
+    return value.get("content") if isinstance(value, dict) else value
+
+
+class HFTokenizer(Tokenizer):
+    """A Hugging Face `tokenizer.json` (the `tokenizers` library) with the special tokens of its config files."""
+
+    def __init__(self, path: Path) -> None:
+        if not path.is_file():
+            raise FileNotFoundError(f"tokenizer file not found: {path}; point tokenizer.path at a tokenizer.json")
+        raw = path.read_bytes()
+        try:
+            self._tokenizer = tokenizers.Tokenizer.from_str(raw.decode("utf-8"))
+        except Exception as e:  # the library raises a bare Exception on malformed files
+            raise ValueError(f"{path} is not a Hugging Face tokenizer.json ({str(e)[:200]})") from None
+        self._tokenizer.encode_special_tokens = True  # control-token names in text stay text
+        config: dict[str, Any] = {}
+        for name in ("special_tokens_map.json", "tokenizer_config.json"):  # the later file wins
+            if (path.parent / name).is_file():
+                config.update(json.loads((path.parent / name).read_text()))
+                raw += (path.parent / name).read_bytes()
+        specials = {t.content: i for i, t in self._tokenizer.get_added_tokens_decoder().items() if t.special}
+
+        def token_id(key: str) -> Optional[int]:
+            name = _token_name(config.get(key))
+            if name is None:
+                return None
+            found = self._tokenizer.token_to_id(name)
+            if found is None:
+                raise ValueError(f"{path.parent}: {key} {name!r} is not a token of {path.name}")
+            return found
+
+        first = self._tokenizer.encode("a", add_special_tokens=True).ids
+        plain = self._tokenizer.encode("a", add_special_tokens=False).ids
+        self.adds_bos = len(first) > len(plain) and first[1:][: len(plain)] == plain
+        eos = token_id("eos_token")
+        if eos is None:
+            raise ValueError(
+                f"{path.parent} names no eos_token (tokenizer_config.json or special_tokens_map.json); corpora end "
+                "every document with eos: add one to tokenizer_config.json"
+            )
+        self.kind, self.n_ranks, self.special_tokens, self.eos_id = (
+            "hf",
+            self._tokenizer.get_vocab_size(),
+            specials,
+            eos,
+        )
+        bos, pad = token_id("bos_token"), token_id("pad_token")
+        self.bos_id = bos if bos is not None else (first[0] if self.adds_bos else None)
+        self.pad_id = pad if pad is not None else eos
+        self.fingerprint = hashlib.sha1(b"hf\0" + raw).hexdigest()
+        self._path = path
+
+    @property
+    def vocab_size(self) -> int:
+        """Every id of the file, added tokens included."""
+        return self._tokenizer.get_vocab_size(with_added_tokens=True)
+
+    def encode_array(self, text: str) -> np.ndarray:
+        """Token ids of `text` without the post-processor's special tokens, as a uint32 array."""
+        return np.asarray(self._tokenizer.encode(text, add_special_tokens=False).ids, dtype=np.uint32)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of `ids`; special ids decode to their names."""
+        ids = ids.tolist() if hasattr(ids, "tolist") else [int(i) for i in ids]
+        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is outside this tokenizer's vocabulary [0, {self.vocab_size})")
+        return self._tokenizer.decode(ids, skip_special_tokens=False)
+
+    def __repr__(self) -> str:
+        return f"Tokenizer(kind='hf', path={str(self._path)!r}, vocab_size={self.vocab_size})"

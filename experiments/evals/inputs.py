@@ -9,10 +9,11 @@ options; each also overrides a run's):
                          ("text" field). Given, it is evaluated whole; without it a run is evaluated on
                          the held-out split of its own data.source.
     data.cache_dir=D     where the tokenised text is cached (default ~/.cache/llamoe/data)
-    tokenizer=PATH       Meta's tokenizer.model, or `byte_level`. Default: the run's; for a Hugging Face
-                         directory the file HF repositories ship, `original/tokenizer.model`, else
-                         `tokenizer.model`
-    tokenizer.kind=K     llama3 | llama4 (default: from the HF config's model_type, else the run's, else llama3)
+    tokenizer=PATH       Meta's tokenizer.model, a Hugging Face tokenizer.json, or `byte_level`. Default: the
+                         run's; for a Hugging Face directory the first of `original/tokenizer.model`,
+                         `tokenizer.model` (Meta's, as HF Llama repositories ship it) and `tokenizer.json`
+    tokenizer.kind=K     llama3 | llama4 | hf (default: hf for a .json file; else from the HF config's
+                         model_type, else the run's, else llama3)
     train_len=N          the training length the length multiples and delta_tail_nll refer to. Default:
                          the run's train.seq_len; for a model without a run, the shortest of --lengths
 
@@ -49,8 +50,8 @@ def _tokenizer(source: ModelSource, inputs: Mapping[str, Any]) -> Optional[Token
         if path is None:
             raise ConfigError(
                 "tokenizer",
-                f"{source.path} has no original/tokenizer.model or tokenizer.model; pass tokenizer=PATH "
-                "(Meta's tokenizer.model) or tokenizer=byte_level",
+                f"{source.path} has no original/tokenizer.model, tokenizer.model or tokenizer.json; pass "
+                "tokenizer=PATH (Meta's tokenizer.model or a tokenizer.json) or tokenizer=byte_level",
             )
     if path is None:
         if source.run is None:
@@ -60,9 +61,11 @@ def _tokenizer(source: ModelSource, inputs: Mapping[str, Any]) -> Optional[Token
         return TokenizerConfig(kind="byte_level")
     run_kind = source.run.tokenizer.kind if source.run is not None else "byte_level"
     default = _HF_TOKENIZER_KINDS.get(source.hf_model_type or "", run_kind if run_kind != "byte_level" else "llama3")
-    kind = inputs.get("tokenizer.kind", default)
+    kind = inputs.get("tokenizer.kind", "hf" if str(path).endswith(".json") else default)
     if not Path(str(path)).expanduser().is_file():
-        raise ConfigError("tokenizer", f"{path} is not a file; pass Meta's tokenizer.model or tokenizer=byte_level")
+        raise ConfigError(
+            "tokenizer", f"{path} is not a file; pass Meta's tokenizer.model, a tokenizer.json or tokenizer=byte_level"
+        )
     return TokenizerConfig(kind=kind, path=str(path))
 
 

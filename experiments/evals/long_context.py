@@ -216,8 +216,9 @@ def evaluate(
     sequences = calibration_sequences = None
     if heldout is not None and ({"ppl", "entropy"} & set(options.evals) or calibrating_nll):
         n_eval = max(options.sequences, options.entropy_sequences)
+        bos_id = tokenizer.bos_id if options.bos else None
         sequences, calibration_sequences = heldout_windows(
-            heldout.tokens, heldout.doc_offsets, lengths[-1] + 1, n_eval, options.calibration_sequences
+            heldout.tokens, heldout.doc_offsets, lengths[-1] + 1, n_eval, options.calibration_sequences, bos_id
         )
     has_nope = bool(nope_layers(model))
     calibration: Optional[dict[str, Any]] = None
@@ -370,8 +371,8 @@ def evaluate_run(
     a run's eval/) with its plots; returns (result, the run config used).
     """
     from experiments.evals.inputs import build_tokenizer, eval_config, heldout_text
-    from experiments.evals.options import load_options
-    from experiments.model_source import RUN, open_source
+    from experiments.evals.options import load_options, resolve_bos
+    from experiments.model_source import HF, RUN, open_source
     from experiments.overrides import as_layer
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -381,8 +382,9 @@ def evaluate_run(
     base = source.run.eval.long_context if source.run is not None else None
     opts = load_options(base, {k: v for layer in layers for k, v in layer.items()})
     cfg = eval_config(source, inputs, opts.lengths, model_overrides)
-    model = source.load(cfg.model, device=device, dtype=dtype)
     tokenizer = build_tokenizer(cfg, cfg.model.vocab_size)
+    opts = resolve_bos(opts, tokenizer, pretrained=source.kind == HF)
+    model = source.load(cfg.model, device=device, dtype=dtype)
     heldout = None
     if {"ppl", "needle", "entropy"} & set(opts.evals) or opts.temperature == "calibrate":
         heldout = heldout_text(cfg, tokenizer, whole="data.source" in inputs or source.run is None)

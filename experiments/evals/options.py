@@ -8,10 +8,11 @@ the offending key and the fix.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Optional, Sequence, Union
 
 from config_error import ConfigError
+from experiments.data.tokenizer import Tokenizer
 from experiments.evals.scoring import DEFAULT_MAX_LOGITS_BYTES
 from experiments.overrides import as_layer, to_dataclass
 
@@ -27,6 +28,11 @@ class LongContextEvalConfig:
 
     Lengths: `lengths`, or train_len × `multiples` when empty.
     evals: which of ppl | passkey | needle | mqar | entropy to run.
+    BOS: `bos` starts every perplexity / entropy window with the tokenizer's bos token, then L tokens of text
+      (a pretrained model is scored as it was trained: its first position is bos, its attention sink);
+      null (auto) = on for a pretrained model (a Hugging Face directory) whose tokenizer starts texts with
+      bos itself (Meta's tokenizers; a tokenizer.json whose post-processor adds one), off for llamoe runs,
+      which train without bos.
     Perplexity: `sequences` held-out windows (64 keep the 95% interval of delta_tail_nll under
       +-0.05 nats for the tiny presets); `window`/`stride` switch lengths above `window` to a
       sliding window (null: full context for every length).
@@ -58,6 +64,7 @@ class LongContextEvalConfig:
     evals: list[str] = field(default_factory=lambda: list(EVALS))
     sequences: int = 64
     window: Optional[int] = None
+    bos: Optional[bool] = None
     stride: int = 256
     block: int = 1024
     max_batch_tokens: int = 32768
@@ -147,4 +154,16 @@ def load_options(base: Any = None, overrides: Union[Mapping[str, Any], Sequence[
     overrides (a mapping or `key=value` items; experiments/overrides.py), validated; errors name the key."""
     options = to_dataclass(LongContextEvalConfig, [base or {}, as_layer(overrides)], prefix=KEY_PREFIX)
     options.validate()
+    return options
+
+
+def resolve_bos(options: LongContextEvalConfig, tokenizer: Tokenizer, *, pretrained: bool) -> LongContextEvalConfig:
+    """`options` with `bos` decided (null: on for a pretrained model whose tokenizer starts texts with its bos);
+    ConfigError on eval.long_context.bos when bos is asked of a tokenizer without one."""
+    if options.bos is None:
+        return replace(options, bos=pretrained and tokenizer.adds_bos and tokenizer.bos_id is not None)
+    if options.bos and tokenizer.bos_id is None:
+        raise ConfigError(
+            f"{KEY_PREFIX}.bos", f"{tokenizer!r} defines no bos token; set {KEY_PREFIX}.bos=false (or null)"
+        )
     return options

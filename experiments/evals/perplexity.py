@@ -33,7 +33,12 @@ class NotEnoughText(UsageError, ValueError):
 
 
 def heldout_windows(
-    tokens: np.ndarray, doc_offsets: np.ndarray, length: int, n_eval: int, n_reserved: int = 0
+    tokens: np.ndarray,
+    doc_offsets: np.ndarray,
+    length: int,
+    n_eval: int,
+    n_reserved: int = 0,
+    bos_id: Optional[int] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Non-overlapping windows of `length` tokens of a held-out split.
 
@@ -41,17 +46,20 @@ def heldout_windows(
     it; a window runs on across the following documents (eos between them) when its document is
     shorter. Only windows that do not overlap an earlier one are kept. The last `n_reserved`
     windows are set aside (for calibration); the `n_eval` evaluation windows are spread evenly
-    over the rest. Returns (eval [n_eval, length], reserved [n_reserved, length]), int64.
+    over the rest. With `bos_id`, every window is bos then length - 1 tokens of text (the convention of
+    tokenizers that start each text with bos: the model's attention sink is where it was trained to be).
+    Returns (eval [n_eval, length], reserved [n_reserved, length]), int64.
     """
+    text = length - (bos_id is not None)  # text tokens per window
     starts, end = [], 0
     for doc_start, doc_end in zip(doc_offsets[:-1].tolist(), doc_offsets[1:].tolist()):
-        for start in range(doc_start, min(doc_end, len(tokens) - length + 1), length):
+        for start in range(doc_start, min(doc_end, len(tokens) - text + 1), text):
             if start >= end:
                 starts.append(start)
-                end = start + length
+                end = start + text
     if len(starts) < n_eval + n_reserved:
         raise NotEnoughText(
-            f"the held-out split has {len(tokens)} tokens and room for only {len(starts)} windows of {length} "
+            f"the held-out split has {len(tokens)} tokens and room for only {len(starts)} windows of {text} "
             f"tokens, but {n_eval} evaluation + {n_reserved} calibration windows were asked for; "
             "ask for fewer sequences or shorter lengths, or use a larger data.source"
         )
@@ -60,7 +68,8 @@ def heldout_windows(
     chosen = [starts[i] for i in picks] + starts[usable:]
 
     def stack(offsets: list[int]) -> torch.Tensor:
-        rows = [np.asarray(tokens[s : s + length], dtype=np.int64) for s in offsets]
+        head = np.asarray([] if bos_id is None else [bos_id], dtype=np.int64)
+        rows = [np.concatenate([head, np.asarray(tokens[s : s + text], dtype=np.int64)]) for s in offsets]
         return torch.from_numpy(np.stack(rows)) if rows else torch.zeros(0, length, dtype=torch.long)
 
     return stack(chosen[:n_eval]), stack(chosen[n_eval:])

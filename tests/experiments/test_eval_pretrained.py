@@ -86,12 +86,18 @@ def hf_dir(tmp_path: Path, hf: torch.nn.Module, tokenizer: Path | None, where: s
     return directory
 
 
-def hf_reference(hf: torch.nn.Module, tokenizer: Tokenizer, text: Path, length: int) -> tuple[float, int]:
+def hf_reference(
+    hf: torch.nn.Module, tokenizer: Tokenizer, text: Path, length: int, bos: bool = True
+) -> tuple[float, int]:
     """The HF model's own loss over the windows the evaluation reads: the text file is one document (its tokens then
-    eos), cut into consecutive windows of length + 1 tokens; all but the last (kept for calibration) are scored."""
+    eos), cut into consecutive windows; each is bos then `length` tokens (`llamoe eval`'s default for a pretrained
+    model whose tokenizer starts texts with bos), or `length + 1` tokens without bos. All windows but the last (kept
+    for calibration) are scored."""
     ids = tokenizer.encode(text.read_text()) + [tokenizer.eos_id]
-    n = len(ids) // (length + 1) - 1
-    windows = torch.tensor(ids[: n * (length + 1)]).view(n, length + 1)
+    head = [tokenizer.bos_id] if bos else []
+    span = length + 1 - len(head)  # text tokens per window
+    n = len(ids) // span - 1
+    windows = torch.tensor([head + ids[i * span : (i + 1) * span] for i in range(n)])
     with torch.no_grad():
         return float(hf(input_ids=windows, labels=windows).loss), n
 
@@ -305,3 +311,37 @@ def test_a_full_width_llama_loads_on_the_gpu_without_a_host_copy(tmp_path: Path)
             "sequences=2", "plots=false", "tokenizer=byte_level", f"data.source={text}",
             f"data.cache_dir={tmp_path / 'cache'}"]  # fmt: skip
     assert cli_main(args) == 0
+
+
+@pytest.mark.parametrize("adds_bos", [True, False])
+def test_a_tokenizer_json_is_found_and_bos_follows_its_convention(adds_bos: bool, tmp_path: Path) -> None:
+    """An HF directory with only tokenizer.json: `llamoe eval` reads it, starts each window with bos when the
+    tokenizer starts texts with one (eval.long_context.bos=null), and gives the HF loss on those windows."""
+    from tests.experiments.test_hf_tokenizer import write_hf_tokenizer
+
+    tokenizer_file = write_hf_tokenizer(tmp_path / "tok", adds_bos=adds_bos)
+    tokenizer = Tokenizer.from_file(tokenizer_file, kind="hf")
+    hf = llama(vocab=tokenizer.vocab_size + 4)
+    directory = hf_dir(tmp_path, hf, tokenizer_file, "tokenizer.json")
+    (directory / "tokenizer_config.json").write_bytes((tmp_path / "tok" / "tokenizer_config.json").read_bytes())
+    text = write_text(tmp_path / "text.txt", lines=80)
+    loss, n = hf_reference(hf, tokenizer, text, LENGTH, bos=adds_bos)
+    result = run_eval(directory, text, tmp_path, n)
+    assert result["details"]["options"]["bos"] is adds_bos
+    assert result_nll(result) == pytest.approx(loss, abs=1e-5)
+    other, m = hf_reference(hf, tokenizer, text, LENGTH, bos=not adds_bos)
+    assert result_nll(run_eval(directory, text, tmp_path, m, f"bos={str(not adds_bos).lower()}")) == pytest.approx(
+        other, abs=1e-5
+    )
+    assert abs(other - loss) > 1e-3  # the two conventions are told apart
+
+
+def test_bos_asked_of_a_tokenizer_without_one_exits_2(tmp_path: Path, capsys) -> None:
+    from tests.experiments.test_hf_tokenizer import write_hf_tokenizer
+
+    tokenizer_file = write_hf_tokenizer(tmp_path / "tok", adds_bos=False, config={"eos_token": "</s>"})
+    directory = hf_dir(tmp_path, llama(vocab=320), tokenizer_file, "tokenizer.json")
+    args = [str(directory), "--lengths", "32", f"data.source={write_text(tmp_path / 't.txt')}", "bos=true"]
+    assert cli_main([*args, f"tokenizer={tokenizer_file}"]) == 2
+    err = capsys.readouterr().err
+    assert "eval.long_context.bos" in err and "Traceback" not in err
