@@ -29,6 +29,17 @@ def _llama31(dim: int, n_layers: int, n_heads: int, multiplier: float, multiple_
     )
 
 
+def _llama32(dim: int, n_layers: int, n_heads: int, multiplier: float) -> ModelConfig:
+    """Llama 3.2 lightweight text models (Meta Llama 3.2 model card, September 2024; llama-models llama3_2 1B/3B
+    params.json): Llama 3.1 blocks with the embedding tied to the output head, FFN multiple_of 256 and
+    "llama3" RoPE scaling with factor 32 (low 1, high 4, original 8192)."""
+    return replace(
+        _llama31(dim, n_layers, n_heads, multiplier, 256),
+        tie_embeddings=True,
+        rope=RopeConfig(theta=500000.0, scaling="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0),
+    )
+
+
 def _irope(chunk_size: int, qk_norm: bool) -> AttentionConfig:
     """Llama 4 attention: NoPE every 4th layer, chunked RoPE layers, temperature tuning with
     floor_scale equal to the chunk size and attn_scale 0.1."""
@@ -125,6 +136,8 @@ _PRESETS: dict[str, Callable[[], ModelConfig]] = {
     "llama3.1-70b": lambda: _llama31(8192, 80, 64, 1.3, 4096),
     "llama3.1-405b": lambda: _llama31(16384, 126, 128, 1.2, 4096),
     "llama3.1-tiny": _llama31_tiny,
+    "llama3.2-1b": lambda: _llama32(2048, 16, 32, 1.5),
+    "llama3.2-3b": lambda: _llama32(3072, 28, 24, 1.0),
     "llama4-scout": lambda: _llama4(
         16,
         1,
