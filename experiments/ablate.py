@@ -21,6 +21,7 @@ import json
 import sys
 import time
 import traceback
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Optional, TextIO
 
@@ -293,6 +294,7 @@ def _write_sweep_file(sweep: Sweep, plans: list[PlannedRun], sweep_dir: Path) ->
             "factors": sweep.factors,
             "headline": list(sweep.headline),
             "runs": [p.name for p in plans],
+            "plans": [asdict(p) for p in plans],  # what --status and the jobs of experiments/slurm.py read
         },
     )
 
@@ -347,7 +349,7 @@ def _report_now(sweep: Sweep, sweep_dir: Path) -> int:
     from experiments import report
 
     if not planned_runs(sweep_dir):
-        raise UsageError(f"no sweep in {sweep_dir} (no sweep.json with planned runs); run or submit it first")
+        raise UsageError(f"no sweep in {sweep_dir} (no sweep.json with its plans): run or submit the sweep first")
     rows, _ = refresh(sweep_dir)
     try:
         report_path = report.build_report(sweep_dir)

@@ -263,10 +263,8 @@ def _read_json(path: Path) -> Optional[dict[str, Any]]:
 
 
 def planned_runs(sweep_dir: Path) -> list[PlannedRun]:
-    """The sweep's runs as last submitted: sweep.json's run names and each run's plan.json."""
-    names = (_read_json(sweep_dir / "sweep.json") or {}).get("runs", [])
-    plans = [_read_json(sweep_dir / n / PLAN_FILE) for n in names]
-    return [PlannedRun.from_dict(p) for p in plans if p is not None]
+    """The sweep's runs as last run or submitted (sweep.json's `plans`; none in a sweep.json that predates it)."""
+    return [PlannedRun.from_dict(p) for p in (_read_json(sweep_dir / "sweep.json") or {}).get("plans", [])]
 
 
 def outcome(plan: PlannedRun, run_dir: Path) -> Optional[dict[str, Any]]:
@@ -338,7 +336,8 @@ def sweep_status(sweep_dir: Path, out: TextIO) -> int:
 
     plans = planned_runs(sweep_dir)
     if not plans:
-        raise UsageError(f"no sweep in {sweep_dir} (no sweep.json with planned runs); submit it first")
+        raise UsageError(f"no sweep in {sweep_dir} (no sweep.json with its plans): run or submit the sweep first "
+                         "(runs that are done are skipped)")  # fmt: skip
     records = {p.name: _read_json(sweep_dir / p.name / JOB_FILE) or {} for p in plans}
     live, ended = _live_jobs(records)
     rows = {r["run_dir"]: r for r in refresh(sweep_dir, ended)[0]}

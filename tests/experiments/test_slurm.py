@@ -134,6 +134,20 @@ def scheduler_sweep(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, lis
     return path, _comparable(tmp / "out")
 
 
+@pytest.mark.slow
+def test_status_of_a_local_sweep_keeps_its_results(
+    scheduler_sweep: tuple[Path, list[dict[str, Any]]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    path, reference = scheduler_sweep
+    out = path.parent / "out"
+    before = (out / "results.jsonl").read_text()
+    capsys.readouterr()
+    assert ablate.cli_main([str(path), "--out", str(out), "--status"]) == 0
+    lines = {line.split()[0]: line.split()[1] for line in capsys.readouterr().out.splitlines() if line.startswith("  ")}
+    assert lines == {"a": "done", "a-temp": "done", "b": "failed", "b-temp": "failed"}
+    assert (out / "results.jsonl").read_text() == before  # b-temp never started, yet keeps its row
+
+
 SLURM_ARGS = ["--executor", "slurm", "--partition", "gpu", "--account", "lab", "--time", "1:30:00",
               "--gpus-per-run", "1", "--slurm", "qos=high", "--slurm", "mem=8G"]  # fmt: skip
 
