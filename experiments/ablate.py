@@ -338,9 +338,9 @@ def _submit_and_report(
     rows = submit_sweep(execute, plans, sweep_dir, opts, parallel=parallel, extra=_extra(plans, opts))
     if opts.executor == "debug":
         return _summary(sweep, rows, sweep_dir, sweep_dir / "report.md", time.time() - t0)
+    again = f"llamoe ablate {args.sweep} --out {sweep_dir}"
     print(f"\nsweep {sweep.name}: {len(rows)}/{len(plans)} runs ended so far; results.jsonl and report.md are "
-          f"written as runs end.\n  llamoe ablate {sweep.name} --out {sweep_dir} --status   # each run's state\n"
-          f"  llamoe ablate {sweep.name} --out {sweep_dir} --report   # the report now")  # fmt: skip
+          f"written as runs end.\n  {again} --status   # each run's state\n  {again} --report   # the report now")  # fmt: skip
     return 0
 
 

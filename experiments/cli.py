@@ -21,7 +21,7 @@ from experiments.errors import exit_status, report
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("experiments.train", "train a model from a run config: CONFIG [key=value ...] [--nproc N]"),
     "eval": ("experiments.evals.long_context", "evaluate a run directory: RUN_DIR [--suite ...] [key=value ...]"),
-    "ablate": ("experiments.ablate", "run a sweep: SWEEP.yaml or a built-in sweep name"),
+    "ablate": ("experiments.ablate", "run a sweep: SWEEP.yaml or a built-in sweep name [--executor local|slurm|debug]"),
     "bench": ("experiments.bench", "measure training throughput and MFU of a model config"),
     "plan": ("experiments.plan", "memory per rank, all-to-all bytes, FLOPs and a step-time bound: MODEL --gpus N"),
     "convert": ("experiments.convert", "convert checkpoints between llamoe and Hugging Face formats"),

@@ -242,6 +242,9 @@ def test_dry_run_prints_the_scripts_that_are_submitted(
     assert ablate.cli_main(args) == 0
     assert "a: job 1000_0 is pending, not submitted again" in capsys.readouterr().out
     assert not (fake_slurm / "1003.sbatch").exists()
+    # the report on demand, before any run ended
+    assert ablate.cli_main([str(path), "--out", str(out), "--report"]) == 0
+    assert "(no results)" in capsys.readouterr().out and (out / "report.md").is_file()
 
 
 @pytest.mark.slow
