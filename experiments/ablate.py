@@ -242,21 +242,13 @@ def cli_main(argv: list[str]) -> int:
             return sweep_status(sweep_dir, sys.stdout)
         if args.report:
             return _report_now(sweep, sweep_dir)
-    except BaseException as e:
-        status = exit_status(e)
-        if status is None:
-            raise
-        return report(prog, e, status)
-    if args.dry_run:
-        print(f"sweep {sweep.name}: {len(plans)} runs -> {sweep_dir}")
-        _print_plan(plans, sys.stdout)
-        if opts.executor == "slurm":
-            submit_sweep(
-                execute, plans, sweep_dir, opts, parallel=args.parallel, extra=_extra(plans, opts), dry_run=True
-            )
-        return 0
-
-    try:
+        if args.dry_run:
+            print(f"sweep {sweep.name}: {len(plans)} runs -> {sweep_dir}")
+            _print_plan(plans, sys.stdout)
+            if opts.executor == "slurm":
+                extra = _extra(plans, opts)
+                submit_sweep(execute, plans, sweep_dir, opts, parallel=args.parallel, extra=extra, dry_run=True)
+            return 0
         if opts.executor == "slurm":
             check_slurm()
         with runctl.DirLock(sweep_dir, "sweep directory"):

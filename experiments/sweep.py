@@ -252,6 +252,11 @@ def _parse_runs(value: Any) -> dict[str, RunSpec]:
                 )
             if spec.init_from == name:
                 raise SweepError(f"runs.{name}.init_from", "a run cannot start from itself")
+        chain = [name]  # init_from runs in order: a cycle would wait forever
+        while (parent := runs[chain[-1]].init_from) is not None and parent not in chain:
+            chain.append(parent)
+        if parent == name and len(chain) > 1:
+            raise SweepError(f"runs.{name}.init_from", f"circular: {' -> '.join([*chain, name])}")
         if spec.reuse is None:
             continue
         key = f"runs.{name}.reuse"

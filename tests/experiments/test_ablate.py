@@ -375,7 +375,8 @@ def test_init_from_a_run_of_the_sweep_is_a_dependency_of_the_same_seed() -> None
     data = {"name": "s", "base": {"model": "llama3.1-tiny"}, "runs": {"a": {"train.max_steps": 3}}, "seeds": [1]}
     assert expand(parse_sweep(data))[0].fingerprint() == "2ab17d5847cd7e1c"
     for bad, key in (({"a": {"init_from": "a"}}, "runs.a.init_from"),
-                     ({"a": {}, "b": {"reuse": "a"}, "c": {"init_from": "b"}}, "runs.c.init_from")):  # fmt: skip
+                     ({"a": {}, "b": {"reuse": "a"}, "c": {"init_from": "b"}}, "runs.c.init_from"),
+                     ({"a": {"init_from": "c"}, "b": {"init_from": "a"}, "c": {"init_from": "b"}}, "runs.a.init_from")):  # fmt: skip
         with pytest.raises(SweepError) as info:
             parse_sweep(_sweep(runs=bad))
         assert info.value.key == key
