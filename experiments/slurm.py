@@ -14,8 +14,8 @@ GPU (submitit's advice); each maps Slurm's ids to RANK / WORLD_SIZE / LOCAL_RANK
 MASTER_PORT (submitit.helpers.TorchDistributedEnvironment) and trains through the same DeepSpeed
 initialisation as `llamoe train --nproc` (experiments/distributed.init_world); rank 0 evaluates.
 
-Preemption and time limits: submitit asks Slurm for SIGUSR2 `signal_delay_s` before the end (and
-on preemption). The job turns it into runctl's graceful stop (finish the step, save), then rank 0
+Preemption and time limits: submitit asks Slurm for SIGUSR2 `signal_delay_s` before the time limit.
+The job turns it into runctl's graceful stop (finish the step, save), then rank 0
 requeues the job (`scontrol requeue`, as submitit's checkpoint hook does) and the requeued job
 resumes from that checkpoint. `train.time_limit_s`, unless the run sets it, is `--time` less
 TIME_MARGIN_S (kept for the evaluation); a run stopped by it is requeued the same way. SIGTERM
