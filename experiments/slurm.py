@@ -45,7 +45,7 @@ from typing import Any, Callable, Iterator, Optional, TextIO
 
 import submitit
 from submitit.helpers import Checkpointable, TorchDistributedEnvironment
-from submitit.slurm.slurm import SlurmInfoWatcher, _make_sbatch_string
+from submitit.slurm.slurm import SlurmInfoWatcher, _make_sbatch_string  # private: --dry-run prints what it writes
 
 from experiments import runctl
 from experiments.errors import TIME_LIMIT, UsageError
