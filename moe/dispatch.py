@@ -1,16 +1,23 @@
 """Token permutation between the token layout and the expert-sorted layout, and the
 expert-parallel exchange.
 
-Shapes: N tokens, k slots per token, D model dim, E experts in the layer, E_l experts held
-by this rank (E_l = E / ep_size), M kept token-slots, R token-slots received by this rank.
+Shapes: N tokens, k slots per token, S = N·k token-slots, D model dim, E experts in the layer,
+E_l experts held by this rank (E_l = E / ep_size), M kept token-slots (M = S when dropless),
+R token-slots received by this rank.
 
 A routed MoE layer runs:
     plan = plan_dispatch(expert_ids, E, capacity)     # sort the N·k slots by expert
-    xs = permute(x, plan)                             # [M, D] contiguous groups per expert
+    xs = permute(x, plan)                             # [S, D] contiguous groups per expert
     xl, counts_l, h = exchange.dispatch(xs, plan.tokens_per_expert)
     yl = experts(xl, counts_l)                        # one GEMM group per local expert
-    ys = exchange.combine(yl, h)
+    ys = plan.drop(exchange.combine(yl, h))
     y = unpermute(ys * weights, plan, N)              # weighted scatter-add back to tokens
+
+Host syncs: none without expert parallelism. Every shape is static (S slots, also under a
+capacity: the dropped slots are sorted behind the kept ones and zeroed, never cut off, so no
+boolean indexing), and the group sizes stay on the device. `AllToAllExchange` reads the split
+sizes to the host once per dispatch (one `.tolist()` per layer forward, again in a checkpoint
+recompute; none in the backward).
 
 Without expert parallelism the exchange is the identity (`LocalExchange`). With it,
 `AllToAllExchange` sends every expert's group to the rank that holds the expert and
@@ -32,18 +39,30 @@ from moe.router import count_tokens
 
 @dataclass
 class DispatchPlan:
-    """Where each kept token-slot goes, in expert order.
+    """Where each token-slot goes, in expert order; dropped slots (over capacity) come last.
 
-    token_index: [M] source token of each kept slot, grouped by expert (token order within a group).
-    slot_index: [M] flat slot id (token · k + j) of each kept slot, to fetch its routing weight.
-    tokens_per_expert: [E] kept slots per expert (int64); the groups' sizes.
-    dropped: scalar int64, slots dropped because their expert was over capacity.
+    token_index: [S] source token of each slot, grouped by expert (token order within a group).
+    slot_index: [S] flat slot id (token · k + j) of each slot, to fetch its routing weight.
+    tokens_per_expert: [E] kept slots per expert (int64); the groups' sizes, summing to M.
+    dropped: scalar int64, slots dropped because their expert was over capacity (S - M).
+    kept: [S] bool, True for the first M (kept) slots; None when dropless (M = S).
     """
 
     token_index: torch.Tensor
     slot_index: torch.Tensor
     tokens_per_expert: torch.Tensor
     dropped: torch.Tensor
+    kept: torch.Tensor | None = None
+
+    def drop(self, slots: torch.Tensor) -> torch.Tensor:
+        """Zero the rows of dropped slots [S, D] (values and gradients); the identity when dropless.
+
+        Applied to the expert inputs and outputs: the experts leave the rows past their groups
+        unspecified (moe/experts/base.py), and `where`, unlike a multiply, also clears a NaN there.
+        """
+        if self.kept is None:
+            return slots
+        return torch.where(self.kept.unsqueeze(-1), slots, 0)
 
 
 def expert_capacity(num_tokens: int, top_k: int, num_experts: int, capacity_factor: float) -> int:
@@ -52,34 +71,38 @@ def expert_capacity(num_tokens: int, top_k: int, num_experts: int, capacity_fact
 
 
 def plan_dispatch(expert_ids: torch.Tensor, num_experts: int, capacity: int | None = None) -> DispatchPlan:
-    """Sort the N·k token-slots by expert; with a capacity, drop each expert's overflow.
+    """Sort the S = N·k token-slots by expert; with a capacity, move each expert's overflow behind all kept slots.
 
     Sorting is stable, so within an expert earlier tokens come first and, under a
-    capacity, the latest tokens are the ones dropped.
+    capacity, the latest tokens are the ones dropped. No host sync: every size is S.
     """
-    flat = expert_ids.reshape(-1)  # [N·k], slot s belongs to token s // k
+    flat = expert_ids.reshape(-1)  # [S], slot s belongs to token s // k
     top_k = expert_ids.shape[-1]
-    order = torch.argsort(flat, stable=True)  # [N·k] slot ids grouped by expert
+    order = torch.argsort(flat, stable=True)  # [S] slot ids grouped by expert
     counts = count_tokens(flat, num_experts)  # [E]
     dropped = torch.zeros((), dtype=torch.int64, device=flat.device)
+    kept = None
     if capacity is not None:
         starts = torch.cumsum(counts, 0) - counts  # [E] first sorted position of each expert
-        position = torch.arange(flat.numel(), device=flat.device) - starts[flat[order]]  # rank within group
-        keep = position < capacity
-        order = order[keep]
-        kept = counts.clamp(max=capacity)
-        dropped = (counts - kept).sum()
-        counts = kept
-    return DispatchPlan(token_index=order // top_k, slot_index=order, tokens_per_expert=counts, dropped=dropped)
+        slots = torch.arange(flat.numel(), device=flat.device)  # [S]
+        over = (slots - starts[flat[order]]) >= capacity  # [S] sorted slot past its expert's capacity
+        order = order[torch.argsort(over.to(torch.uint8), stable=True)]  # kept slots (expert order) first
+        kept_counts = counts.clamp(max=capacity)
+        dropped = (counts - kept_counts).sum()
+        counts = kept_counts
+        kept = slots < counts.sum()  # [S]
+    return DispatchPlan(
+        token_index=order // top_k, slot_index=order, tokens_per_expert=counts, dropped=dropped, kept=kept
+    )
 
 
 def permute(x: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
-    """Gather tokens [N, D] into expert-sorted slots [M, D]."""
-    return x.index_select(0, plan.token_index)
+    """Gather tokens [N, D] into expert-sorted slots [S, D]; dropped slots are zero."""
+    return plan.drop(x.index_select(0, plan.token_index))
 
 
 def unpermute(y: torch.Tensor, plan: DispatchPlan, num_tokens: int) -> torch.Tensor:
-    """Sum expert-sorted slot outputs [M, D] back into tokens [N, D]; dropped slots add nothing."""
+    """Sum expert-sorted slot outputs [S, D] back into tokens [N, D] (dropped slots must be zero, `plan.drop`)."""
     out = y.new_zeros(num_tokens, y.shape[-1])
     return out.index_add(0, plan.token_index, y)
 
@@ -88,11 +111,14 @@ class LocalExchange:
     """The identity exchange: every expert lives on this rank."""
 
     def dispatch(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Any]:
-        """Return the slots [M, D] this rank computes, their per-local-expert counts, and a handle."""
+        """Return the slots this rank computes, their per-local-expert counts, and a handle.
+
+        x [S, D]: the first sum(tokens_per_expert) rows grouped by expert, then any dropped slots."""
         return x, tokens_per_expert, None
 
     def combine(self, y: torch.Tensor, handle: Any) -> torch.Tensor:
-        """Return the expert outputs for this rank's slots, in the order `dispatch` was given."""
+        """Return the expert outputs for this rank's slots [S, D], in the order `dispatch` was given
+        (rows of dropped slots unspecified)."""
         return y
 
 
@@ -125,6 +151,7 @@ class _ExchangeHandle:
     order: torch.Tensor  # [R] received slots sorted by local expert
     send_splits: list[int]  # slots this rank sent to each rank
     recv_splits: list[int]  # slots this rank received from each rank
+    dropped: int  # dropped slots after the sent ones (capacity), returned as zeros
 
 
 class AllToAllExchange(LocalExchange):
@@ -133,7 +160,8 @@ class AllToAllExchange(LocalExchange):
     `dispatch` sends each expert group of the sorted slots to its owner (rank order equals
     expert order, so each destination is one contiguous chunk), then regroups what arrived
     by local expert. `combine` undoes both steps. Router, shared expert and attention stay
-    replicated; only the routed experts are sharded.
+    replicated; only the routed experts are sharded. One host sync per dispatch: the split
+    sizes of both directions arrive in one `.tolist()`; nothing else reads the device.
     """
 
     def __init__(self, group: Any, ep_size: int, num_local_experts: int) -> None:
@@ -149,17 +177,21 @@ class AllToAllExchange(LocalExchange):
         send_counts = tokens_per_expert.reshape(ep, local)  # [ep, E_l] slots for each rank's experts
         recv_counts = torch.empty_like(send_counts)
         dist.all_to_all_single(recv_counts, send_counts.contiguous(), group=self.group)  # [ep(src), E_l]
-        send_splits = send_counts.sum(1).tolist()
-        recv_splits = recv_counts.sum(1).tolist()
-        received = all_to_all(x, recv_splits, send_splits, self.group)  # [R, D] by (source rank, expert)
+        splits = torch.cat([send_counts.sum(1), recv_counts.sum(1)]).tolist()  # the one host sync
+        send_splits, recv_splits = splits[:ep], splits[ep:]
+        sent = sum(send_splits)
+        received = all_to_all(x[:sent], recv_splits, send_splits, self.group)  # [R, D] by (source rank, expert)
         local_ids = torch.arange(local, device=x.device).repeat(ep)  # [ep·E_l] expert of each (src, e) block
-        slot_expert = torch.repeat_interleave(local_ids, recv_counts.reshape(-1).to(x.device))  # [R]
+        slot_expert = torch.repeat_interleave(  # [R]
+            local_ids, recv_counts.reshape(-1).to(x.device), output_size=sum(recv_splits)
+        )
         order = torch.argsort(slot_expert, stable=True)  # [R] grouped by local expert
-        handle = _ExchangeHandle(order=order, send_splits=send_splits, recv_splits=recv_splits)
+        handle = _ExchangeHandle(order, send_splits, recv_splits, dropped=x.shape[0] - sent)
         return received.index_select(0, order), recv_counts.sum(0), handle
 
     @torch.compiler.disable
     def combine(self, y: torch.Tensor, handle: Any) -> torch.Tensor:
         h: _ExchangeHandle = handle
         unsorted = torch.empty_like(y).index_copy(0, h.order, y)  # back to (source rank, expert) order
-        return all_to_all(unsorted, h.send_splits, h.recv_splits, self.group)
+        back = all_to_all(unsorted, h.send_splits, h.recv_splits, self.group)  # [M, D]
+        return torch.cat([back, back.new_zeros(h.dropped, back.shape[-1])]) if h.dropped else back

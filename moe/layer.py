@@ -1,7 +1,7 @@
 """The MoE feed-forward layer: router + routed experts + shared expert (Llama 4).
 
 Shapes: B batch, L sequence, N = B·L tokens, D model dim, E experts, k experts per token,
-M kept token-slots.
+S = N·k token-slots.
 
     out = shared_expert(x) + Σ_{e chosen for x} routed_e
     routed_e = expert_e(x · s_e)   score_on="input"  (Llama 4)
@@ -9,6 +9,8 @@ M kept token-slots.
 
 Only routed token-slots are computed (dropless by default; `capacity_factor` drops each
 expert's overflow and counts it). The references instead run every expert on every token.
+Precision (moe/precision.py): the router runs in fp32; the slots enter the experts, and the
+all-to-all, in the compute dtype (bf16 under bf16 autocast); the combine runs in x's dtype.
 
 Expert parallelism: `MoE.set_expert_parallel(group, ep_rank, ep_size)` keeps only this
 rank's slice of the routed experts (global experts [ep_rank·E/ep_size, (ep_rank+1)·E/ep_size))
@@ -34,6 +36,7 @@ from config_error import ConfigError
 from moe.config import MoEConfig
 from moe.dispatch import AllToAllExchange, LocalExchange, expert_capacity, permute, plan_dispatch, unpermute
 from moe.experts import build_experts
+from moe.precision import compute_dtype
 from moe.router import Router, Routing
 from moe.swiglu import FeedForward
 
@@ -92,15 +95,16 @@ class MoE(nn.Module):
         if self.capacity_factor is not None:
             capacity = expert_capacity(num_tokens, self.top_k, self.num_experts, self.capacity_factor)
         plan = plan_dispatch(routing.expert_ids, self.num_experts, capacity)
-        weights = routing.weights.reshape(-1)[plan.slot_index].to(x.dtype).unsqueeze(-1)  # [M, 1]
+        dtype = compute_dtype(flat)
+        weights = routing.weights.reshape(-1)[plan.slot_index].unsqueeze(-1)  # [S, 1] fp32
 
-        slots = permute(flat, plan)  # [M, D] grouped by expert
+        slots = permute(flat.to(dtype), plan)  # [S, D] grouped by expert, compute dtype
         if self.score_on == "input":
-            slots = slots * weights
+            slots = slots * weights.to(dtype)
         local, local_counts, handle = self.exchange.dispatch(slots, plan.tokens_per_expert)
-        routed = self.exchange.combine(self.experts(local, local_counts), handle)  # [M, D]
+        routed = plan.drop(self.exchange.combine(self.experts(local, local_counts), handle)).to(x.dtype)  # [S, D]
         if self.score_on == "output":
-            routed = routed * weights
+            routed = routed * weights.to(x.dtype)
         out = unpermute(routed, plan, num_tokens)  # [N, D]
         if self.shared_expert is not None:
             out = out + self.shared_expert(flat)

@@ -2,7 +2,8 @@
 
 Shapes: N tokens (batch × sequence, flattened), D model dim, E experts, k experts per token.
 
-The router is one bias-free linear map computed in fp32 (Llama 4: `feed_forward.router`).
+The router is one bias-free linear map computed in fp32, also under autocast, and its buffers
+stay fp32 when the model is cast (the policy: moe/precision.py) (Llama 4: `feed_forward.router`).
 Per token it picks the k experts with the highest score and returns their ids and
 weights. Choices that MoE ablations vary are switches on `MoEConfig`:
 
@@ -34,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moe.config import MoEConfig
+from moe.precision import Fp32Buffers, full_precision
 
 
 @dataclass
@@ -75,8 +77,8 @@ def count_tokens(expert_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
     return torch.zeros(num_experts, dtype=torch.int64, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
 
 
-class Router(nn.Module):
-    """Linear top-k router in fp32; see the module docstring for every switch."""
+class Router(Fp32Buffers):
+    """Linear top-k router in fp32 with fp32 buffers; see the module docstring for every switch."""
 
     def __init__(self, dim: int, cfg: MoEConfig) -> None:
         super().__init__()
@@ -101,7 +103,10 @@ class Router(nn.Module):
             self.expert_load.zero_()
 
     def forward(self, x: torch.Tensor) -> Routing:  # x [N, D]
-        x = x.float()
+        with full_precision(x):  # autocast would run F.linear in bf16 even on fp32 inputs
+            return self._route(x.float())
+
+    def _route(self, x: torch.Tensor) -> Routing:  # x [N, D] fp32
         if self.training and self.jitter > 0:
             x = x * torch.empty_like(x).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
         logits = F.linear(x, self.gate.weight.float())  # [N, E] fp32

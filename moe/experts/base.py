@@ -16,7 +16,10 @@ class Experts(nn.Module):
       w1 [E, D, F] gate, w3 [E, D, F] up, w2 [E, F, D] down.
     `forward(x, tokens_per_expert)` takes x [N, D] whose first tokens_per_expert[0] rows go
     to expert 0, the next tokens_per_expert[1] rows to expert 1, and so on, and returns
-    [N, D] in the same order. Backends differ only in how they compute this.
+    [N, D] in the same order, in x's dtype (the compute dtype, moe/precision.py). Rows past
+    sum(tokens_per_expert) are slots a capacity dropped: their outputs are unspecified (the
+    layer zeroes them), so the sizes never need to reach the host. Backends differ only in
+    how they compute this.
     """
 
     def __init__(

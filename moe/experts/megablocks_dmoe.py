@@ -62,28 +62,46 @@ class MegaBlocksExperts(Experts):
         # Transposed metadata (for the backward products): blocks ordered by column, then row.
         block_order = torch.sort(column_indices.int(), stable=True).indices  # [nnz]
         column_indices_t = row_indices.gather(0, block_order)
-        per_column = torch.bincount(column_indices.long(), minlength=shape[1] // BLOCK)
+        columns = column_indices.long()  # a scatter-add, not bincount, which reads its max to the host on CUDA
+        per_column = torch.zeros(shape[1] // BLOCK, dtype=torch.int64, device=device).scatter_add_(
+            0, columns, torch.ones_like(columns)
+        )
         offsets_t = torch.cat([offsets.new_zeros(1), torch.cumsum(per_column, 0).to(torch.int32)])
         return stk.Matrix(
             shape, data, row_indices, column_indices, offsets, column_indices_t, offsets_t, block_order.int()
         )
 
+    def _dense_weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """w1, w3 as [D, E·F] (column e·F+f = w[e, :, f]) and w2 as [E·F, D], in `dtype`.
+
+        w2 [E, F, D] is a free view. w1 and w3 [E, D, F] cannot be viewed as [D, E·F], so each is
+        written once into its new layout by the same copy that casts it to the compute dtype (the
+        copy autocast makes of every fp32 weight anyway), not cast and then relaid out.
+        """
+        e, d, f = self.w1.shape
+        w1, w3 = (
+            torch.empty(d, e, f, dtype=dtype, device=w.device).copy_(w.permute(1, 0, 2)).view(d, e * f)
+            for w in (self.w1, self.w3)
+        )
+        return w1, w3, self.w2.to(dtype).view(e * f, d)
+
     def forward(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:  # [N, D] -> [N, D]
         _, stk = _import_kernels()
         counts = tokens_per_expert.to(x.device)
         padded = (counts + BLOCK - 1) // BLOCK * BLOCK  # [E] group sizes rounded up to the block
+        # stk sizes its sparse matrices on the host: one sync for both sizes
+        kept, padded_rows = torch.stack([counts.sum(), padded.sum()]).tolist()
         starts = torch.cumsum(counts, 0) - counts
         padded_starts = torch.cumsum(padded, 0) - padded
-        expert_of_row = torch.repeat_interleave(torch.arange(self.num_experts, device=x.device), counts)  # [N]
-        rows = torch.arange(x.shape[0], device=x.device)
-        dest = rows - starts[expert_of_row] + padded_starts[expert_of_row]  # [N] row in the padded layout
-        padded_rows = int(padded.sum())
-        xp = x.new_zeros(padded_rows, self.dim).index_copy(0, dest, x)  # [P, D], pad rows are zero
+        expert_of_row = torch.repeat_interleave(  # [M] expert of each kept row
+            torch.arange(self.num_experts, device=x.device), counts, output_size=kept
+        )
+        rows = torch.arange(kept, device=x.device)
+        dest = rows - starts[expert_of_row] + padded_starts[expert_of_row]  # [M] row in the padded layout
+        xp = x.new_zeros(padded_rows, self.dim).index_copy(0, dest, x[:kept])  # [P, D], pad rows are zero
 
         topo = self._topology(torch.cumsum(padded, 0).to(torch.int32), padded_rows)
-        w1 = self.w1.to(x.dtype).permute(1, 0, 2).reshape(self.dim, -1)  # [D, E·F], column e·F+f = w1[e, :, f]
-        w3 = self.w3.to(x.dtype).permute(1, 0, 2).reshape(self.dim, -1)  # [D, E·F]
-        w2 = self.w2.to(x.dtype).reshape(-1, self.dim)  # [E·F, D]
+        w1, w3, w2 = self._dense_weights(x.dtype)
         gate = stk.ops.sdd(xp, w1, topo)  # sparse [P, E·F]
         up = stk.ops.sdd(xp, w3, topo)
         act = stk.Matrix(
@@ -97,4 +115,5 @@ class MegaBlocksExperts(Experts):
             gate.block_offsets_t,
         )
         out = stk.ops.dsd(stk.ops.mul(act, up), w2)  # [P, D]
-        return out.index_select(0, dest)  # [N, D], padding dropped
+        routed = out.index_select(0, dest)  # [M, D], padding dropped
+        return torch.cat([routed, routed.new_zeros(x.shape[0] - kept, self.dim)])  # [N, D], dropped slots zero

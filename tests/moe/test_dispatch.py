@@ -31,7 +31,8 @@ def test_capacity_drops_latest_tokens_and_counts_them() -> None:
     assert cap == 2
     plan = plan_dispatch(ids, num_experts=3, capacity=cap)
     assert plan.tokens_per_expert.tolist() == [2, 1, 1]
-    assert plan.token_index.tolist() == [0, 1, 2, 5]
+    assert plan.token_index.tolist() == [0, 1, 2, 5, 3, 4]  # kept slots by expert, then the dropped ones
+    assert plan.kept.tolist() == [True] * 4 + [False] * 2
     assert plan.dropped.item() == 2
     out = unpermute(permute(torch.ones(6, 1), plan), plan, 6)
     assert out.flatten().tolist() == [1, 1, 1, 0, 0, 1]  # dropped tokens get nothing

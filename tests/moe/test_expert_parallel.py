@@ -1,4 +1,5 @@
-"""Expert parallelism: a layer whose experts are split over 2 gloo ranks equals the unsharded layer."""
+"""Expert parallelism: a layer whose experts are split over 2 gloo ranks equals the unsharded layer,
+syncs with the host once per forward, and exchanges bf16 under bf16 autocast."""
 
 import os
 import socket
@@ -8,6 +9,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from benchmarks.host_syncs import HostSyncs
+from moe import dispatch
 from moe.config import MoEConfig
 from moe.layer import MoE
 
@@ -52,6 +55,34 @@ def check_layer(rank: int, top_k: int, score_on: str) -> None:
         torch.testing.assert_close(getattr(sharded.experts, name).grad, local, rtol=0, atol=1e-5)
 
 
+def check_one_sync_and_bf16_payloads(rank: int, capacity_factor: float | None) -> None:
+    """Forward + backward of an EP layer: one host sync (the split sizes), every all-to-all in bf16."""
+    torch.manual_seed(0)
+    moe = MoEConfig(num_experts=4, top_k=2, expert_hidden_dim=16, backend="grouped_mm", capacity_factor=capacity_factor)
+    layer = MoE(16, moe)  # bf16 grouped GEMM rows: multiples of 8
+    layer.init_weights(0.3, 0.2)
+    layer.set_expert_parallel(dist.group.WORLD, ep_rank=rank, ep_size=WORLD)
+    payloads: list[torch.dtype] = []
+    original = dispatch._AllToAll.forward
+
+    def recording(ctx, x, out_splits, in_splits, group):  # type: ignore[no-untyped-def]
+        payloads.append(x.dtype)
+        return original(ctx, x, out_splits, in_splits, group)
+
+    dispatch._AllToAll.forward = staticmethod(recording)  # type: ignore[method-assign]
+    try:
+        x = torch.randn(2, 6 + rank, 16, requires_grad=True)
+        with HostSyncs() as syncs:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = layer(x)
+            out.out.square().sum().backward()
+    finally:
+        dispatch._AllToAll.forward = staticmethod(original)  # type: ignore[method-assign]
+    assert syncs.calls == ["tolist"]
+    assert payloads == [torch.bfloat16] * 4  # dispatch and combine, forward and backward
+    assert torch.isfinite(x.grad).all()
+
+
 def run_rank(rank: int, port: int) -> None:
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
@@ -60,6 +91,8 @@ def run_rank(rank: int, port: int) -> None:
     try:
         check_layer(rank, top_k=2, score_on="input")
         check_layer(rank, top_k=1, score_on="output")
+        check_one_sync_and_bf16_payloads(rank, capacity_factor=None)
+        check_one_sync_and_bf16_payloads(rank, capacity_factor=0.75)
     finally:
         dist.destroy_process_group()
 

@@ -62,6 +62,31 @@ def test_grouped_mm_in_moe_layer_matches_torch_backend() -> None:
     torch.testing.assert_close(fast(x).out, ref(x).out, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("score_on", ["input", "output"])
+def test_grouped_mm_under_capacity_matches_torch_backend_forward_and_backward(score_on: str) -> None:
+    """Dropped slots sit past the grouped GEMMs' last group, whose rows _grouped_mm leaves unwritten:
+    the layer must zero them in the output and in the gradients (a NaN there would poison both)."""
+
+    def cfg(backend: str) -> MoEConfig:
+        return MoEConfig(
+            num_experts=4, top_k=2, expert_hidden_dim=8, backend=backend, capacity_factor=0.5, score_on=score_on
+        )
+
+    ref, fast = MoE(16, cfg("torch")), MoE(16, cfg("grouped_mm"))
+    ref.init_weights(0.2, 0.1)
+    fast.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 9, 16)
+    x_ref, x_fast = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    out_ref, out_fast = ref(x_ref), fast(x_fast)
+    assert out_fast.stats["dropped_frac"] > 0.4
+    torch.testing.assert_close(out_fast.out, out_ref.out, rtol=0, atol=1e-5)
+    out_ref.out.square().sum().backward()
+    out_fast.out.square().sum().backward()
+    torch.testing.assert_close(x_fast.grad, x_ref.grad, rtol=0, atol=1e-5)
+    for (name, p), q in zip(fast.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=1e-5, msg=name)
+
+
 def test_local_slice_keeps_backend_and_weights() -> None:
     ref, other = paired("grouped_mm", num_experts=6)
     part = other.local_slice(2, 3)
