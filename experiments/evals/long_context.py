@@ -424,7 +424,9 @@ def cli_main(argv: list[str]) -> int:
         "model.pt, or a `llamoe convert` file) or a local Hugging Face directory. Writes <suite>.json and PNG "
         f"plots (default: RUN_DIR/eval). key=value options are those of {KEY_PREFIX} (experiments/evals/options.py), "
         "e.g. passkey_trials=2 temperature=compare evals=[ppl,passkey], plus the inputs "
-        f"{', '.join(INPUT_KEYS)} (experiments/evals/inputs.py).",
+        f"{', '.join(INPUT_KEYS)} (experiments/evals/inputs.py), and model.<field>=... settings that keep every "
+        "weight's shape (e.g. model.attention.nope_layer_interval=4 model.attention.chunk_size=2048: a zero-shot "
+        "RoPE -> iRoPE conversion, as init_from would make it).",
     )
     parser.add_argument("path", type=Path, help="run directory, checkpoint or Hugging Face model directory")
     parser.add_argument("--suite", default=SUITE, choices=[SUITE])
@@ -442,7 +444,8 @@ def cli_main(argv: list[str]) -> int:
         torch.set_num_threads(args.threads)
     try:
         inputs, options = split_inputs(parse_items(a for a, opt in zip(argv, is_option) if opt))
-        options = {k.removeprefix(f"{KEY_PREFIX}."): v for k, v in options.items()}
+        model_overrides = {k: v for k, v in options.items() if k.startswith("model.")}
+        options = {k.removeprefix(f"{KEY_PREFIX}."): v for k, v in options.items() if k not in model_overrides}
         if args.lengths:
             options["lengths"] = args.lengths
         out_dir = args.out or open_source(args.path, args.step).default_out_dir
@@ -455,6 +458,7 @@ def cli_main(argv: list[str]) -> int:
             dtype=_DTYPES[args.dtype],
             inputs=inputs,
             out_dir=out_dir,
+            model_overrides=model_overrides,
         )
     except ConfigError as e:
         return report("llamoe eval", e, 2, prefix="invalid options: ")

@@ -345,3 +345,21 @@ def test_bos_asked_of_a_tokenizer_without_one_exits_2(tmp_path: Path, capsys) ->
     assert cli_main([*args, f"tokenizer={tokenizer_file}"]) == 2
     err = capsys.readouterr().err
     assert "eval.long_context.bos" in err and "Traceback" not in err
+
+
+def test_model_settings_on_the_command_line_convert_zero_shot(tmp_path: Path, capsys) -> None:
+    """model.<field>=... changes the evaluated model's settings (a zero-shot RoPE -> iRoPE conversion); a setting that
+    changes a weight's shape is refused."""
+    tokenizer_file = write_tokenizer(tmp_path / "tok" / "tokenizer.model")
+    hf = llama(vocab=600)
+    directory = hf_dir(tmp_path, hf, tokenizer_file, "tokenizer.model")
+    text = write_text(tmp_path / "text.txt")
+    loss, n = hf_reference(hf, Tokenizer.from_file(tokenizer_file), text, LENGTH)
+    irope = ["model.attention.nope_layer_interval=2", "model.attention.chunk_size=8"]
+    converted = result_nll(run_eval(directory, text, tmp_path, n, *irope))
+    assert converted != pytest.approx(loss, abs=1e-3)
+    assert result_nll(run_eval(directory, text, tmp_path, n)) == pytest.approx(loss, abs=1e-5)
+    assert cli_main([str(directory), "--lengths", "32", f"data.source={text}", "model.n_heads=2"]) == 1
+    assert "does not match" in capsys.readouterr().err
+    assert cli_main([str(directory), "--lengths", "32", f"data.source={text}", "model.attention.nope=2"]) == 2
+    assert "model.attention.nope" in capsys.readouterr().err
