@@ -11,7 +11,7 @@ Shapes: B batch, L sequence, D model dim, V vocab.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Optional, Union
 
 import torch
@@ -28,13 +28,56 @@ from models.layers import FeedForward, RMSNorm
 from moe.layer import MoE
 
 
-@dataclass
-class ModelOutput:
-    """logits [B, L, V]; aux_loss: weighted MoE auxiliary losses (0 for dense); router_stats: layer id -> stats."""
+class OutputHead:
+    """The output projection as a forward ran it: the same module under the same autocast state,
+    so logits computed later (`ModelOutput.logits`, a chunked loss) equal those of the forward."""
 
-    logits: torch.Tensor
-    aux_loss: torch.Tensor
-    router_stats: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
+    def __init__(self, output: nn.Linear, device: torch.device) -> None:
+        self.output = output
+        self.vocab_size = output.out_features  # not the weight's shape, which ZeRO-3 partitions
+        self.device_type = device.type
+        on = self.device_type in ("cpu", "cuda") and torch.is_autocast_enabled(self.device_type)
+        self.autocast_dtype = torch.get_autocast_dtype(self.device_type) if on else None
+
+    def __call__(self, h: torch.Tensor) -> torch.Tensor:  # [..., D] -> [..., V]
+        if self.autocast_dtype is None:
+            return self.output(h)
+        with torch.autocast(self.device_type, dtype=self.autocast_dtype):
+            return self.output(h)
+
+
+class ModelOutput:
+    """What a forward returns.
+
+    logits [B, L, V]: given, or computed by `head` from `hidden` when first read (then kept). A
+    loss that applies the head in chunks (models/loss.py) never reads it, so [B, L, V] never exists.
+    hidden [B, L, D]: the final norm's output, the head's input (None when built from logits).
+    aux_loss: weighted MoE auxiliary losses (0 for dense); router_stats: layer id -> stats.
+    """
+
+    def __init__(
+        self,
+        *,
+        aux_loss: torch.Tensor,
+        logits: Optional[torch.Tensor] = None,
+        hidden: Optional[torch.Tensor] = None,
+        head: Optional[OutputHead] = None,
+        router_stats: Optional[dict[int, dict[str, torch.Tensor]]] = None,
+    ) -> None:
+        if logits is None and (hidden is None or head is None):
+            raise ValueError("ModelOutput needs logits, or hidden states and the head that maps them")
+        self._logits = logits
+        self.hidden = hidden
+        self.head = head
+        self.aux_loss = aux_loss
+        self.router_stats = router_stats if router_stats is not None else {}
+
+    @property
+    def logits(self) -> torch.Tensor:
+        if self._logits is None:
+            assert self.head is not None and self.hidden is not None
+            self._logits = self.head(self.hidden)
+        return self._logits
 
 
 class Block(nn.Module):
@@ -143,8 +186,8 @@ class Transformer(nn.Module):
             if stats is not None:
                 aux_loss = aux_loss + layer_aux
                 router_stats[i] = stats
-        logits = self.output(self.norm(h))  # [B, L, V]
-        return ModelOutput(logits=logits, aux_loss=aux_loss, router_stats=router_stats)
+        head = OutputHead(self.output, h.device)  # logits [B, L, V] only when read
+        return ModelOutput(hidden=self.norm(h), head=head, aux_loss=aux_loss, router_stats=router_stats)
 
     def set_activation_checkpointing(self, policy: str) -> None:
         """Recompute the activations of the blocks `policy` names (none | full | selective) in the
