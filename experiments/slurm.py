@@ -201,10 +201,11 @@ class RunJob(Checkpointable):
             TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
             if not torch.cuda.is_available():
                 os.environ.setdefault("DS_ACCELERATOR", "cpu")  # as experiments/distributed.launch does
-        if self.threads > 0:
+        threads = self.threads or int(os.environ.get("SLURM_CPUS_PER_TASK", 0))  # the CPUs Slurm allocated
+        if threads > 0:
             import torch
 
-            torch.set_num_threads(self.threads)
+            torch.set_num_threads(threads)
         run_dir = self.sweep_dir / self.plan.name
         if env.global_rank == 0:  # a job Slurm requeued itself after a SIGTERM runs again: not stopped any more
             (run_dir / STOP_FILE).unlink(missing_ok=True)

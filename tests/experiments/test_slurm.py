@@ -2,8 +2,8 @@
 
 The debug executor runs a tiny sweep in this process; a fake Slurm (sbatch, srun, squeue, sacct,
 scontrol as shell scripts on PATH) keeps every submitted script and runs it on this machine the way
-Slurm would: array tasks, `--dependency=afterany`, one srun task per rank with Slurm's variables,
-and `scontrol requeue` running the job again under the same id. Both must give the local
+Slurm would: array tasks at once, `--dependency=afterany`, one srun task per rank with Slurm's
+variables, and `scontrol requeue` running the job again under the same id. Both must give the local
 scheduler's results rows (all but the timing field tokens_per_s).
 """
 
@@ -31,30 +31,28 @@ RUNS = {
 TIMING = ("tokens_per_s",)
 
 FAKE_SBATCH = r"""#!/bin/bash
-# fake sbatch: keep the script, run it in the background (array tasks in turn), print the job id
+# fake sbatch: keep the script, run its (array) tasks at once in the background, print the job id
 dir="$FAKE_SLURM_DIR"; script="$1"
 id=$(cat "$dir/next_id" 2>/dev/null || echo 1000); echo $((id + 1)) > "$dir/next_id"
 cp "$script" "$dir/$id.sbatch"
-last=$(sed -n 's/^#SBATCH --array=0-\([0-9]*\).*/\1/p' "$script")
-dep=$(sed -n 's/^#SBATCH --dependency=afterany:\(.*\)$/\1/p' "$script")
-ntasks=$(sed -n 's/^#SBATCH --ntasks-per-node=\([0-9]*\)$/\1/p' "$script")
+option() { sed -n "s/^#SBATCH --$1=\(.*\)\$/\1/p" "$script"; }
+last=$(option array | sed 's/^0-\([0-9]*\).*/\1/'); dep=$(option dependency | sed 's/^afterany://')
 tasks=none; [ -n "$last" ] && tasks=$(seq 0 "$last")
 jid() { if [ "$1" = none ]; then echo "$id"; else echo "${id}_$1"; fi; }
 for t in $tasks; do echo PENDING > "$dir/$(jid $t).state"; done
 [ -n "$FAKE_SLURM_HOLD" ] && { echo "Submitted batch job $id"; exit 0; }
-(
+export SLURM_JOB_ID=$id SLURM_NTASKS=$(option ntasks-per-node) SLURM_JOB_NUM_NODES=1 SLURM_JOB_NODELIST=localhost
+[ -n "$(option cpus-per-task)" ] && export SLURM_CPUS_PER_TASK=$(option cpus-per-task)
+for t in $tasks; do (
+  j=$(jid $t); [ "$t" != none ] && export SLURM_ARRAY_JOB_ID=$id SLURM_ARRAY_TASK_ID=$t
   [ -n "$dep" ] && while ! grep -qE 'COMPLETED|FAILED' "$dir/$dep.state" 2>/dev/null; do sleep 0.2; done
-  for t in $tasks; do
-    j=$(jid $t); export SLURM_JOB_ID=$id SLURM_NTASKS=${ntasks:-1} SLURM_JOB_NUM_NODES=1 SLURM_JOB_NODELIST=localhost
-    [ "$t" != none ] && export SLURM_ARRAY_JOB_ID=$id SLURM_ARRAY_TASK_ID=$t
-    while :; do
-      echo RUNNING > "$dir/$j.state"; bash "$script"; rc=$?
-      [ -f "$dir/$j.requeue" ] || break
-      rm "$dir/$j.requeue"; echo "$j" >> "$dir/requeued"
-    done
-    if [ $rc = 0 ]; then echo COMPLETED; else echo FAILED; fi > "$dir/$j.state"
+  while :; do
+    echo RUNNING > "$dir/$j.state"; bash "$script"; rc=$?
+    [ -f "$dir/$j.requeue" ] || break
+    rm "$dir/$j.requeue"; echo "$j" >> "$dir/requeued"
   done
-) < /dev/null > "$dir/$id.runner.log" 2>&1 &
+  if [ $rc = 0 ]; then echo COMPLETED; else echo FAILED; fi > "$dir/$j.state"
+) < /dev/null > "$dir/$(jid $t).runner.log" 2>&1 & done
 echo "Submitted batch job $id"
 """
 FAKE_SRUN = r"""#!/bin/bash
