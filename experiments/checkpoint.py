@@ -12,13 +12,17 @@ Layout of `run_dir/checkpoints/`:
                        gathers the whole model to save it (meta.json "expert_shards": their count)
                        Both are read memory-mapped (`model_state`), so a resuming expert-parallel
                        rank reads only its experts, and a one-process load assembles them.
-        rank<r>.pt     per rank: optimizer state (its ZeRO partition, at ZeRO-3 with its fp32
-                       parameter partition / its experts' moments),
-                       data position (the batch iterator's state_dict), RNG states
-                       (python, numpy, torch, cuda)
+        rank<r>.pt     per rank: data position (the batch iterator's state_dict, global), RNG
+                       states (python, numpy, torch, cuda), the parameter names of each optimizer
+                       group, and the optimizer state where it is unique: every rank at ZeRO 1-3 (its
+                       partition, at ZeRO-3 with its fp32 parameter partition); at ZeRO 0 only the
+                       ranks of the first expert-parallel group (rank 0 alone without EP), the
+                       others naming the rank whose copy they share ("optimizer_from")
     latest             one line: the name of the newest complete step_<N> directory
 
-The learning-rate schedule is a pure function of the step, so the step restores it.
+The learning-rate schedule is a pure function of the step and of its horizon (meta.json
+"lr_horizon"), so the checkpoint restores it. A checkpoint resumes under another process layout
+(world size, ep_size, ZeRO 0-2) through experiments/reshard.py.
 
 Atomicity: all files are written into `.tmp-step_<N>/` and fsynced; then rank 0 renames
 the directory to `step_<N>` (one rename(2)), fsyncs `checkpoints/`, and replaces
@@ -375,6 +379,11 @@ def read_meta(path: Path) -> dict[str, Any]:
     return meta
 
 
+def read_rank_state(path: Path, rank: int) -> dict[str, Any]:
+    """Rank `rank`'s file of checkpoint directory `path` (full unpickling: it holds optimizer objects)."""
+    return _load_file(path / f"rank{rank}.pt", weights_only=False)
+
+
 def load_checkpoint(path: Path, rank: int = 0, all_ok: Callable[[bool], bool] = lambda ok: ok) -> Checkpoint:
     """Read a checkpoint directory: metadata, full model state and rank `rank`'s state.
 
@@ -387,7 +396,9 @@ def load_checkpoint(path: Path, rank: int = 0, all_ok: Callable[[bool], bool] = 
     try:
         meta = read_meta(path)
         model = model_state(path, meta)
-        rank_state = _load_file(path / f"rank{rank}.pt", weights_only=False)
+        rank_state = read_rank_state(path, rank)
+        if "optimizer_from" in rank_state:  # a ZeRO-0 replica: the optimizer state is another rank's copy
+            rank_state["optimizer"] = read_rank_state(path, rank_state["optimizer_from"])["optimizer"]
     except CheckpointError as e:
         error = e
     if not all_ok(error is None):
@@ -395,9 +406,9 @@ def load_checkpoint(path: Path, rank: int = 0, all_ok: Callable[[bool], bool] = 
     return Checkpoint(path=path, step=int(meta["step"]), meta=meta, model=model, rank_state=rank_state)
 
 
-def check_resumable(path: Path, meta: dict[str, Any], saved: RunConfig, cfg: RunConfig, layout: dict[str, int]) -> None:
-    """Refuse (ConfigError naming the key) to resume checkpoint `path` when its model, data layout or
-    process `layout` (world_size, ep_size, zero_stage) differs from this run's."""
+def check_resumable(path: Path, saved: RunConfig, cfg: RunConfig) -> None:
+    """Refuse (ConfigError naming the key) to resume checkpoint `path` when its model or data layout differs
+    from this run's. The process layout may differ (experiments/reshard.py)."""
     current, before = cfg.to_dict(), saved.to_dict()
     keys = ["train.seq_len", "train.batch_size", "train.seed", "data.source", "data.val_fraction", "tokenizer.kind"]
     if before.get("model") != current["model"]:
@@ -409,12 +420,6 @@ def check_resumable(path: Path, meta: dict[str, Any], saved: RunConfig, cfg: Run
                 key,
                 f"{path} was trained with {key}={before.get(section, {}).get(name)!r}, this run has "
                 f"{current[section][name]!r}; use the same value to resume, or a new run_dir",
-            )
-    for key, value in layout.items():
-        if meta.get(key) != value:
-            what = "--nproc" if key == "world_size" else f"distributed.{key}"
-            raise ConfigError(
-                what, f"{path} was saved with {key}={meta.get(key)}, this run has {value}; resume with the same layout"
             )
 
 
@@ -473,6 +478,7 @@ __all__ = [
     "load_tokenizer",
     "model_state",
     "read_meta",
+    "read_rank_state",
     "remove_stale",
     "rng_state",
     "save_checkpoint",

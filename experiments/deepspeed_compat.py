@@ -28,8 +28,9 @@ import functools
 import importlib
 import importlib.metadata
 import re
-from typing import Any
+from typing import Any, Callable
 
+import torch
 from torch import nn
 
 from experiments.errors import UserError
@@ -157,7 +158,76 @@ def build_engine(model: nn.Module, optimizer: Any, ds_config: dict[str, Any], *,
     )
 
 
+# ---------------------------------------------------------------------- ZeRO-1/2 optimizer state, by parameter
+# A ZeRO stage 1-2 optimizer's state_dict() (DeepSpeed's checkpoint format, not a Python API) holds, per
+# parameter group g, this rank's contiguous slice of the group's flattened parameters: the AdamW moments
+# of that slice ("base_optimizer_state"), and where each parameter's fragment lies in it
+# ("param_slice_mappings": name -> (start, numel)). Consecutive ranks of the group's data-parallel group
+# hold consecutive slices, so a parameter's fragments in rank order are its flattened whole.
+MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+def zero_is_expert_group(state: dict[str, Any]) -> list[bool]:
+    """Per parameter group of a ZeRO-1/2 state dict: whether it holds expert-parallel parameters (split over
+    the expert-data-parallel group instead of the whole world)."""
+    return [bool(g.get("moe")) for g in state["base_optimizer_state"]["param_groups"]]
+
+
+def zero_fragments(state: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per parameter group of a ZeRO-1/2 state dict: {"step", "fragments": {name: {moment: flat fragment}}}."""
+    base = state["base_optimizer_state"]
+    if not isinstance(base, dict) or any(any(p) for p in state.get("param_alignment_paddings", [])):
+        raise DeepSpeedVersionError(_advice("a ZeRO optimizer state in a layout llamoe cannot reshard was found"))
+    groups = []
+    for g, mapping in enumerate(state["param_slice_mappings"]):
+        flat = base["state"].get(g, {})
+        fragments = {
+            name: {m: flat[m].narrow(0, address.start, address.numel) for m in MOMENTS if m in flat}
+            for name, address in mapping.items()
+        }
+        groups.append({"step": flat.get("step"), "fragments": fragments})
+    return groups
+
+
+def zero_state_with_moments(
+    state: dict[str, Any],
+    group_names: list[list[str]],
+    group_rank: list[int],
+    weights: Callable[[str], torch.Tensor],
+    moments: Callable[[str], dict[str, torch.Tensor]],
+    step: torch.Tensor,
+) -> dict[str, Any]:
+    """`state`, this rank's freshly built ZeRO-1/2 state dict (`optimizer.state_dict()`), with AdamW moments.
+
+    `group_names[g]`: the names of group g's parameters in order; `group_rank[g]`: this rank's index in
+    g's data-parallel group; `weights(name)` / `moments(name)`: a parameter's fp32 weights / {moment:
+    tensor} as this rank holds it, flattened. Each fragment's weights are checked against the optimizer's
+    own fp32 partition, so a wrong offset fails loudly instead of loading shifted moments.
+    """
+    state = dict(state)
+    base: dict[str, Any] = {"state": {}, "param_groups": state["base_optimizer_state"]["param_groups"]}
+    for g, mapping in enumerate(state["param_slice_mappings"]):
+        partition = state["single_partition_of_fp32_groups"][g]
+        starts, offset = {}, 0
+        for name in group_names[g]:
+            starts[name] = offset
+            offset += weights(name).numel()
+        first = group_rank[g] * partition.numel()  # this rank's slice of the group's flat parameters
+        entry: dict[str, Any] = {m: torch.zeros_like(partition) for m in MOMENTS}
+        for name, address in mapping.items():
+            lo, n = first + address.start - starts[name], address.numel
+            if not torch.equal(weights(name).narrow(0, lo, n).to(partition), partition.narrow(0, address.start, n)):
+                raise RuntimeError(f"resharding ZeRO state: the fragment of {name} does not line up with its weights")
+            for m, full in moments(name).items():
+                entry[m].narrow(0, address.start, n).copy_(full.narrow(0, lo, n))
+        entry["step"] = step.clone()
+        base["state"][g] = entry
+    state["base_optimizer_state"] = base
+    return state
+
+
 __all__ = [
+    "MOMENTS",
     "SUPPORTED",
     "DeepSpeedVersionError",
     "build_engine",
@@ -167,4 +237,7 @@ __all__ = [
     "expert_parallel_group",
     "init_distributed",
     "installed_version",
+    "zero_fragments",
+    "zero_is_expert_group",
+    "zero_state_with_moments",
 ]

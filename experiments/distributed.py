@@ -71,6 +71,7 @@ from torch import nn
 
 from experiments import collectives, deepspeed_compat
 from experiments.config import RunConfig
+from experiments.reshard import group_names
 from experiments.runctl import Aborted, forward_signals
 from moe.layer import MoE
 
@@ -171,12 +172,14 @@ def mark_expert_params(model: nn.Module, world: World) -> None:
 
 
 def full_state_dict(model: nn.Module, world: World, partitioned: bool = False) -> dict[str, torch.Tensor]:
-    """The state dict of a model without expert parallelism (an expert-parallel one saves per rank:
-    `sharded_state`). `partitioned`: the parameters are ZeRO-3 partitions, gathered one module at a
+    """The state dict of a model without expert parallelism on rank 0, {} elsewhere (an expert-parallel one
+    saves per rank: `sharded_state`). `partitioned`: the parameters are ZeRO-3 partitions, gathered one module at a
     time (collective; complete on rank 0, {} elsewhere: `_gather_partitioned`)."""
     assert world.ep_size == 1, "an expert-parallel model is saved per rank (sharded_state)"
     if partitioned:
         return _gather_partitioned(model, world)
+    if not world.is_main:  # only rank 0 writes model.pt: no other rank makes a host copy
+        return {}
     return {k: v.detach().cpu() for k, v in model.state_dict().items()}
 
 
@@ -274,6 +277,7 @@ class DeepSpeedStepper:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, cfg: RunConfig, world: World) -> None:
         """Build the engine in `init_world`'s process group; marked expert parameters (`mark_expert_params`)
         get DeepSpeed's MoE gradient handling (DeepSpeed detects only its own MoE modules)."""
+        self.param_names = group_names(model, optimizer)  # before the engine flattens the groups
         self.engine = deepspeed_compat.build_engine(
             model,
             optimizer,
@@ -327,7 +331,9 @@ class DeepSpeedStepper:
         its experts' moments under EP)."""
         return self.engine.optimizer.state_dict()
 
-    def load_optimizer_state(self, state: dict[str, Any]) -> None:
+    def load_optimizer_state(self, state: dict[str, Any], resharded: bool = False) -> None:
+        """Load this rank's saved state; `resharded` (experiments/reshard.py): built for this layout from
+        another one, whose fp32 partitions are then taken from the model's (fp32) weights."""
         if self.zero_stage == 0:
             self.engine.optimizer.load_state_dict(state)
             return
@@ -335,7 +341,7 @@ class DeepSpeedStepper:
         # always restores them, and re-partitions the parameters it keeps whole from them)
         states: list[Any] = [None] * self.world.size
         states[self.world.rank] = state
-        self.engine.optimizer.load_state_dict(states, load_optimizer_states=True, load_from_fp32_weights=True)
+        self.engine.optimizer.load_state_dict(states, load_optimizer_states=True, load_from_fp32_weights=not resharded)
 
 
 # ---------------------------------------------------------------------- launcher

@@ -17,6 +17,7 @@ from torch import nn
 
 from experiments.config import OptimConfig, RunConfig
 from experiments.distributed import World, clip_grad_norm, moe_param_groups
+from experiments.reshard import group_names
 from models.transformer import ModelOutput
 
 
@@ -75,7 +76,9 @@ class Stepper(Protocol):
 
     def optimizer_state(self) -> dict[str, Any]: ...
 
-    def load_optimizer_state(self, state: dict[str, Any]) -> None: ...
+    def load_optimizer_state(self, state: dict[str, Any], resharded: bool = False) -> None: ...
+
+    param_names: list[list[str]]  # each optimizer group's parameter names (experiments/reshard.py)
 
 
 class LocalStepper:
@@ -87,6 +90,7 @@ class LocalStepper:
         self.accum = cfg.grad_accum_steps(world.size)
         self.grad_clip = cfg.optim.grad_clip
         self.world = world
+        self.param_names = group_names(model, optimizer)
 
     @property
     def module(self) -> nn.Module:
@@ -111,5 +115,5 @@ class LocalStepper:
     def optimizer_state(self) -> dict[str, Any]:
         return self.optimizer.state_dict()
 
-    def load_optimizer_state(self, state: dict[str, Any]) -> None:
+    def load_optimizer_state(self, state: dict[str, Any], resharded: bool = False) -> None:
         self.optimizer.load_state_dict(state)

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from experiments import checkpoint as ckpt_io
-from experiments import init_from, metrics_log, routing_health, runctl
+from experiments import init_from, metrics_log, reshard, routing_health, runctl
 from experiments.config import ConfigError, RunConfig, load_run_config
 from experiments.data.batches import MixedBatches, PackedBatches, ResumableBatches, ValidationBatches
 from experiments.data.corpus import load_corpus
@@ -151,8 +151,7 @@ def _train(cfg: RunConfig, world: World, control: runctl.StopControl, t0: float)
     if resume_path is not None:
         meta = ckpt_io.read_meta(resume_path)
         saved_cfg = ckpt_io.load_config(resume_path)
-        layout = {"world_size": world.size, "ep_size": world.ep_size, "zero_stage": cfg.distributed.zero_stage}
-        ckpt_io.check_resumable(resume_path, meta, saved_cfg, cfg, layout)
+        ckpt_io.check_resumable(resume_path, saved_cfg, cfg)
         started_with = meta.get("lr_horizon", saved_cfg.optim.decay_steps or saved_cfg.train.max_steps)
         horizon = schedule_horizon(cfg.optim, cfg.train.max_steps, started_with)
         if world.is_main and horizon < cfg.train.max_steps and not cfg.optim.decay_steps:
@@ -186,9 +185,15 @@ def _train(cfg: RunConfig, world: World, control: runctl.StopControl, t0: float)
     validation = val_batches(cfg, tokenizer, world)
 
     torch.manual_seed(cfg.train.seed)
-    state = None
+    state, saved_layout = None, None
+    layout = {"world_size": world.size, "ep_size": world.ep_size, "zero_stage": cfg.distributed.zero_stage}
     if resume_path is not None:
-        state = ckpt_io.load_checkpoint(resume_path, world.rank, lambda ok: runctl.all_ok(ok, world.distributed))
+        saved_layout = {key: int(meta.get(key, 0)) for key in layout}
+        same = saved_layout == layout
+        source = world.rank if same else min(world.rank, saved_layout["world_size"] - 1)  # data position: global
+        state = ckpt_io.load_checkpoint(resume_path, source, lambda ok: runctl.all_ok(ok, world.distributed))
+        if not same:
+            reshard.check_supported(resume_path, saved_layout, layout, state.rank_state)
     model = build_model(  # this rank's experts only; a resume reads only those of the checkpoint
         cfg.model,
         device=world.device,
@@ -217,12 +222,19 @@ def _train(cfg: RunConfig, world: World, control: runctl.StopControl, t0: float)
 
     start = 0
     if state is not None:
-        stepper.load_optimizer_state(state.rank_state["optimizer"])
+        moved = ""
+        if saved_layout == layout:
+            stepper.load_optimizer_state(state.rank_state["optimizer"])
+        else:
+            _load_resharded(stepper, state.path, saved_layout, world, cfg.distributed.zero_stage)
+            moved = ", resharded from {world_size} process(es), ep_size {ep_size}, ZeRO {zero_stage}".format(
+                **saved_layout
+            )
         batches.load_state_dict(state.rank_state["data"])
         ckpt_io.set_rng_state(state.rank_state["rng"])
         start = state.step
         if world.is_main:
-            print(f"resuming from {state.path} at step {start}", flush=True)
+            print(f"resuming from {state.path} at step {start}{moved}", flush=True)
         del state
 
     metrics = TrainingLog(cfg, world, start)
@@ -233,6 +245,16 @@ def _train(cfg: RunConfig, world: World, control: runctl.StopControl, t0: float)
     if world.is_main and (health := routing_health.summarize(metrics_log.read_metrics(run_dir))):
         print(routing_health.describe(health), flush=True)
     return {**summary, **result, "wall_s": time.perf_counter() - t0}
+
+
+def _load_resharded(stepper: Stepper, path: Path, saved: dict[str, int], world: World, zero_stage: int) -> None:
+    """Load a checkpoint's optimizer state saved under another process layout (experiments/reshard.py)."""
+    model = stepper.module
+    full, step = reshard.full_moments(saved, lambda r: ckpt_io.read_rank_state(path, r), reshard.expert_names(model))
+    fresh = stepper.optimizer_state()
+    stepper.load_optimizer_state(
+        reshard.local_state(fresh, stepper.param_names, model, full, step, world, zero_stage), resharded=True
+    )
 
 
 def _loop(
@@ -357,7 +379,7 @@ def _save(
         cfg.run_dir,
         step,
         model_state=model_state if world.is_main else None,
-        rank_state={"optimizer": stepper.optimizer_state(), "data": batches.state_dict(), "rng": ckpt_io.rng_state()},
+        rank_state=_rank_state(cfg, world, stepper, batches),
         meta={
             "tokens": tokens,
             "lr_horizon": horizon,
@@ -374,6 +396,21 @@ def _save(
         keep=cfg.train.keep_checkpoints,
     )
     control.saved(time.perf_counter() - started)
+
+
+def _rank_state(cfg: RunConfig, world: World, stepper: Stepper, batches: ResumableBatches) -> dict[str, Any]:
+    """What this rank writes to rank<r>.pt: the optimizer state only where it is unique (every rank at ZeRO
+    >= 1; at ZeRO 0 the first expert-parallel group, which holds every expert once), a pointer elsewhere."""
+    state: dict[str, Any] = {
+        "data": batches.state_dict(),
+        "rng": ckpt_io.rng_state(),
+        "param_names": stepper.param_names,
+    }
+    if cfg.distributed.zero_stage > 0 or world.rank < world.ep_size:
+        state["optimizer"] = stepper.optimizer_state()
+    else:
+        state["optimizer_from"] = world.rank % world.ep_size
+    return state
 
 
 # ---------------------------------------------------------------------- command line
