@@ -25,7 +25,12 @@ class MoEConfig:
     - bias_balancing: DeepSeek-V3 aux-loss-free balancing, bias updated by
       bias_update_rate after every optimizer step, used for selection only.
     - capacity_factor: None is dropless; otherwise each expert takes at most
-      ceil(capacity_factor * tokens * top_k / num_experts) tokens.
+      ceil(capacity_factor * tokens * top_k / num_experts) token-slots of one forward's
+      tokens, the latest ones dropped. Under expert parallelism `tokens` are each rank's own
+      (the drop is decided before the all-to-all, with no extra exchange): every rank may send
+      each expert that many slots, so an expert receives at most ep_size times it, the
+      capacity of the group's tokens split evenly between the sending ranks (GShard's
+      per-group capacity); a rank cannot use another rank's unused share.
     - backend: expert computation, "torch" | "grouped_mm" | "megablocks".
     """
 
