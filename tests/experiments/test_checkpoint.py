@@ -20,6 +20,7 @@ from experiments.checkpoint import (
     load_tokenizer,
 )
 from experiments.config import load_run_config
+from experiments.distributed import World, full_state_dict
 from experiments.metrics_log import read_metrics
 from experiments.sample import cli_main as generate_main
 from experiments.train import cli_main, train
@@ -194,3 +195,12 @@ def test_expert_rows_of_per_rank_files_equal_rows_of_the_whole_tensor() -> None:
     assert torch.equal(state[key], full[key]) and torch.equal(state["norm.weight"], full["norm.weight"])
     for first, stop in [(0, 2), (2, 4), (1, 3), (0, 4), (3, 4), (0, 1)]:
         assert torch.equal(state.expert_rows(key, first, stop), full[key][first:stop]), (first, stop)
+
+
+def test_only_rank_0_copies_the_model_to_save_it() -> None:
+    """full_state_dict is model.pt's content on rank 0 and nothing elsewhere: 8 ranks no longer each make a
+    host copy of the whole model that only rank 0 writes."""
+    model = torch.nn.Linear(4, 3)
+    assert full_state_dict(model, World(rank=1, size=2)) == {}
+    state = full_state_dict(model, World(rank=0, size=2))
+    assert state.keys() == model.state_dict().keys() and torch.equal(state["weight"], model.weight)
