@@ -77,6 +77,7 @@ class DataConfig:
 
     source: str = "stdlib"  # stdlib | a text file | a directory | a .jsonl file | a .u16.bin/.u32.bin file
     val_fraction: float = 0.05  # share of documents held out for validation (hash-based split)
+    bos: bool = False  # start every document with the tokenizer's bos (as pretrained Llamas were trained)
     cache_dir: str = "~/.cache/llamoe/data"  # tokenised corpora, keyed by content and tokenizer
     tasks: TaskMix = field(default_factory=TaskMix)  # synthetic long-context tasks mixed into training
 

@@ -45,7 +45,7 @@ from experiments import checkpoint as ckpt_io
 from experiments import init_from, metrics_log, reshard, routing_health, runctl
 from experiments.config import ConfigError, RunConfig, load_run_config
 from experiments.data.batches import MixedBatches, PackedBatches, ResumableBatches, ValidationBatches
-from experiments.data.corpus import load_corpus
+from experiments.data.corpus import Corpus, load_corpus
 from experiments.data.task_mix import task_sources
 from experiments.data.tasks import IGNORE_INDEX
 from experiments.data.tokenizer import Tokenizer
@@ -71,10 +71,18 @@ class TrainingDiverged(UserError, RuntimeError):
 
 
 # ---------------------------------------------------------------------- data
+def run_corpus(cfg: RunConfig, tokenizer: Tokenizer, split: str) -> Corpus:
+    """One split of the run's corpus; with data.bos every document starts with the tokenizer's bos."""
+    d = cfg.data
+    if d.bos and tokenizer.bos_id is None:
+        raise ConfigError("data.bos", f"the {cfg.tokenizer.kind} tokenizer defines no bos token; set data.bos=false")
+    return load_corpus(d.source, tokenizer, split, d.cache_dir, val_fraction=d.val_fraction, bos=d.bos)
+
+
 def train_batches(cfg: RunConfig, tokenizer: Tokenizer, world: World) -> ResumableBatches:
     """This rank's endless training batches of batch_size / world_size sequences: the corpus, mixed
     with synthetic task batches when data.tasks asks for them."""
-    corpus = load_corpus(cfg.data.source, tokenizer, "train", cfg.data.cache_dir, val_fraction=cfg.data.val_fraction)
+    corpus = run_corpus(cfg, tokenizer, "train")
     t, per_rank = cfg.train, cfg.train.batch_size // world.size
     packed = PackedBatches(corpus, t.seq_len, per_rank, t.seed, world.rank, world.size)
     mix = cfg.data.tasks
@@ -89,7 +97,7 @@ def train_batches(cfg: RunConfig, tokenizer: Tokenizer, world: World) -> Resumab
 
 def val_batches(cfg: RunConfig, tokenizer: Tokenizer, world: World) -> ValidationBatches:
     """The fixed validation windows of this rank, in micro batches."""
-    corpus = load_corpus(cfg.data.source, tokenizer, "val", cfg.data.cache_dir, val_fraction=cfg.data.val_fraction)
+    corpus = run_corpus(cfg, tokenizer, "val")
     return ValidationBatches(
         corpus, cfg.train.seq_len, cfg.micro_batch(world.size), cfg.train.val_batches, world.rank, world.size
     )
