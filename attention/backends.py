@@ -10,7 +10,8 @@ Every backend computes the same two things:
   it is the generic O(L·C) reshape over `causal`; flex implements it natively.
 
 Backends:
-- "sdpa": torch scaled_dot_product_attention; the reference, CPU and GPU.
+- "sdpa": torch scaled_dot_product_attention; the reference, CPU and GPU. Causal by is_causal
+  (Lq == Lk) or a lower-right causal bias (Lq < Lk), never a boolean mask it would have to build.
 - "flex": torch.nn.attention.flex_attention, compiled, with a position-aware mask_mod
   and a block mask built analytically (no dense L×L mask is ever evaluated), so fully
   masked blocks are skipped. CPU (slow first compile) and GPU.
@@ -28,12 +29,24 @@ from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
+from torch.backends.cuda import SDPAParams, can_use_efficient_attention, can_use_flash_attention
+from torch.nn.attention.bias import causal_lower_right
 
 from attention.chunked import check_key_range, chunked_attention, visible
 
-# Largest boolean mask (elements) sdpa builds at once. CPU SDPA keeps a masked call on its fused
-# kernel but copies the mask into a float bias, so a slice costs ~5 bytes per element: ~80 MiB.
+# Largest causal mask (elements) sdpa materialises at once where no kernel takes a lower-right causal bias
+# natively (CPU; fp32 or GQA on CUDA). CPU SDPA copies the boolean mask into a float bias, so a slice costs
+# ~5 bytes per element: ~80 MiB.
 SDPA_MASK_BUDGET = 1 << 24
+
+
+def _native_lower_right(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gqa: bool) -> bool:
+    """Will SDPA run a lower-right causal bias in a fused kernel (CUDA flash or memory-efficient), without
+    materialising it? The same test `torch.nn.attention.bias.CausalBias` makes before falling back to a mask."""
+    if q.device.type != "cuda":
+        return False
+    params = SDPAParams(q, k, v, None, 0.0, False, gqa)
+    return can_use_flash_attention(params) or can_use_efficient_attention(params)
 
 
 def sdpa_attention(
@@ -41,10 +54,11 @@ def sdpa_attention(
 ) -> torch.Tensor:
     """Bottom-right aligned causal attention with torch SDPA.
 
-    Square (Lq == Lk) and single-query calls need no mask. Otherwise (prefilling a block
-    behind a cache) the queries are split into row slices whose [rows, keys] mask stays
-    within `max_mask_elements`, so memory stays bounded at any cache length; each slice
-    also drops the keys that none of its rows can see.
+    Square calls (Lq == Lk) use is_causal and single-query calls need no mask. Otherwise (prefilling a
+    block behind a cache) the queries attend under `causal_lower_right(Lq, Lk)`, which the fused CUDA
+    kernels apply without any mask. Where SDPA would materialise that bias as an [Lq, Lk] mask instead,
+    the queries are split into row slices of at most `max_mask_elements` mask elements, so memory stays
+    bounded at any cache length; each slice is lower-right causal again over the keys it can see.
     """
     lq, lk = q.size(-2), k.size(-2)
     gqa = q.size(1) != k.size(1)
@@ -53,15 +67,15 @@ def sdpa_attention(
     if lq == 1:  # a single newest query sees every key
         return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
     offset = lk - lq  # query i sees keys j <= i + offset
-    rows = max(1, max_mask_elements // lk)
+    rows = lq if _native_lower_right(q, k, v, gqa) else max(1, max_mask_elements // lk)
     outs = []
     for r0 in range(0, lq, rows):
         r1 = min(lq, r0 + rows)
-        keys = offset + r1  # the slice's last row sees keys [0, keys)
-        mask = torch.ones(r1 - r0, keys, dtype=torch.bool, device=q.device).tril(diagonal=offset + r0)
+        keys = offset + r1  # rows [r0, r1) see keys [0, keys), the last row all of them: lower-right causal
+        bias = causal_lower_right(r1 - r0, keys)
         outs.append(
             F.scaled_dot_product_attention(
-                q[:, :, r0:r1], k[:, :, :keys], v[:, :, :keys], attn_mask=mask, enable_gqa=gqa
+                q[:, :, r0:r1], k[:, :, :keys], v[:, :, :keys], attn_mask=bias, enable_gqa=gqa
             )
         )
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)

@@ -119,6 +119,7 @@ class TrainConfig:
     save_every: int = 200  # steps between checkpoints; 0: only at the end
     keep_checkpoints: int = 2  # newest step_N directories kept
     precision: str = "fp32"  # fp32 | bf16 (autocast; weights, gradients and optimizer stay fp32)
+    tf32: bool = True  # on CUDA, fp32 matmuls and convolutions may use TF32 (torch's allow_tf32); false: full fp32
     device: str = "auto"  # auto (cuda if present) | cpu | cuda
     progress: Optional[bool] = None  # progress bar; null: only on an interactive terminal
     time_limit_s: Optional[float] = None  # wall clock of one invocation; stops and saves before it (exit 124)
@@ -205,15 +206,12 @@ def load_run_config(
     world_size: Optional[int] = 1,
     check_machine: bool = True,
 ) -> RunConfig:
-    """Defaults <- `source` (a YAML path or a mapping) <- overrides, then validate.
+    """Defaults <- `source` (a YAML path or a mapping) <- overrides, then validate; ConfigError names the key.
 
-    `overrides` is a mapping of (dotted or nested) keys to values, applied in order, or the
-    same as `key=value` items (experiments/overrides.py). `world_size` is the number of
-    processes the run will use; the batch layout and the expert-parallel size are checked
-    against it (None skips those checks, to read the config of a run trained with any number
-    of processes). `check_machine=False` skips the checks that depend on this machine (data
-    and tokenizer files exist, a CUDA device for train.device=cuda), to read a finished run's
-    config anywhere. Raises ConfigError naming the key.
+    `overrides`: a mapping of (dotted or nested) keys to values, applied in order, or `key=value` items
+    (experiments/overrides.py). The batch layout and expert-parallel size are checked against `world_size`,
+    the run's process count (None skips that, to read a run trained on any count). `check_machine=False`
+    skips the checks that depend on this machine (data and tokenizer files, CUDA for train.device=cuda).
     """
     layers: list[dict[str, Any]] = []
     if source is not None:

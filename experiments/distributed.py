@@ -119,14 +119,28 @@ def _env_int(name: str, default: int) -> int:
     return int(value) if value.isdigit() else default
 
 
+def set_tf32(enabled: bool) -> str:
+    """Let CUDA fp32 matmuls and convolutions use TF32 (`train.tf32`), or keep them full fp32; returns the log line.
+
+    The CUDA-only switches, not `torch.set_float32_matmul_precision`, which also changes CPU (oneDNN) matmuls.
+    """
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    torch.backends.cudnn.allow_tf32 = enabled
+    return f"TF32 matmuls {'on' if enabled else 'off (full fp32)'} (train.tf32={str(enabled).lower()})"
+
+
 def init_world(cfg: RunConfig) -> World:
-    """Join the process group the launcher set up (if any) and create the expert-parallel groups."""
+    """Join the process group the launcher set up (if any) and create the expert-parallel groups.
+    On CUDA, applies `train.tf32` and says so (rank 0)."""
     size = _env_int("WORLD_SIZE", 1)
     local_rank = _env_int("LOCAL_RANK", 0)
     use_cuda = cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available())
     if use_cuda:
         device = torch.device("cuda", local_rank if size > 1 else torch.cuda.current_device())
         torch.cuda.set_device(device)
+        line = set_tf32(cfg.train.tf32)
+        if _env_int("RANK", 0) == 0:
+            print(line, flush=True)
     else:
         device = torch.device("cpu")
     if size == 1:
@@ -402,5 +416,6 @@ __all__ = [
     "mark_expert_params",
     "moe_layers",
     "moe_param_groups",
+    "set_tf32",
     "sharded_state",
 ]
