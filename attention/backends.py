@@ -15,8 +15,9 @@ Backends:
 - "flex": torch.nn.attention.flex_attention, compiled, with a position-aware mask_mod
   and a block mask built analytically (no dense L×L mask is ever evaluated), so fully
   masked blocks are skipped. CPU (slow first compile) and GPU.
-- "flash": flash-attn's flash_attn_func; CUDA only; fp16/bf16 kernels, so fp32 inputs
-  are computed in bf16 and cast back.
+- "flash": flash-attn's flash_attn_func, FA4, FA3 or FA2, whichever is the newest installed that
+  the GPU supports (attention/flash.py); CUDA only; fp16/bf16 kernels, so fp32 inputs are computed
+  in bf16 and cast back.
 
 Shapes: B batch, H query heads, K kv heads, Lq queries, Lk keys, Dh head dim, C chunk.
 """
@@ -33,6 +34,10 @@ from torch.backends.cuda import SDPAParams, can_use_efficient_attention, can_use
 from torch.nn.attention.bias import causal_lower_right
 
 from attention.chunked import check_key_range, chunked_attention, visible
+from attention.flash import FlashFn, FlashVersion, flash_causal
+from attention.flash import installed as installed_flash
+from attention.flash import select as select_flash
+from config_error import ConfigError
 
 # Largest causal mask (elements) sdpa materialises at once where no kernel takes a lower-right causal bias
 # natively (CPU; fp32 or GQA on CUDA). CPU SDPA copies the boolean mask into a float bias, so a slice costs
@@ -108,35 +113,39 @@ class SdpaBackend(AttentionBackend):
 
 
 class FlashBackend(AttentionBackend):
-    """flash-attn 2 (Dao, 2023). Its causal=True is bottom-right aligned and it takes GQA natively.
-
-    Layout [B, L, heads, Dh]; fp16/bf16 only, so other dtypes run in bf16 and are cast back.
-    Chunked layers use the generic reshape (flash has sliding windows, not absolute chunks).
+    """flash-attn (Dao, 2023): the newest installed version that this GPU supports, FA4, FA3 or FA2
+    (`attention/flash.py`). causal=True is bottom-right aligned and GQA is native; fp16/bf16 only, so
+    other dtypes run in bf16 and are cast back. Chunked layers use the generic reshape (flash has
+    sliding windows, not absolute chunks).
     """
 
     name = "flash"
 
+    def __init__(self) -> None:
+        self._chosen: dict[tuple[int, int], tuple[FlashVersion, FlashFn]] = {}  # by compute capability
+
+    def _pick(self, device: torch.device) -> tuple[FlashVersion, FlashFn]:
+        capability = torch.cuda.get_device_capability(device)
+        if capability not in self._chosen:
+            self._chosen[capability] = select_flash(capability)
+        return self._chosen[capability]
+
+    def version(self, device: torch.device) -> FlashVersion:
+        """The flash-attn version that runs on CUDA `device`; ConfigError naming `attention.backend` if none."""
+        return self._pick(device)[0]
+
     def check(self, device: torch.device) -> None:
-        missing = []
-        if importlib.util.find_spec("flash_attn") is None:
-            missing.append("the flash-attn package is not installed (pip install flash-attn, or the 'gpu' extra)")
         if device.type != "cuda":
-            missing.append(f"it runs on CUDA only and the model is on {device.type}")
-        if missing:
-            raise RuntimeError(
-                "attention.backend='flash' cannot run: " + "; ".join(missing) + ". "
-                "Set attention.backend=sdpa (reference) or flex instead."
+            have = ", ".join(v.name for v, _ in installed_flash()) or "none"
+            raise ConfigError(
+                "attention.backend",
+                f"'flash' runs on CUDA only and the model is on {device.type} (flash-attn versions installed: "
+                f"{have}); set attention.backend=sdpa (reference) or flex",
             )
+        self.version(device)
 
     def causal(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        from flash_attn import flash_attn_func
-
-        dtype = q.dtype
-        run_dtype = dtype if dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
-        # [B, heads, L, Dh] -> [B, L, heads, Dh]; flash needs only the last dim contiguous
-        q, k, v = (t.transpose(1, 2).to(run_dtype) for t in (q, k, v))
-        out = flash_attn_func(q, k, v, causal=True)  # [B, Lq, H, Dh]
-        return out.transpose(1, 2).to(dtype)
+        return flash_causal(self._pick(q.device)[1], q, k, v)
 
 
 # flex_attention's sparse block size (queries x keys).

@@ -52,7 +52,7 @@ class AttentionConfig:
     - qk_norm: weightless RMS norm on q and k after RoPE, on RoPE layers.
     - temperature_tuning: scale NoPE-layer queries by
       1 + attn_scale * ln(1 + floor((p+1)/floor_scale)); eval-time switchable.
-    - backend: "sdpa" (reference), "flex" or "flash".
+    - backend: "sdpa" (reference), "flex" or "flash" (the newest installed FA4/FA3/FA2 the GPU supports).
     """
 
     nope_layer_interval: Optional[int] = None

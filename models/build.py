@@ -26,6 +26,7 @@ from typing import Any, Mapping, Optional, Union
 
 import torch
 
+from attention.backends import get_backend
 from models.config import ModelConfig
 from models.transformer import Transformer
 from moe.experts.base import Experts
@@ -52,8 +53,10 @@ def build_model(
     process group the MoE layers exchange tokens over (None builds the shard without one, for
     inspection and tests). The load is strict: a missing, unexpected or misshapen key raises
     RuntimeError. `state_dict` may be any mapping; each value is read once (step 4 above).
-    Returns the model in training mode.
+    Returns the model in training mode. An attention backend that cannot run on `device` fails first,
+    with ConfigError naming `attention.backend`.
     """
+    get_backend(cfg.attention.backend, device)  # fail before building, naming attention.backend (flash off CUDA)
     with torch.device("meta"):
         model = Transformer(cfg)
     if ep_size > 1:

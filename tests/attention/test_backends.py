@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from attention.backends import FlexBackend, backend_names, flex_block_mask, get_backend
+from config_error import ConfigError
 
 # (queries, keys, first query position, first key position, chunk or None for global causal)
 _CASES = [
@@ -99,7 +100,7 @@ def test_flex_compiled_on_cpu_matches_sdpa() -> None:
 
 
 def test_flash_fails_fast_naming_the_setting_and_the_fix() -> None:
-    with pytest.raises(RuntimeError, match=r"attention\.backend='flash'.*attention\.backend=sdpa"):
+    with pytest.raises(ConfigError, match=r"attention\.backend: 'flash' runs on CUDA only.*attention\.backend=sdpa"):
         get_backend("flash", "cpu")
 
 

@@ -130,7 +130,7 @@ def test_qk_norm_switch_changes_rope_layers() -> None:
 
 def test_setting_an_unavailable_backend_fails_before_changing_anything() -> None:
     model = Transformer(_cfg())
-    with pytest.raises(RuntimeError, match="attention.backend='flash'"):
+    with pytest.raises(ConfigError, match="attention.backend: 'flash' runs on CUDA only"):
         model.set_attention(backend="flash", temperature_tuning=False)  # no CUDA here
     assert model.attention_settings.backend == "sdpa" and model.attention_settings.temperature_tuning
 
