@@ -14,6 +14,11 @@ class Experts(nn.Module):
 
     Parameters (names are part of the checkpoint layout; `models/hf.py` maps them):
       w1 [E, D, F] gate, w3 [E, D, F] up, w2 [E, F, D] down.
+    A backend with `hidden_major = True` stores w1 and w3 with the strides of a contiguous [E, F, D]
+    (the same shape, names and values; only the memory order differs), so its kernels can take them
+    as one [D, E·F] matrix by a view. Casts, moves, `to_empty`, state-dict loads and optimizer states
+    keep that order (torch preserves a dense tensor's strides), and checkpoints hold the same tensors.
+
     `forward(x, tokens_per_expert)` takes x [N, D] whose first tokens_per_expert[0] rows go
     to expert 0, the next tokens_per_expert[1] rows to expert 1, and so on, and returns
     [N, D] in the same order, in x's dtype (the compute dtype, moe/precision.py). Rows past
@@ -21,6 +26,8 @@ class Experts(nn.Module):
     layer zeroes them), so the sizes never need to reach the host. Backends differ only in
     how they compute this.
     """
+
+    hidden_major = False  # store w1, w3 [E, D, F] in [E, F, D] memory order (see above)
 
     def __init__(
         self,
@@ -35,10 +42,17 @@ class Experts(nn.Module):
         self.dim = dim
         self.hidden_dim = hidden_dim
         self.first_expert = 0  # global index of the first expert held here (expert parallelism)
-        kw = {"device": device, "dtype": dtype}
-        self.w1 = nn.Parameter(torch.empty(num_experts, dim, hidden_dim, **kw))
-        self.w3 = nn.Parameter(torch.empty(num_experts, dim, hidden_dim, **kw))
-        self.w2 = nn.Parameter(torch.empty(num_experts, hidden_dim, dim, **kw))
+        self.w1 = nn.Parameter(self._gate_up_tensor(num_experts, dim, hidden_dim, device, dtype))
+        self.w3 = nn.Parameter(self._gate_up_tensor(num_experts, dim, hidden_dim, device, dtype))
+        self.w2 = nn.Parameter(torch.empty(num_experts, hidden_dim, dim, device=device, dtype=dtype))
+
+    def _gate_up_tensor(
+        self, e: int, d: int, f: int, device: torch.device | str | None, dtype: torch.dtype | None
+    ) -> torch.Tensor:
+        """An uninitialised [E, D, F] gate or up weight, in this backend's memory order."""
+        if self.hidden_major:  # [E, F, D] storage viewed as [E, D, F]
+            return torch.empty(e, f, d, device=device, dtype=dtype).transpose(1, 2)
+        return torch.empty(e, d, f, device=device, dtype=dtype)
 
     @classmethod
     def check_available(cls, hidden_dim: int) -> None:

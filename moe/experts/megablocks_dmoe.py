@@ -33,6 +33,8 @@ def _import_kernels() -> tuple[Any, Any]:
 class MegaBlocksExperts(Experts):
     """Block-sparse dMoE: pad groups to 128 rows, SwiGLU through stk sdd/dsd, unpad."""
 
+    hidden_major = True  # w1, w3 are handed to sdd as [D, E·F] views (`_dense_weights`)
+
     @classmethod
     def check_available(cls, hidden_dim: int) -> None:
         fix = "install megablocks on a CUDA machine (see moe/experts/__init__.py) or set moe.backend=torch"
@@ -72,18 +74,23 @@ class MegaBlocksExperts(Experts):
         )
 
     def _dense_weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """w1, w3 as [D, E·F] (column e·F+f = w[e, :, f]) and w2 as [E·F, D], in `dtype`.
+        """w1, w3 as [D, E·F] (column e·F+f = w[e, :, f]) and w2 as [E·F, D], in `dtype`: views of the parameters.
 
-        w2 [E, F, D] is a free view. w1 and w3 [E, D, F] cannot be viewed as [D, E·F], so each is
-        written once into its new layout by the same copy that casts it to the compute dtype (the
-        copy autocast makes of every fp32 weight anyway), not cast and then relaid out.
+        w1 and w3 are stored hidden-major, so w.transpose(1, 2) is a contiguous [E, F, D], i.e. [E·F, D], and
+        its transpose is the [D, E·F] operand, strides (1, D), that stk's sdd takes (MegaBlocks' own dMoE
+        passes its [E·F, D] weights transposed the same way). w2 [E, F, D] is [E·F, D] as it is. Nothing is
+        copied when `dtype` is the parameters' dtype; otherwise the one copy is the cast autocast would make
+        anyway, written in this layout. A parameter whose storage was replaced by a contiguous one (DeepSpeed
+        ZeRO-1/2 flattens parameters into its buffers) is relaid out by that same single copy.
         """
         e, d, f = self.w1.shape
-        w1, w3 = (
-            torch.empty(d, e, f, dtype=dtype, device=w.device).copy_(w.permute(1, 0, 2)).view(d, e * f)
-            for w in (self.w1, self.w3)
-        )
-        return w1, w3, self.w2.to(dtype).view(e * f, d)
+
+        def rows(w: torch.Tensor) -> torch.Tensor:  # [E, F, D] -> [E·F, D] in `dtype`, a view where possible
+            # (`to` ignores memory_format when it has nothing to cast, so that case asks `contiguous`)
+            w = w.contiguous() if w.dtype == dtype else w.to(dtype, memory_format=torch.contiguous_format)
+            return w.view(e * f, d)
+
+        return rows(self.w1.transpose(1, 2)).t(), rows(self.w3.transpose(1, 2)).t(), rows(self.w2)
 
     def forward(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:  # [N, D] -> [N, D]
         _, stk = _import_kernels()
