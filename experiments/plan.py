@@ -52,6 +52,7 @@ from experiments.bench import PEAK_TFLOPS
 from experiments.config import resolve_model
 from experiments.errors import UsageError
 from models import ModelConfig
+from models.loss import chunk_positions
 from models.presets import names as preset_names
 
 GIB = 2**30
@@ -173,11 +174,13 @@ def state_bytes(cfg: ModelConfig, lay: Layout) -> dict[str, int]:
 
 
 def weight_cast_bytes(cfg: ModelConfig, lay: Layout) -> int:
-    """bf16 copies autocast makes of the matmul weights and keeps for backward (not the embedding or the norms)."""
+    """bf16 copies autocast makes of the matmul weights and keeps for backward: not the embedding, the norms, the
+    fp32 routers (moe/precision.py), or the output head, whose copy the chunked loss remakes per chunk."""
     if lay.dtype != "bf16":
         return 0
-    lookup = 0 if cfg.tie_embeddings else cfg.vocab_size * cfg.dim
-    return 2 * (params_per_rank(cfg, lay) - lookup - (2 * cfg.n_layers + 1) * cfg.dim)
+    vocab = cfg.vocab_size * cfg.dim * (1 if cfg.tie_embeddings else 2)  # embedding and head
+    routers = sum(cfg.is_moe(i) for i in range(cfg.n_layers)) * cfg.moe.num_experts * cfg.dim if cfg.moe else 0
+    return 2 * (params_per_rank(cfg, lay) - vocab - routers - (2 * cfg.n_layers + 1) * cfg.dim)
 
 
 # ---------------------------------------------------------------------- activations
@@ -221,20 +224,21 @@ def ffn_bytes(cfg: ModelConfig, layer: int, t: int, act: int) -> int:
     assert moe is not None
     slots = t * moe.top_k  # dropless and balanced: every token-slot is computed once
     shared = moe.shared_expert_hidden
-    n += _inputs(1 + 2 * (shared > 0), t * cfg.dim, act)  # router and shared expert read the normed input
-    n += act * t * moe.num_experts + INDEX * slots  # router scores; the chosen ids
-    n += act * t * moe.num_experts + act * t  # the z-loss's logsumexp input and output (kept even at weight 0)
+    n += FP32 * t * cfg.dim  # the router reads the normed input in fp32 (moe/precision.py)
+    n += 2 * act * t * cfg.dim * (shared > 0 and act != FP32)  # the shared expert's casts of it
+    n += FP32 * t * moe.num_experts + INDEX * slots  # router scores; the chosen ids
+    n += FP32 * t * moe.num_experts + FP32 * t  # the z-loss's logsumexp input and output (kept even at weight 0)
     if moe.aux_loss_weight > 0 and moe.score_func == "sigmoid":
-        n += act * t  # the scores' sum, normalising them for the aux loss
-    n += 2 * INDEX * slots + FP32 * slots  # slot and token ids, routing weights
-    if moe.score_on == "input":
-        n += FP32 * slots * cfg.dim  # the permuted fp32 slots, kept by the score multiply
-        n += _inputs(2, slots * cfg.dim, act)  # the scaled slots the experts read
-        n += act * slots * cfg.dim  # the experts' output, kept by the scatter-add back to tokens
+        n += FP32 * t  # the scores' sum, normalising them for the aux loss
+    n += 2 * INDEX * slots  # slot and token ids
+    if moe.score_on == "input":  # the weights multiply the slots in the compute dtype
+        n += act * slots + act * slots * cfg.dim  # the weights and the permuted slots, kept by the multiply
+        n += act * slots * cfg.dim  # the scaled slots the experts read
+        n += FP32 * slots * cfg.dim  # the experts' output in the stream's dtype, kept by the scatter-add
     else:
-        n += _inputs(2, slots * cfg.dim, act)  # the permuted slots the experts read
-        n += act * slots * cfg.dim  # the experts' output, kept by the score multiply
-        n += FP32 * slots * cfg.dim  # times the fp32 scores, kept by the scatter-add back to tokens
+        n += act * slots * cfg.dim  # the permuted slots the experts read
+        n += FP32 * slots + FP32 * slots * cfg.dim  # the weights and the experts' fp32 output, kept by the multiply
+        n += FP32 * slots * cfg.dim  # the weighted output, kept by the scatter-add back to tokens
     n += 4 * act * slots * moe.expert_hidden_dim  # w1 and w3 outputs, silu, their product
     return n + 4 * act * t * shared
 
@@ -254,9 +258,12 @@ def activation_bytes(
     """
     t = batch * seq_len
     act = 2 if dtype == "bf16" else FP32
-    held = INDEX * t + FP32 * seq_len * cfg.head_size + act * t * cfg.vocab_size  # ids, RoPE table, logits
-    head = _norm(cfg, t) + _inputs(1, t * cfg.dim, act) + FP32 * t * cfg.vocab_size + INDEX * t  # log-softmax
-    loss = 2 * FP32 * t * cfg.vocab_size
+    held = INDEX * t + FP32 * seq_len * cfg.head_size  # ids, RoPE table
+    head = _norm(cfg, t) + FP32 * t * cfg.dim + INDEX * t  # the final norm, its output (the loss's input), targets
+    c = min(t, chunk_positions(cfg.vocab_size))  # the loss recomputes one chunk's logits at a time (models/loss.py)
+    loss = 3 * FP32 * c * cfg.vocab_size  # the chunk's fp32 log-softmax, its gradient and the logits' gradient
+    if act != FP32:
+        loss += act * c * (cfg.dim + cfg.vocab_size)  # the head's bf16 input and logits
     blocks = [block_bytes(cfg, i, batch, seq_len, act) for i in range(cfg.n_layers)]
     if not checkpointing:
         saved = held + head + sum(blocks)
@@ -281,7 +288,9 @@ def alltoall_bytes(cfg: ModelConfig, lay: Layout) -> dict[str, int]:
     act = 2 if lay.dtype == "bf16" else FP32
     moe_layers = sum(cfg.is_moe(i) for i in range(cfg.n_layers))
     passes = 3 if lay.checkpointing else 2  # forward, backward, and the recomputed forward
-    per_rank = moe_layers * passes * lay.tokens * cfg.moe.top_k * cfg.dim * (FP32 + act)  # dispatch + combine
+    per_rank = (
+        moe_layers * passes * lay.tokens * cfg.moe.top_k * cfg.dim * 2 * act
+    )  # dispatch + combine (moe/precision.py)
     worst = (0, 0)
     for rank in range(lay.gpus):
         group = range(rank - rank % lay.ep, rank - rank % lay.ep + lay.ep)

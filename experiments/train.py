@@ -38,7 +38,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from experiments import checkpoint as ckpt_io
@@ -62,6 +61,7 @@ from experiments.optim import LocalStepper, Stepper, build_optimizer, lr_at, sch
 from experiments.train_metrics import RouterStats, TrainingLog, peak_memory_gib
 from models.build import build_model
 from models.compile import compile_blocks
+from models.loss import lm_cross_entropy
 from models.transformer import ModelOutput
 from moe.balance import BiasBalancer
 
@@ -105,8 +105,8 @@ def val_batches(cfg: RunConfig, tokenizer: Tokenizer, world: World) -> Validatio
 
 def lm_loss(out: ModelOutput, targets: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy in fp32 over the positions whose target is not IGNORE_INDEX
-    (task batches train on their answers only)."""
-    return F.cross_entropy(out.logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+    (task batches train on their answers only), head and loss in chunks (models/loss.py)."""
+    return lm_cross_entropy(out, targets, ignore_index=IGNORE_INDEX)
 
 
 @torch.no_grad()

@@ -19,7 +19,6 @@ from typing import Any, Callable, Optional
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
@@ -38,6 +37,7 @@ from experiments.plan import (
     weight_cast_bytes,
     zero_partition,
 )
+from experiments.train import lm_loss
 from models import ModelConfig, Transformer, presets
 
 WORKER = Path(__file__).resolve().parent / "plan_worker.py"
@@ -116,7 +116,7 @@ def test_zero3_shards_a_dense_model_and_the_table_prints(capsys: pytest.CaptureF
 # ---------------------------------------------------------------------- communication
 def test_alltoall_bytes_split_by_node() -> None:
     scout = presets.get("llama4-scout")
-    per_rank = 48 * 2 * 8192 * 5120 * (4 + 2)  # MoE layers x (fwd, bwd) x slots x dim x (fp32 dispatch + bf16 combine)
+    per_rank = 48 * 2 * 8192 * 5120 * (2 + 2)  # MoE layers x (fwd, bwd) x slots x dim x (bf16 dispatch + combine)
     assert alltoall_bytes(scout, Layout(gpus=16, ep=16)) == {
         "intra_node": per_rank * 7 // 16,  # 7 of the 15 peers share the node
         "inter_node": per_rank * 8 // 16,
@@ -164,10 +164,11 @@ def tiny_model(extra: tuple[str, ...] = (), seq_len: int = 128) -> tuple[ModelCo
 
 
 def loss_of(model: Transformer, tokens: torch.Tensor, dtype: str) -> tuple[Any, torch.Tensor]:
-    """The training loop's forward (autocast for bf16) and loss (fp32 cross-entropy outside autocast)."""
+    """The training loop's forward (autocast for bf16) and loss (train.lm_loss: head and fp32 cross-entropy in
+    checkpointed chunks, outside autocast)."""
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
         out = model(tokens[:, :-1])
-    return out, F.cross_entropy(out.logits.float().flatten(0, 1), tokens[:, 1:].flatten()) + out.aux_loss
+    return out, lm_loss(out, tokens[:, 1:]) + out.aux_loss
 
 
 VARIANT = ("moe.score_on=output", "moe.aux_loss_weight=0.01", "moe.top_k=2", "attention.qk_norm=false")
@@ -187,7 +188,7 @@ def test_activation_estimate_equals_the_bytes_autograd_saves(dtype: str, extra: 
         out, loss = loss_of(model, tokens, dtype)
     gc.collect()
     alive = [t for t in (ref() for ref in packed) if t is not None]  # the graph still holds them
-    storages = {t.untyped_storage().data_ptr(): t for t in alive + [out.logits]}
+    storages = {t.untyped_storage().data_ptr(): t for t in alive}
     for p in model.parameters():
         storages.pop(p.untyped_storage().data_ptr(), None)
     weights = [w for p in model.parameters() if p.dim() > 1 for w in (p.unbind() if p.dim() == 3 else [p])]
