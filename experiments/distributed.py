@@ -237,26 +237,43 @@ def _gather_partitioned(model: nn.Module, world: World) -> dict[str, torch.Tenso
 
 
 # ---------------------------------------------------------------------- gradient norm
+def _by_device_and_dtype(tensors: list[torch.Tensor]) -> dict[tuple[torch.device, torch.dtype], list[torch.Tensor]]:
+    groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+    for t in tensors:
+        groups.setdefault((t.device, t.dtype), []).append(t)
+    return groups
+
+
+def _squared_norm(grads: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """The sum of the squared L2 norms of `grads`, fp32 on `device`: one `torch._foreach_norm` per (device,
+    dtype) group, accumulating in fp32 from the gradients' own dtype instead of copying each to fp32."""
+    total = torch.zeros((), dtype=torch.float32, device=device)
+    for group in _by_device_and_dtype(grads).values():
+        norms = torch._foreach_norm(group, 2, dtype=torch.float32)  # one fp32 scalar per tensor
+        total += torch.stack(norms).square().sum().to(device)
+    return total
+
+
 def clip_grad_norm(params: Iterable[nn.Parameter], max_norm: float, world: World) -> torch.Tensor:
     """Clip gradients (already averaged over data-parallel ranks) to global L2 norm `max_norm`; return the norm.
 
     Replicated parameters count once; expert parameters differ between the ranks of an
     expert-parallel group, so their squared norms are summed over that group. max_norm 0
-    only measures.
+    only measures. Norms and the scaling run as foreach kernels grouped by device and dtype
+    (as torch.nn.utils.clip_grad_norm_ does), with fp32 accumulation.
     """
     params = [p for p in params if p.grad is not None]
-    dense = [p.grad.detach().float() for p in params if not is_expert_param(p)]
-    expert = [p.grad.detach().float() for p in params if is_expert_param(p)]
+    dense = [p.grad.detach() for p in params if not is_expert_param(p)]
+    expert = [p.grad.detach() for p in params if is_expert_param(p)]
     device = params[0].grad.device if params else world.device
-    dense_sq = torch.stack([g.square().sum() for g in dense]).sum() if dense else torch.zeros((), device=device)
-    expert_sq = torch.stack([g.square().sum() for g in expert]).sum() if expert else torch.zeros((), device=device)
+    dense_sq, expert_sq = _squared_norm(dense, device), _squared_norm(expert, device)
     if world.ep_size > 1:
         collectives.all_reduce(expert_sq, group=world.ep_group)
     norm = (dense_sq + expert_sq).sqrt()
     if max_norm > 0:
         scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)  # torch.nn.utils.clip_grad_norm_'s rule
-        for p in params:
-            p.grad.detach().mul_(scale.to(p.grad.device))
+        for (grad_device, _), group in _by_device_and_dtype(dense + expert).items():
+            torch._foreach_mul_(group, scale.to(grad_device))
     return norm
 
 

@@ -9,7 +9,8 @@ w2 [E, F, D]) and gives the same result as "torch" up to floating-point rounding
   The fused CUDA kernel wants bf16 with D and F multiples of 8; torch 2.13 also runs it
   on CPU (fp32 and bf16), where the tests check it against "torch".
 - "megablocks": MegaBlocks' dropless block-sparse kernels (`megablocks.ops` + `stk`).
-  CUDA only, and expert_hidden_dim must be a multiple of 128.
+  CUDA only, and expert_hidden_dim must be a multiple of 128. It stores w1, w3 in [E, F, D]
+  memory order (same shape and checkpoint), so the kernels get them as views (moe/experts/base.py).
 
 What megablocks needs (megablocks 0.10.0, the newest on PyPI; checked from its sdist
 metadata):
