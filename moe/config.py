@@ -32,6 +32,16 @@ class MoEConfig:
       capacity of the group's tokens split evenly between the sending ranks (GShard's
       per-group capacity); a rank cannot use another rank's unused share.
     - backend: expert computation, "torch" | "grouped_mm" | "megablocks".
+
+    The router must learn from the language-model loss. It gets that loss's gradient only through
+    the gate weights (the expert choice is a top-k, not differentiable), so a layout whose gate is
+    a constant is refused: top_k=1 with renormalize (s / s = 1 for every score_func and score_on)
+    and softmax over num_experts=1 (the softmax of one logit is 1). Measured on a tiny llama4-tiny,
+    LM loss only: the router weight gradient norm is ~1e-9 (rounding) in all four top-1 +
+    renormalize layouts against 1e-3..1e-2 in every other top-1/top-2 x renormalize x score_on x
+    score_func layout (benchmarks/RESULTS.md, "Routers that learn"). An aux loss or a z-loss does
+    not make such a layout acceptable: it moves the router towards balance or small logits, never
+    towards the expert that lowers the loss, and bias balancing moves no weight at all.
     """
 
     num_experts: int = 16
@@ -76,6 +86,19 @@ class MoEConfig:
             self.capacity_factor is None or self.capacity_factor > 0,
             "capacity_factor",
             "must be null (dropless) or > 0",
+        )
+        need(
+            not (self.top_k == 1 and self.renormalize),
+            "renormalize",
+            "with moe.top_k=1 the one renormalised gate is always exactly 1, so the router gets no gradient "
+            "from the loss (for any moe.score_func and moe.score_on); set moe.renormalize=false (the gate is "
+            "the router's score, as in Switch) or moe.top_k>=2",
+        )
+        need(
+            not (self.score_func == "softmax" and self.num_experts == 1),
+            "score_func",
+            "a softmax over moe.num_experts=1 is always exactly 1, so the router gets no gradient; "
+            "set moe.score_func=sigmoid or moe.num_experts>=2",
         )
         need(
             self.backend in ("torch", "grouped_mm", "megablocks"),

@@ -234,7 +234,7 @@ def test_unsupported_hf_config_names_the_field(override: dict[str, Any], field: 
     [
         ({"score_func": "softmax"}, "moe.score_func"),
         ({"score_on": "output"}, "moe.score_on"),
-        ({"renormalize": True}, "moe.renormalize"),
+        ({"renormalize": True, "top_k": 2}, "moe.renormalize"),  # top-1 renormalised is refused by MoEConfig
         ({"num_shared_experts": 0}, "moe.num_shared_experts"),
         ({"shared_expert_hidden_dim": 4096}, "moe.shared_expert_hidden_dim"),
         ({"capacity_factor": 1.25}, "moe.capacity_factor"),

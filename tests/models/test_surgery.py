@@ -86,7 +86,7 @@ def test_partition_with_every_expert_active_and_unit_gates_is_the_dense_ffn(shar
 
 
 @pytest.mark.parametrize("shared", [0, 1])
-@pytest.mark.parametrize("top_k", [1, 2, 4])
+@pytest.mark.parametrize("top_k", [2, 4])  # top-1 renormalised is refused: its gate is a constant 1
 def test_copy_with_gates_summing_to_one_on_the_output_is_the_dense_ffn(shared: int, top_k: int) -> None:
     source = dense()
     target = moe_target(

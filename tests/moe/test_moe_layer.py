@@ -47,7 +47,12 @@ def dense_reference(layer: MoE, x: torch.Tensor, cfg: MoEConfig) -> torch.Tensor
     return out.reshape(x.shape)
 
 
-CASES = list(itertools.product(["sigmoid", "softmax"], ["input", "output"], [1, 2], [False, True]))
+# top-1 renormalised is refused (its gate is exactly 1: tests/moe/test_router_learns.py)
+CASES = [
+    c
+    for c in itertools.product(["sigmoid", "softmax"], ["input", "output"], [1, 2], [False, True])
+    if c[2:] != (1, True)
+]
 
 
 @pytest.mark.parametrize("score_func,score_on,top_k,renormalize", CASES)
