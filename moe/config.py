@@ -38,7 +38,7 @@ class MoEConfig:
     a constant is refused: top_k=1 with renormalize (s / s = 1 for every score_func and score_on)
     and softmax over num_experts=1 (the softmax of one logit is 1). Measured on a tiny llama4-tiny,
     LM loss only: the router weight gradient norm is ~1e-9 (rounding) in all four top-1 +
-    renormalize layouts against 1e-3..1e-2 in every other top-1/top-2 x renormalize x score_on x
+    renormalize layouts against 1.0e-3..1.4e-2 in every other top-1/top-2 x renormalize x score_on x
     score_func layout (benchmarks/RESULTS.md, "Routers that learn"). An aux loss or a z-loss does
     not make such a layout acceptable: it moves the router towards balance or small logits, never
     towards the expert that lowers the loss, and bias balancing moves no weight at all.
