@@ -1,4 +1,4 @@
-"""The `llamoe` command: train | eval | ablate | bench | plan | convert | generate.
+"""The `llamoe` command: train | eval | ablate | bench | plan | convert | generate | data.
 
 Each subcommand lives in its own module and exposes `cli_main(argv) -> int`;
 this file only routes, so importing it stays cheap and the modules stay independent.
@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "plan": ("experiments.plan", "memory per rank, all-to-all bytes, FLOPs and a step-time bound: MODEL --gpus N"),
     "convert": ("experiments.convert", "convert checkpoints between llamoe and Hugging Face formats"),
     "generate": ("experiments.sample", "generate text from a trained run: RUN_DIR --prompt ..."),
+    "data": ("experiments.data.prepare", "tokenise a corpus into shards for data.source=OUT: prepare SOURCE OUT"),
 }
 
 

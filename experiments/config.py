@@ -75,7 +75,7 @@ class DataConfig:
     corpus supplies the rest. Validation loss is always measured on the corpus.
     """
 
-    source: str = "stdlib"  # stdlib | a text file | a directory | a .jsonl file | a .u16.bin/.u32.bin file
+    source: str = "stdlib"  # stdlib | text file | directory | .jsonl | .u16.bin/.u32.bin | `llamoe data prepare` dir
     val_fraction: float = 0.05  # share of documents held out for validation (hash-based split)
     bos: bool = False  # start every document with the tokenizer's bos (as pretrained Llamas were trained)
     cache_dir: str = "~/.cache/llamoe/data"  # tokenised corpora, keyed by content and tokenizer

@@ -17,6 +17,8 @@ Sources (the value of `data.source`):
                          excluded), sorted by relative path; one document per file
     a directory          every non-hidden file below it (recursively, sorted); one document per file
     a `.jsonl` file      one document per non-blank line, from its "text" field
+    a prepared directory the output of `llamoe data prepare` (a manifest.json; experiments/data/prepared.py):
+                         memory-mapped in place, not cached, nothing re-read or re-hashed
     a `.u16.bin` or      pre-tokenised ids, raw little-endian uint16 / uint32 (the suffix is the
     `.u32.bin` file      dtype); used in place, not cached; documents are delimited by the eos ids
                          already in it
@@ -53,6 +55,7 @@ from typing import Iterator
 
 import numpy as np
 
+from experiments.data import prepared
 from experiments.data.tokenizer import Tokenizer
 from experiments.errors import write_failed
 from models.config import ConfigError
@@ -73,7 +76,7 @@ class CorpusInfo:
     """What a run records about its data: enough to tell whether two runs saw the same tokens."""
 
     source: str
-    kind: str  # stdlib | directory | jsonl | text | tokens
+    kind: str  # stdlib | directory | jsonl | text | tokens | prepared
     split: str
     corpus_hash: str  # content of the whole source (both splits)
     tokenizer: str  # tokenizer fingerprint
@@ -136,6 +139,11 @@ def load_corpus(
     kind, path = _resolve(source)
     if kind == "tokens":
         return _load_token_file(source, path, tokenizer, split, val_fraction)
+    if kind == "prepared":
+        tokens, offsets, manifest = prepared.open_prepared(path, tokenizer, split, val_fraction, bos)
+        info = CorpusInfo(source, kind, split, manifest["source"]["sha256"], tokenizer.fingerprint, val_fraction,
+                          bos, len(offsets) - 1, len(tokens))  # fmt: skip
+        return Corpus(tokens, offsets, info, None, from_cache=False)  # type: ignore[arg-type]
 
     files = _list_files(kind, path)
     corpus_hash = _hash_files(files, path if path.is_dir() else path.parent)
@@ -179,7 +187,11 @@ def _resolve(source: str) -> tuple[str, Path]:
             where = f"{parent} does not exist either"
         raise ConfigError("data.source", f"{source!r} does not exist ({where}). {_SOURCE_HELP}")
     if path.is_dir():
-        return "directory", path
+        if prepared.is_interrupted(path):
+            raise ConfigError(
+                "data.source", f"{source!r} holds an interrupted `llamoe data prepare` (no manifest.json); rerun it"
+            )
+        return ("prepared" if prepared.is_prepared(path) else "directory"), path
     if path.name.endswith((".u16.bin", ".u32.bin")):
         return "tokens", path
     if path.suffix == ".bin":
