@@ -41,16 +41,15 @@ import os
 import shutil
 from collections import deque
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 import numpy as np
 
-from experiments.config import TokenizerConfig
+from config_error import ConfigError
 from experiments.data import corpus, prepared
 from experiments.data.prepare_worker import Item, Piece, init_worker, tokenise_item
 from experiments.data.tokenizer import Tokenizer
 from experiments.errors import USAGE, UsageError, UserError, report, write_failed, write_text_atomic
-from models.config import ConfigError
 
 try:
     import pyarrow.parquet as pq
@@ -193,17 +192,16 @@ class _Reader:
 
 
 def _items(docs: Iterator[tuple[str, Piece]]) -> Iterator[Item]:
-    """Group consecutive pieces of one split into items of about ITEM_BYTES of text."""
-    split, pieces, size = "", [], 0
-    for doc_split, piece in docs:
-        if pieces and (doc_split != split or size >= ITEM_BYTES):
-            yield split, pieces
-            pieces, size = [], 0
-        split = doc_split
-        pieces.append(piece)
-        size += len(piece.text)
-    if pieces:
-        yield split, pieces
+    """Group each split's pieces, in order, into items of about ITEM_BYTES of text."""
+    pending: dict[str, list[Piece]] = {split: [] for split in corpus.SPLITS}
+    sizes = dict.fromkeys(corpus.SPLITS, 0)
+    for split, piece in docs:
+        pending[split].append(piece)
+        sizes[split] += len(piece.text)
+        if sizes[split] >= ITEM_BYTES:
+            yield split, pending[split]
+            pending[split], sizes[split] = [], 0
+    yield from ((split, pieces) for split, pieces in pending.items() if pieces)
 
 
 class _SplitWriter:
@@ -279,6 +277,8 @@ def _claim(out: Path) -> Path:
         raise UsageError(
             f"{out} already holds a prepared corpus ({prepared.MANIFEST}); remove it or choose another OUT"
         )
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{out} is a file; OUT must be a new or empty directory")
     if out.is_dir() and any(out.iterdir()) and not prepared.is_interrupted(out):
         raise UsageError(f"{out} exists and is not empty; choose a new or empty OUT directory")
     try:
@@ -296,7 +296,8 @@ def _claim(out: Path) -> Path:
 def prepare(
     source: str | Path,
     out: str | Path,
-    tokenizer_cfg: TokenizerConfig,
+    tokenizer: Tokenizer,
+    tokenizer_path: Optional[str] = None,
     *,
     workers: int = 1,
     val_fraction: float = 0.05,
@@ -304,14 +305,14 @@ def prepare(
     text_field: str = "text",
     shard_tokens: int = 1 << 27,
 ) -> dict[str, Any]:
-    """Tokenise `source` into `out` (see the module docstring); returns the manifest."""
+    """Tokenise `source` into `out` with `tokenizer` (loaded from `tokenizer_path`, which the manifest records;
+    see the module docstring); returns the manifest."""
     if not 0.0 <= val_fraction < 1.0:
         raise UsageError(f"--val-fraction must be in [0, 1), got {val_fraction}")
     if workers < 1 or shard_tokens < 1:
         raise UsageError(f"--workers and --shard-tokens must be >= 1, got {workers} and {shard_tokens}")
     src, out = Path(source).expanduser().absolute(), Path(out).expanduser().absolute()
     reader = _Reader(src, _kind(src), val_fraction, text_field)
-    tokenizer = tokenizer_cfg.build()
     if bos and tokenizer.bos_id is None:
         raise UsageError(f"the {tokenizer.kind} tokenizer defines no bos token; drop --bos")
     dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32)
@@ -334,7 +335,7 @@ def prepare(
     manifest = {
         "format": prepared.FORMAT,
         "version": prepared.VERSION,
-        "tokenizer": prepared.tokenizer_identity(tokenizer, tokenizer_cfg.path),
+        "tokenizer": prepared.tokenizer_identity(tokenizer, tokenizer_path),
         "dtype": dtype.name,
         "val_fraction": val_fraction,
         "bos": bos,
@@ -376,7 +377,8 @@ def cli_main(argv: list[str]) -> int:
     p.add_argument("out", help="a new or empty directory for the shards and manifest.json")
     p.add_argument("--tokenizer", default="byte_level", help="tokenizer.kind: byte_level | llama3 | llama4 | hf")
     p.add_argument("--tokenizer-path", help="tokenizer.path: the tokenizer.model / tokenizer.json file")
-    p.add_argument("--workers", type=int, default=1, help="tokenising processes (default 1: in this process)")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                   help="tokenising processes (default: the CPU count; 1 tokenises in this process)")  # fmt: skip
     p.add_argument("--val-fraction", type=float, default=0.05, help="data.val_fraction the runs will use")
     p.add_argument("--bos", action="store_true", help="start every document with bos (data.bos=true)")
     p.add_argument("--text-field", default="text", help="the JSONL field / parquet column holding the text")
@@ -387,8 +389,9 @@ def cli_main(argv: list[str]) -> int:
         if args.tokenizer != "byte_level" and not args.tokenizer_path:
             raise UsageError(f"--tokenizer {args.tokenizer} needs --tokenizer-path")
         path = str(Path(args.tokenizer_path).expanduser().absolute()) if args.tokenizer_path else None
+        tokenizer = Tokenizer.byte_level() if path is None else Tokenizer.from_file(path, kind=args.tokenizer)
         manifest = prepare(
-            args.source, args.out, TokenizerConfig(args.tokenizer, path), workers=args.workers,
+            args.source, args.out, tokenizer, path, workers=args.workers,
             val_fraction=args.val_fraction, bos=args.bos, text_field=args.text_field, shard_tokens=args.shard_tokens,
         )  # fmt: skip
     except (UserError, ConfigError, FileNotFoundError, ValueError) as e:  # bad source, tokenizer file or option

@@ -30,8 +30,8 @@ from typing import Any, Optional, Union
 
 import numpy as np
 
+from config_error import ConfigError
 from experiments.data.tokenizer import Tokenizer
-from models.config import ConfigError
 
 MANIFEST = "manifest.json"
 MARKER = ".llamoe-prepare"  # present while a prepare is writing into the directory

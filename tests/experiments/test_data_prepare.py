@@ -43,6 +43,11 @@ def bpe(tmp_path: Path) -> TokenizerConfig:
     return TokenizerConfig("llama3", str(write_bpe(tmp_path / "tok.model", MERGES)))
 
 
+def run_prepare(source: Path, out: Path, cfg: TokenizerConfig, **options: Any) -> dict[str, Any]:
+    """prepare() with the tokenizer a run config section describes (its path goes into the manifest)."""
+    return prep.prepare(source, out, cfg.build(), cfg.path, **options)
+
+
 def write_source(kind: str, root: Path, docs: list[str]) -> Path:
     if kind == "text":
         (root / "all.txt").write_text("".join(docs))
@@ -88,7 +93,7 @@ def test_round_trip_equals_tokenising_the_documents(
     monkeypatch.setattr(prep, "ITEM_BYTES", 300)  # many work items; a text file in many pieces
     source = write_source(kind, tmp_path, docs)
     bos = kind in ("jsonl", "text")
-    manifest = prep.prepare(source, tmp_path / "out", bpe, val_fraction=0.2, bos=bos, text_field="body",
+    manifest = run_prepare(source, tmp_path / "out", bpe, val_fraction=0.2, bos=bos, text_field="body",
                             shard_tokens=2000)  # fmt: skip
     tok = bpe.build()
     assert manifest["dtype"] == "uint16" and manifest["source"]["kind"] == kind
@@ -117,8 +122,8 @@ def test_one_and_two_workers_write_identical_shards(
 ) -> None:
     monkeypatch.setattr(prep, "ITEM_BYTES", 500)
     source = write_source("directory", tmp_path, docs)
-    one = prep.prepare(source, tmp_path / "one", bpe, workers=1, val_fraction=0.2, shard_tokens=3000)
-    two = prep.prepare(source, tmp_path / "two", bpe, workers=2, val_fraction=0.2, shard_tokens=3000)
+    one = run_prepare(source, tmp_path / "one", bpe, workers=1, val_fraction=0.2, shard_tokens=3000)
+    two = run_prepare(source, tmp_path / "two", bpe, workers=2, val_fraction=0.2, shard_tokens=3000)
     assert one == two and one["totals"]["n_shards"] > 3
     names = sorted(p.name for p in (tmp_path / "one").iterdir())
     assert names == sorted(p.name for p in (tmp_path / "two").iterdir())
@@ -132,7 +137,7 @@ def test_uint32_shards_for_a_vocab_over_65536(tmp_path: Path, docs: list[str]) -
     tok = cfg.build()
     assert tok.vocab_size > 65536
     source = write_source("directory", tmp_path, docs[:12])
-    manifest = prep.prepare(source, tmp_path / "out", cfg, val_fraction=0.2)
+    manifest = run_prepare(source, tmp_path / "out", cfg, val_fraction=0.2)
     assert manifest["dtype"] == "uint32" and manifest["tokenizer"]["vocab_size"] == tok.vocab_size
     assert all(s["file"].endswith(".u32.bin") for s in manifest["splits"]["train"]["shards"])
     tokens, _ = prepared_tokens(tmp_path / "out", tok, "train")
@@ -147,9 +152,13 @@ def run_from(out: Path, run_dir: Path, steps: int, *extra: str) -> list[str]:
             f"train.max_steps={steps}", f"data.cache_dir={run_dir.parent / 'cache'}", *TINY_DENSE, *extra]  # fmt: skip
 
 
-def test_training_from_a_prepared_dir_resumes_exactly(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_training_from_a_prepared_dir_resumes_exactly(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(prep, "ITEM_BYTES", 2000)
     source = write_corpus(tmp_path / "docs")
-    prep.prepare(source, tmp_path / "out", TokenizerConfig(), val_fraction=0.2, shard_tokens=5000)
+    manifest = run_prepare(source, tmp_path / "out", TokenizerConfig(), val_fraction=0.2, shard_tokens=5000)
+    assert len(manifest["splits"]["train"]["shards"]) > 2  # batches read windows across shard boundaries
     assert train_main(["/dev/null", *run_from(source, tmp_path / "from_source", 6)]) == 0
     moved = shutil.move(source, tmp_path / "gone")  # training from the prepared dir never reads the source
     assert train_main(["/dev/null", *run_from(tmp_path / "out", tmp_path / "straight", 6)]) == 0
@@ -162,8 +171,9 @@ def test_training_from_a_prepared_dir_resumes_exactly(tmp_path: Path, capsys: py
 
 
 @pytest.fixture
-def prepared_dir(tmp_path: Path) -> Path:
-    prep.prepare(write_corpus(tmp_path / "docs"), tmp_path / "out", TokenizerConfig(), val_fraction=0.2,
+def prepared_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setattr(prep, "ITEM_BYTES", 2000)
+    run_prepare(write_corpus(tmp_path / "docs"), tmp_path / "out", TokenizerConfig(), val_fraction=0.2,
                  shard_tokens=5000)  # fmt: skip
     return tmp_path / "out"
 
@@ -231,13 +241,13 @@ def test_interrupted_prepare_leaves_no_manifest(
 
     monkeypatch.setattr(prep, "tokenise_item", failing)
     with pytest.raises(KeyboardInterrupt):
-        prep.prepare(source, tmp_path / "out", bpe, val_fraction=0.2, shard_tokens=1000)
+        run_prepare(source, tmp_path / "out", bpe, val_fraction=0.2, shard_tokens=1000)
     assert len(calls) == 5 and not (tmp_path / "out" / "manifest.json").exists()
     with pytest.raises(ConfigError, match="interrupted `llamoe data prepare`"):
         load_corpus(str(tmp_path / "out"), bpe.build(), "train", tmp_path / "cache", val_fraction=0.2)
     monkeypatch.setattr(prep, "tokenise_item", original)
-    again = prep.prepare(source, tmp_path / "out", bpe, val_fraction=0.2, shard_tokens=1000)
-    clean = prep.prepare(source, tmp_path / "clean", bpe, val_fraction=0.2, shard_tokens=1000)
+    again = run_prepare(source, tmp_path / "out", bpe, val_fraction=0.2, shard_tokens=1000)
+    clean = run_prepare(source, tmp_path / "clean", bpe, val_fraction=0.2, shard_tokens=1000)
     assert again == clean
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(
         p.name for p in (tmp_path / "clean").iterdir()
