@@ -345,7 +345,7 @@ def prepare(
             "text_field": text_field,
             "sha256": reader.sha256,
             "n_docs": reader.n_docs,
-        },  # fmt: skip
+        },
         "splits": splits,
         "totals": {
             "n_tokens": sum(s["n_tokens"] for s in splits.values()),
