@@ -126,6 +126,7 @@ def test_one_and_two_workers_write_identical_shards(
     two = run_prepare(source, tmp_path / "two", bpe, workers=2, val_fraction=0.2, shard_tokens=3000)
     assert one == two and one["totals"]["n_shards"] > 3
     names = sorted(p.name for p in (tmp_path / "one").iterdir())
+    assert not [n for n in names if n.startswith(".")]  # no marker or temporary directory left behind
     assert names == sorted(p.name for p in (tmp_path / "two").iterdir())
     for name in names:
         assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
