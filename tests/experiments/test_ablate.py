@@ -349,19 +349,30 @@ def test_factors_must_name_two_disjoint_levels_of_runs() -> None:
         assert err.value.key == key
 
 
-def test_the_quickstart_is_a_two_by_two_factorial_at_matched_active_parameters() -> None:
+def test_the_quickstart_crosses_dense_and_moe_with_one_attention_component_per_factor() -> None:
     from experiments.config import load_run_config
 
     sweep = sweeps.load_sweep("quickstart")
     plans = {p.name: p for p in expand(sweep)}
-    assert sorted(plans) == ["dense-irope", "dense-rope", "moe-irope", "moe-rope"]
+    ladder = ["rope", "nope", "nope-qk", "irope"]
+    assert sorted(plans) == sorted(f"{ffn}-{a}" for ffn in ("dense", "moe") for a in ladder)
     models = {n: load_run_config(p.base, p.overrides).model for n, p in plans.items()}
     active = {n: m.num_active_params() for n, m in models.items()}
-    assert active["dense-rope"] == active["dense-irope"] and active["moe-rope"] == active["moe-irope"]
+    for a in ladder:  # matched active parameters; the attention is the same on both sides
+        assert active[f"dense-{a}"] == active["dense-rope"] and active[f"moe-{a}"] == active["moe-rope"]
+        assert models[f"dense-{a}"].attention == models[f"moe-{a}"].attention
     assert abs(active["moe-rope"] / active["dense-rope"] - 1) < 0.01  # the router is the only difference
-    assert models["moe-rope"].attention == models["dense-rope"].attention
-    assert models["dense-irope"].attention == models["moe-irope"].attention
-    assert set(sweep.factors) == {"ffn", "attention"}
+    fields = ("nope_layer_interval", "chunk_size", "qk_norm", "temperature_tuning")
+    changed = []  # each step of the ladder changes one component (the schedule: NoPE layers and chunking)
+    for low, high in zip(ladder, ladder[1:]):
+        a, b = models[f"dense-{low}"].attention, models[f"dense-{high}"].attention
+        changed.append({f for f in fields if getattr(a, f) != getattr(b, f)})
+    assert changed == [{"nope_layer_interval", "chunk_size"}, {"qk_norm"}, {"temperature_tuning"}]
+    assert models["moe-irope"].attention == load_run_config(None, ["model=llama4-tiny"]).model.attention
+    for factor, step in zip(("schedule", "qk_norm", "temperature"), zip(ladder, ladder[1:])):
+        low, high = sweep.factors[factor].values()
+        assert (sorted(low), sorted(high)) == tuple(sorted(f"{ffn}-{s}" for ffn in ("dense", "moe")) for s in step)
+    assert set(sweep.factors) == {"ffn", "attention", "schedule", "qk_norm", "temperature"}
 
 
 def test_init_from_a_run_of_the_sweep_is_a_dependency_of_the_same_seed() -> None:
