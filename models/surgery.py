@@ -21,7 +21,8 @@ its F hidden units: ffn(x) = sum_h w2[:, h] silu(w1[h]·x) (w3[h]·x). Each expe
   expert (hidden F too) it is a copy as well, and the output projection w2 of every copy is halved.
   Guarantee (noise 0): every expert computes ffn(x) (halved with a shared expert), so for every token
   whose routed gates g_e sum to 1 with the gate on the output (moe.score_on=output, e.g. softmax with
-  renormalize) the MoE layer outputs exactly ffn(x): sum_e g_e ffn(x) (+ the shared half).
+  renormalize and moe.top_k >= 2; top-1 renormalised is refused: its router gets no gradient) the MoE
+  layer outputs exactly ffn(x): sum_e g_e ffn(x) (+ the shared half).
 - "partition" (fine-grained upcycling): the hidden units are split, the shared expert taking units
   [0, S) and routed expert e units [S + e·Fe, S + (e+1)·Fe) (S the shared hidden size, Fe
   moe.expert_hidden_dim); needs S + E·Fe == F. Guarantee: with every expert active (top_k = E) and
