@@ -224,9 +224,10 @@ def _list_files(kind: str, root: Path) -> list[Path]:
     return files
 
 
-def _hash_files(files: list[Path], root: Path) -> str:
-    """sha1 over (relative path, size, content) of every file, in order."""
-    digest = hashlib.sha1()
+def _hash_files(files: list[Path], root: Path, algorithm: str = "sha1") -> str:
+    """A digest (sha1 for the cache keys; `llamoe data prepare` records sha256) over (relative path, size,
+    content) of every file, in order."""
+    digest = hashlib.new(algorithm)
     for f in files:
         data = f.read_bytes()
         digest.update(f"{f.relative_to(root).as_posix()}\0{len(data)}\0".encode())

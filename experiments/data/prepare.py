@@ -97,11 +97,7 @@ class _Reader:
             )
         if kind == "directory":
             self.files = corpus._list_files("directory", path)
-            digest = hashlib.sha256()
-            for f in self.files:  # relative path, size and content of every file, in order
-                digest.update(f"{f.relative_to(path).as_posix()}\0{f.stat().st_size}\0".encode())
-                digest.update(f.read_bytes())
-            self.sha256 = digest.hexdigest()
+            self.sha256 = corpus._hash_files(self.files, path, "sha256")
         else:
             self.sha256 = _file_sha256(path)
 
