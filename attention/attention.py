@@ -15,11 +15,11 @@ from typing import Optional
 import torch
 from torch import nn
 
-from attention.backends import get_backend
-from attention.cache import LayerKVCache
-from attention.config import AttentionConfig
-from attention.irope import layer_attention_kind, qk_norm, temperature_scale
-from attention.rope import apply_rope
+from llamoe.attention.backends import get_backend
+from llamoe.attention.cache import LayerKVCache
+from llamoe.attention.config import AttentionConfig
+from llamoe.attention.irope import layer_attention_kind, qk_norm, temperature_scale
+from llamoe.attention.rope import apply_rope
 
 
 class Attention(nn.Module):

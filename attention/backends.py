@@ -33,11 +33,11 @@ import torch.nn.functional as F
 from torch.backends.cuda import SDPAParams, can_use_efficient_attention, can_use_flash_attention
 from torch.nn.attention.bias import causal_lower_right
 
-from attention.chunked import check_key_range, chunked_attention, visible
-from attention.flash import FlashFn, FlashVersion, flash_causal
-from attention.flash import installed as installed_flash
-from attention.flash import select as select_flash
-from config_error import ConfigError
+from llamoe.attention.chunked import check_key_range, chunked_attention, visible
+from llamoe.attention.flash import FlashFn, FlashVersion, flash_causal
+from llamoe.attention.flash import installed as installed_flash
+from llamoe.attention.flash import select as select_flash
+from llamoe.config_error import ConfigError
 
 # Largest causal mask (elements) sdpa materialises at once where no kernel takes a lower-right causal bias
 # natively (CPU; fp32 or GQA on CUDA). CPU SDPA copies the boolean mask into a float bias, so a slice costs

@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from attention.chunked import chunk_start
+from llamoe.attention.chunked import chunk_start
 
 
 class LayerKVCache:

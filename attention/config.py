@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from config_error import ConfigError
+from llamoe.config_error import ConfigError
 
 
 def _need(cond: bool, key: str, msg: str) -> None:

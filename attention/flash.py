@@ -26,7 +26,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from config_error import ConfigError
+from llamoe.config_error import ConfigError
 
 FlashFn = Callable[..., Any]
 

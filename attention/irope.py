@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from attention.config import AttentionConfig
+from llamoe.attention.config import AttentionConfig
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,7 @@ def layer_attention_kind(cfg: AttentionConfig, layer_id: int) -> LayerAttentionK
 def qk_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
     """Weightless RMS normalisation of q or k over the head dim (applied after RoPE), computed in fp32.
 
-    The same formula as `models.layers.rms_norm`, kept here because `attention` imports nothing from `models`.
+    The same formula as `llamoe.models.layers.rms_norm`, kept here because `attention` imports nothing from `models`.
     """
     xf = x.float()
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).type_as(x)

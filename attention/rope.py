@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from attention.config import RopeConfig
+from llamoe.attention.config import RopeConfig
 
 
 def llama3_scale_frequencies(freqs: torch.Tensor, cfg: RopeConfig) -> torch.Tensor:

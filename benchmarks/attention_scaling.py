@@ -22,19 +22,15 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import resource
-import sys
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from attention.attention import Attention  # noqa: E402
-from attention.backends import SDPA_MASK_BUDGET, sdpa_attention  # noqa: E402
-from attention.rope import rope_angles, rope_frequencies  # noqa: E402
-from models import AttentionConfig, ModelConfig, Transformer, presets  # noqa: E402
+from llamoe.attention.attention import Attention
+from llamoe.attention.backends import SDPA_MASK_BUDGET, sdpa_attention
+from llamoe.attention.rope import rope_angles, rope_frequencies
+from llamoe.models import AttentionConfig, ModelConfig, Transformer, presets
 
 GIB = 1024**3
 

@@ -14,18 +14,14 @@ shared expert), at a tiny size (the tests' d=64, 4 experts, 4 x 32 tokens) and a
 from __future__ import annotations
 
 import statistics
-import sys
 import time
 from dataclasses import replace
-from pathlib import Path
 from typing import Callable
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from attention.rope import rope_angles  # noqa: E402
-from models import ModelConfig, Transformer, presets  # noqa: E402
+from llamoe.attention.rope import rope_angles
+from llamoe.models import ModelConfig, Transformer, presets
 
 ROUNDS, WARMUP = 7, 2
 

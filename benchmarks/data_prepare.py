@@ -22,7 +22,6 @@ import argparse
 import base64
 import json
 import random
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -30,10 +29,8 @@ from pathlib import Path
 from tokenizers import Tokenizer as HFTok
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from experiments.data.prepare import prepare  # noqa: E402
-from experiments.data.tokenizer import Tokenizer  # noqa: E402
+from llamoe.experiments.data.prepare import prepare
+from llamoe.experiments.data.tokenizer import Tokenizer
 
 
 def write_corpus(path: Path, megabytes: int) -> None:

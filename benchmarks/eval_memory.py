@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 _MEASURE = """
 import resource, sys
 resource.setrlimit(resource.RLIMIT_AS, ({limit}, {limit}))
-from experiments.cli import main
+from llamoe.experiments.cli import main
 status = main(sys.argv[1:])
 print("PEAK_RSS_KIB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 sys.exit(status)

@@ -20,19 +20,15 @@ from __future__ import annotations
 
 import argparse
 import resource
-import sys
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from models import presets  # noqa: E402
-from models.build import build_model  # noqa: E402
-from models.config import ModelConfig  # noqa: E402
-from models.transformer import Transformer  # noqa: E402
+from llamoe.models import presets
+from llamoe.models.build import build_model
+from llamoe.models.config import ModelConfig
+from llamoe.models.transformer import Transformer
 
 
 def configs() -> dict[str, ModelConfig]:

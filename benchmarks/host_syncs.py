@@ -81,8 +81,8 @@ class HostSyncs:
 
 def moe_layer_syncs(backend: str, capacity_factor: float | None, bf16: bool = False) -> HostSyncs:
     """Host syncs of one forward + backward of a small MoE layer (top-2 of 4 experts, 64 tokens)."""
-    from moe.config import MoEConfig
-    from moe.layer import MoE
+    from llamoe.moe.config import MoEConfig
+    from llamoe.moe.layer import MoE
 
     torch.manual_seed(0)
     cfg = MoEConfig(num_experts=4, top_k=2, expert_hidden_dim=32, backend=backend, capacity_factor=capacity_factor)

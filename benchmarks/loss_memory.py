@@ -5,7 +5,7 @@
 Each case runs in a fresh process under bf16 autocast, as training does: hidden states [N, D]
 (requiring grad) through an untied fp32 head [V, D] to the mean cross-entropy, then backward.
 "plain" is the loss train.py used before (`F.cross_entropy(logits.float(), ...)`),
-"chunked" is `models.loss.chunked_cross_entropy`. On CPU the peak is the process's maximum
+"chunked" is `llamoe.models.loss.chunked_cross_entropy`. On CPU the peak is the process's maximum
 resident set size minus its size once the inputs, the head and its gradient buffer exist, so
 it counts what the loss itself allocates (glibc returns large blocks to the system when freed).
 """
@@ -35,7 +35,7 @@ def _current_rss_bytes() -> int:
 
 def run_case(path: str, tokens: int, dim: int, vocab: int) -> dict[str, float]:
     """One forward + backward of the loss; bytes above the baseline at its peak, and seconds."""
-    from models.loss import chunked_cross_entropy
+    from llamoe.models.loss import chunked_cross_entropy
 
     torch.manual_seed(0)
     hidden = torch.randn(tokens, dim, requires_grad=True)

@@ -5,7 +5,7 @@
    E = 8/16/64 experts and top-k 1/2, with each expert backend that runs here.
 2. Model: training steps (forward, backward, AdamW) of llamoe's Transformer with 16 experts
    top-1 + shared on every one of 8 layers (d=256, seq 512) against
-   - transformers' Llama4ForCausalLM with the same config and weights (`models.hf.to_hf`),
+   - transformers' Llama4ForCausalLM with the same config and weights (`llamoe.models.hf.to_hf`),
      which computes every expert for every token (goal: >= 3x its throughput), and
    - a dense llamoe model with the same active parameters (goal: >= 0.75x its throughput).
 
@@ -21,22 +21,18 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from dataclasses import replace
-from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from models import ModelConfig, MoEConfig, Transformer, presets  # noqa: E402
-from models.build import build_model  # noqa: E402
-from models.layers import FeedForward  # noqa: E402
-from moe.experts import BACKENDS  # noqa: E402
-from moe.layer import MoE  # noqa: E402
+from llamoe.models import ModelConfig, MoEConfig, Transformer, presets
+from llamoe.models.build import build_model
+from llamoe.models.layers import FeedForward
+from llamoe.moe.experts import BACKENDS
+from llamoe.moe.layer import MoE
 
 DIM = 256
 
@@ -116,7 +112,7 @@ def training_step(model: torch.nn.Module, tokens: torch.Tensor) -> Callable[[], 
 
 
 def model_benchmark(rounds: int, warmup: int, batch_size: int, seq_len: int) -> None:
-    from models.hf import to_hf
+    from llamoe.models.hf import to_hf
 
     moe_cfg, dense_cfg = model_configs()
     ours = build_model(moe_cfg)

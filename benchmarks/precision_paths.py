@@ -3,7 +3,7 @@
 1. SDPA prefill behind a cache (GQA, 4096 queries over 65536 keys): the lower-right causal bias in
    mask-budget slices (attention/backends.py) against the boolean-mask slices it replaced; time and
    peak memory above the start, each in a fresh process.
-2. clip_grad_norm (experiments/distributed.py) on bf16 gradients: foreach norms against the per-tensor
+2. clip_grad_norm (experiments/training/distributed.py) on bf16 gradients: foreach norms against the per-tensor
    fp32 copies it replaced; time, the bytes the CPU allocator hands out during the call (profiler) and
    the norm's error against an fp64 sum.
 3. The megablocks operand layout (moe/experts/megablocks_dmoe.py): the [D, E·F] views against the
@@ -19,9 +19,7 @@ from __future__ import annotations
 import multiprocessing
 import resource
 import statistics
-import sys
 import time
-from pathlib import Path
 from typing import Callable
 
 import torch
@@ -29,11 +27,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from attention.backends import SDPA_MASK_BUDGET, sdpa_attention  # noqa: E402
-from experiments.distributed import World, clip_grad_norm  # noqa: E402
-from moe.experts.megablocks_dmoe import MegaBlocksExperts  # noqa: E402
+from llamoe.attention.backends import SDPA_MASK_BUDGET, sdpa_attention
+from llamoe.experiments.training.distributed import World, clip_grad_norm
+from llamoe.moe.experts.megablocks_dmoe import MegaBlocksExperts
 
 MIB = 1024**2
 

@@ -1,11 +1,11 @@
 """Training-loop throughput of llama3.1-tiny and llama4-tiny on the stdlib corpus, against a bare step.
 
-`llamoe train`'s loop (`experiments.train.train`: packed stdlib batches, cross-entropy + aux
+`llamoe train`'s loop (`llamoe.experiments.training.loop.train`: packed stdlib batches, cross-entropy + aux
 loss, gradient clipping, AdamW, aux-loss-free bias update, metrics.jsonl) runs with seq_len
 256 and a global batch of 16, in rounds: each round resumes the run from its checkpoint for
 --round-steps more steps and reads that window's tokens/s from metrics.jsonl. Baseline in the
 same process, measured right before each round: the bare training step of the same model and
-batch shape (`experiments.bench.measure_training_throughput`: forward, backward, AdamW on one
+batch shape (`llamoe.experiments.commands.bench.measure_training_throughput`: forward, backward, AdamW on one
 fixed random batch). Interleaving the two keeps a machine whose load drifts from biasing the
 ratio; the first round is warm-up. Printed: medians over the rounds, and the logged training
 loss of the first and last round, to confirm it falls.
@@ -17,18 +17,15 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from experiments.bench import measure_training_throughput  # noqa: E402
-from experiments.config import load_run_config  # noqa: E402
-from experiments.metrics_log import read_metrics  # noqa: E402
-from experiments.train import train  # noqa: E402
+from llamoe.experiments.commands.bench import measure_training_throughput
+from llamoe.experiments.config import load_run_config
+from llamoe.experiments.training.loop import train
+from llamoe.experiments.training.metrics_log import read_metrics
 
 PRESETS = ("llama3.1-tiny", "llama4-tiny")
 SEQ_LEN, BATCH = 256, 16

@@ -15,16 +15,12 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import sys
 from dataclasses import replace
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from experiments.bench import measure_training_throughput  # noqa: E402
-from models import AttentionConfig, ModelConfig, MoEConfig, RopeConfig  # noqa: E402
+from llamoe.experiments.commands.bench import measure_training_throughput
+from llamoe.models import AttentionConfig, ModelConfig, MoEConfig, RopeConfig
 
 
 def dense_1b(small: bool) -> ModelConfig:

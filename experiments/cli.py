@@ -2,7 +2,7 @@
 
 Each subcommand lives in its own module and exposes `cli_main(argv) -> int`;
 this file only routes, so importing it stays cheap and the modules stay independent.
-`python -m experiments.cli` is the same command.
+`python -m llamoe.experiments.cli` is the same command.
 
 Exit status (experiments/errors.py): 0 done, 1 a failed run, 2 bad input, 124 / 128+N a run
 that stopped early after saving. Errors a user can cause print one line; `--debug` (anywhere
@@ -16,17 +16,32 @@ import os
 import sys
 from typing import Optional
 
-from experiments.errors import exit_status, report
+from llamoe.experiments.errors import exit_status, report
 
 COMMANDS: dict[str, tuple[str, str]] = {
-    "train": ("experiments.train", "train a model from a run config: CONFIG [key=value ...] [--nproc N]"),
-    "eval": ("experiments.evals.long_context", "evaluate a run directory: RUN_DIR [--suite ...] [key=value ...]"),
-    "ablate": ("experiments.ablate", "run a sweep: SWEEP.yaml or a built-in sweep name [--executor local|slurm|debug]"),
-    "bench": ("experiments.bench", "measure training throughput and MFU of a model config"),
-    "plan": ("experiments.plan", "memory per rank, all-to-all bytes, FLOPs and a step-time bound: MODEL --gpus N"),
-    "convert": ("experiments.convert", "convert checkpoints between llamoe and Hugging Face formats"),
-    "generate": ("experiments.sample", "generate text from a trained run: RUN_DIR --prompt ..."),
-    "data": ("experiments.data.prepare", "tokenise a corpus into shards for data.source=OUT: prepare SOURCE OUT"),
+    "train": (
+        "llamoe.experiments.commands.train",
+        "train a model from a run config: CONFIG [key=value ...] [--nproc N]",
+    ),
+    "eval": (
+        "llamoe.experiments.commands.eval",
+        "evaluate a run directory: RUN_DIR [--suite ...] [key=value ...]",
+    ),
+    "ablate": (
+        "llamoe.experiments.commands.ablate",
+        "run a sweep: SWEEP.yaml or a built-in sweep name [--executor local|slurm|debug]",
+    ),
+    "bench": ("llamoe.experiments.commands.bench", "measure training throughput and MFU of a model config"),
+    "plan": (
+        "llamoe.experiments.commands.plan",
+        "memory per rank, all-to-all bytes, FLOPs and a step-time bound: MODEL --gpus N",
+    ),
+    "convert": ("llamoe.experiments.commands.convert", "convert checkpoints between llamoe and Hugging Face formats"),
+    "generate": ("llamoe.experiments.commands.generate", "generate text from a trained run: RUN_DIR --prompt ..."),
+    "data": (
+        "llamoe.experiments.data.prepare",
+        "tokenise a corpus into shards for data.source=OUT: prepare SOURCE OUT",
+    ),
 }
 
 

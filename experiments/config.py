@@ -22,27 +22,24 @@ Every error is a `ConfigError(key, message)`: it names the dotted key and the fi
 
 from __future__ import annotations
 
-import importlib.util
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
-import torch
 import yaml
 from omegaconf.errors import OmegaConfBaseException
 
-from experiments.data.task_mix import TaskMix
-from experiments.data.tokenizer import Tokenizer
-from experiments.errors import write_text_atomic
-from experiments.evals.options import LongContextEvalConfig
-from experiments.overrides import as_layer, merge, omegaconf_message, read_yaml_file, to_dataclass, unflatten
-from models import presets
-from models.checkpointing import POLICIES
-from models.compile import compiler_missing
-from models.config import ConfigError, ModelConfig, model_config_from_dict
-from models.surgery import UPCYCLE_MODES
+from llamoe.experiments.data.task_mix import TaskMix
+from llamoe.experiments.data.tokenizer import Tokenizer
+from llamoe.experiments.errors import write_text_atomic
+from llamoe.experiments.evals.options import LongContextEvalConfig
+from llamoe.experiments.overrides import as_layer, merge, omegaconf_message, read_yaml_file, to_dataclass, unflatten
+from llamoe.models import presets
+from llamoe.models.checkpointing import POLICIES
+from llamoe.models.config import ConfigError, ModelConfig, model_config_from_dict
+from llamoe.models.surgery import UPCYCLE_MODES
 
 DEFAULT_PRESET = "llama3.1-tiny"
 TOKENIZER_KINDS = ("byte_level", "llama3", "llama4", "hf")
@@ -164,7 +161,7 @@ class RunConfig:
     run_dir: str = "runs/default"
     model: ModelConfig = field(default_factory=lambda: presets.get(DEFAULT_PRESET))
     model_preset: Optional[str] = DEFAULT_PRESET  # saved as `model.preset`
-    init_from: Optional[str] = None  # a fresh run starts from these weights (experiments/init_from.py)
+    init_from: Optional[str] = None  # a fresh run starts from these weights (experiments/training/init_from.py)
     upcycle: UpcycleConfig = field(default_factory=UpcycleConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -204,14 +201,14 @@ def load_run_config(
     source: Union[str, Path, Mapping[str, Any], None] = None,
     overrides: Union[Mapping[str, Any], Sequence[str]] = (),
     world_size: Optional[int] = 1,
-    check_machine: bool = True,
 ) -> RunConfig:
     """Defaults <- `source` (a YAML path or a mapping) <- overrides, then validate; ConfigError names the key.
 
     `overrides`: a mapping of (dotted or nested) keys to values, applied in order, or `key=value` items
     (experiments/overrides.py). The batch layout and expert-parallel size are checked against `world_size`,
-    the run's process count (None skips that, to read a run trained on any count). `check_machine=False`
-    skips the checks that depend on this machine (data and tokenizer files, CUDA for train.device=cuda).
+    the run's process count (None skips that, to read a run trained on any count). Nothing here reads a file
+    but `source`: what depends on this machine (tokenizer and data files, init_from, CUDA) is checked where a
+    run starts (experiments/training/preflight.py).
     """
     layers: list[dict[str, Any]] = []
     if source is not None:
@@ -233,7 +230,7 @@ def load_run_config(
     cfg = to_dataclass(RunConfig, [run])
     built, preset = model.build()
     cfg = replace(cfg, model=built, model_preset=preset)  # frozen from here on
-    validate(cfg, world_size, check_machine)
+    validate(cfg, world_size)
     return cfg
 
 
@@ -329,8 +326,9 @@ def resolve_model(preset: str, overrides: Union[Mapping[str, Any], Sequence[str]
 
 
 # ---------------------------------------------------------------------- validation
-def validate(cfg: RunConfig, world_size: Optional[int] = 1, check_machine: bool = True) -> None:
-    """Cross-field checks; raise ConfigError naming the first bad key and the fix."""
+def validate(cfg: RunConfig, world_size: Optional[int] = 1) -> None:
+    """Cross-field checks of the config alone (no file, no device); raise ConfigError naming the first bad key
+    and the fix."""
 
     def need(cond: bool, key: str, msg: str) -> None:
         if not cond:
@@ -348,35 +346,25 @@ def validate(cfg: RunConfig, world_size: Optional[int] = 1, check_machine: bool 
             "tokenizer.path",
             f"the {tok.kind} tokenizer needs its {'tokenizer.json' if tok.kind == 'hf' else 'tokenizer.model'} file",
         )
-    if check_machine:
-        if tok.path is not None:
-            need(Path(tok.path).expanduser().is_file(), "tokenizer.path", f"{tok.path!r} does not exist")
-        try:
-            vocab = tok.build().vocab_size
-        except ValueError as e:
-            raise ConfigError("tokenizer.path", f"cannot load {tok.path!r}: {e}") from None
+    if tok.kind == "byte_level":  # a file's vocabulary is checked where it is read (preflight)
+        vocab = tok.build().vocab_size
         need(
             vocab <= cfg.model.vocab_size,
             "model.vocab_size",
-            f"={cfg.model.vocab_size} is smaller than the {tok.kind} tokenizer's {vocab} ids; "
+            f"={cfg.model.vocab_size} is smaller than the byte_level tokenizer's {vocab} ids; "
             f"set model.vocab_size={vocab}",
         )
 
     data = cfg.data
     need(bool(data.source), "data.source", "must be 'stdlib' or a path")
-    if check_machine and data.source != "stdlib":
-        need(Path(data.source).expanduser().exists(), "data.source", f"{data.source!r} does not exist")
     need(0.0 <= data.val_fraction < 1.0, "data.val_fraction", f"must be in [0, 1), got {data.val_fraction}")
     data.tasks.validate()
     cfg.eval.long_context.validate()
     up = cfg.upcycle
     need(up.experts in UPCYCLE_MODES, "upcycle.experts", f"must be copy|partition, got {up.experts!r}")
     need(up.noise >= 0, "upcycle.noise", f"must be >= 0, got {up.noise}")
-    if check_machine and cfg.init_from:
+    if cfg.init_from is not None:
         need(bool(cfg.init_from.strip()), "init_from", "must be a path, or null to start from a fresh init")
-        from experiments import init_from  # it reads checkpoints, whose module imports this one
-
-        init_from.check(cfg)  # plans the mapping from the source's config: a tensor that cannot map fails here
 
     o = cfg.optim
     need(o.lr > 0 and math.isfinite(o.lr), "optim.lr", f"must be a positive number, got {o.lr}")
@@ -407,12 +395,6 @@ def validate(cfg: RunConfig, world_size: Optional[int] = 1, check_machine: bool 
     need(limit is None or limit > 0, "train.time_limit_s", f"must be > 0 seconds or null, got {limit}")
     need(t.precision in PRECISIONS, "train.precision", f"must be one of {'|'.join(PRECISIONS)}, got {t.precision!r}")
     need(t.device in DEVICES, "train.device", f"must be one of {'|'.join(DEVICES)}, got {t.device!r}")
-    if check_machine and t.tensorboard:
-        need(
-            importlib.util.find_spec("tensorboard") is not None,
-            "train.tensorboard",
-            "needs the tensorboard package: pip install -e '.[tb]' (or set train.tensorboard=false)",
-        )
     need(
         t.activation_checkpointing in POLICIES,
         "train.activation_checkpointing",
@@ -424,12 +406,6 @@ def validate(cfg: RunConfig, world_size: Optional[int] = 1, check_machine: bool 
         "cannot trace model.moe.backend=grouped_mm in training: torch 2.13 traces torch._grouped_mm with bf16 "
         "inputs only, and the experts get fp32 activations; set model.moe.backend=torch or train.compile=false",
     )
-    if check_machine and t.compile:
-        cuda = t.device == "cuda" or (t.device == "auto" and torch.cuda.is_available())
-        missing = compiler_missing("cuda" if cuda else "cpu")
-        need(missing is None, "train.compile", f"{missing}; install it or set train.compile=false")
-    if check_machine and t.device == "cuda":
-        need(torch.cuda.is_available(), "train.device", "is cuda but this machine has no CUDA device; use auto or cpu")
     need(t.batch_size >= 1, "train.batch_size", f"must be >= 1, got {t.batch_size}")
     if t.micro_batch_size is not None:
         need(t.micro_batch_size >= 1, "train.micro_batch_size", f"must be >= 1 or null, got {t.micro_batch_size}")

@@ -1,7 +1,7 @@
 """The one override mechanism: YAML layers and `key=value` items -> one mapping -> a validated dataclass.
 
 Run configs (experiments/config.py), evaluation options (experiments/evals/options.py), sweeps
-(experiments/sweep.py) and `llamoe bench` all read their inputs through these functions, so a
+(experiments/sweeps/spec.py) and `llamoe bench` all read their inputs through these functions, so a
 value means the same everywhere:
 
 - YAML is read as YAML 1.1 (safe) plus floats without a dot such as `1e-3`, as OmegaConf reads them.
@@ -23,7 +23,7 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from config_error import ConfigError
+from llamoe.config_error import ConfigError
 
 T = TypeVar("T")
 

@@ -1,8 +1,8 @@
 """What a model is: configs, presets, the Transformer, decoding and Hugging Face interop."""
 
-from models import presets
-from models.config import AttentionConfig, ConfigError, ModelConfig, MoEConfig, RopeConfig
-from models.transformer import ModelOutput, Transformer
+from llamoe.models import presets
+from llamoe.models.config import AttentionConfig, ConfigError, ModelConfig, MoEConfig, RopeConfig
+from llamoe.models.transformer import ModelOutput, Transformer
 
 __all__ = [
     "AttentionConfig",

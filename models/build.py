@@ -26,11 +26,11 @@ from typing import Any, Mapping, Optional, Union
 
 import torch
 
-from attention.backends import get_backend
-from models.config import ModelConfig
-from models.transformer import Transformer
-from moe.experts.base import Experts
-from moe.layer import MoE
+from llamoe.attention.backends import get_backend
+from llamoe.models.config import ModelConfig
+from llamoe.models.transformer import Transformer
+from llamoe.moe.experts.base import Experts
+from llamoe.moe.layer import MoE
 
 Device = Union[str, torch.device]
 

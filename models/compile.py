@@ -28,7 +28,7 @@ figures in benchmarks/RESULTS.md, "torch.compile of the blocks"):
   (dense or MoE, RoPE or NoPE attention) and per grad mode (training, or validation under
   no_grad), each compiled on first use. Llama 4 layouts have up to 4 kinds, so 8 variants: torch's
   default `recompile_limit`. Checkpointing adds none: the recompute runs the training variant.
-- Dynamo traces through the `functools.lru_cache` of `attention.backends.get_backend` (it warns
+- Dynamo traces through the `functools.lru_cache` of `llamoe.attention.backends.get_backend` (it warns
   once; no break).
 - The compiled losses equal eager's within a relative 1e-5 in fp32 (measured ~1e-7; see
   tests/experiments/test_train_checkpointing_compile.py).

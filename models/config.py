@@ -1,6 +1,6 @@
 """Model configuration: the package configs composed into one frozen dataclass that knows its own sizes.
 
-`attention.config` owns `RopeConfig` and `AttentionConfig`, `moe.config` owns `MoEConfig`; they are
+`llamoe.attention.config` owns `RopeConfig` and `AttentionConfig`, `llamoe.moe.config` owns `MoEConfig`; they are
 re-exported here. Field names follow Meta's reference code (`dim`, `n_layers`, `n_heads`, ...).
 `ModelConfig` is frozen and validates itself on creation, so every change is a
 `dataclasses.replace()` that validates again. It derives the per-layer schedule (RoPE/NoPE,
@@ -15,9 +15,9 @@ from typing import Any, Optional
 
 from omegaconf import OmegaConf
 
-from attention.config import AttentionConfig, RopeConfig
-from config_error import ConfigError
-from moe.config import MoEConfig
+from llamoe.attention.config import AttentionConfig, RopeConfig
+from llamoe.config_error import ConfigError
+from llamoe.moe.config import MoEConfig
 
 
 @dataclass(frozen=True)

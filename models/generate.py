@@ -9,7 +9,7 @@ from typing import Optional
 
 import torch
 
-from models.transformer import Transformer
+from llamoe.models.transformer import Transformer
 
 
 def sample_next(

@@ -45,10 +45,10 @@ from transformers import (
 )
 from transformers.initialization import no_init_weights
 
-from models.build import build_model
-from models.config import AttentionConfig, ConfigError, ModelConfig, MoEConfig, RopeConfig
-from models.safetensors_dir import SafetensorsDir
-from models.transformer import Transformer
+from llamoe.models.build import build_model
+from llamoe.models.config import AttentionConfig, ConfigError, ModelConfig, MoEConfig, RopeConfig
+from llamoe.models.safetensors_dir import SafetensorsDir
+from llamoe.models.transformer import Transformer
 
 LLAMA = "llama"
 LLAMA4 = "llama4"

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from moe.swiglu import FeedForward
+from llamoe.moe.swiglu import FeedForward
 
 
 def rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from models.transformer import ModelOutput
+from llamoe.models.transformer import ModelOutput
 
 IGNORE_INDEX = -100  # F.cross_entropy's default
 CHUNK_LOGITS = 2**25  # elements of one chunk's logits

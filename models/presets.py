@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Callable
 
-from models.config import AttentionConfig, ModelConfig, MoEConfig, RopeConfig
+from llamoe.models.config import AttentionConfig, ModelConfig, MoEConfig, RopeConfig
 
 
 def _llama31(dim: int, n_layers: int, n_heads: int, multiplier: float, multiple_of: int) -> ModelConfig:

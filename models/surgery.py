@@ -1,7 +1,7 @@
 """Architecture surgery: one model's weights mapped onto another architecture (upcycling, RoPE -> iRoPE).
 
 Pure tensor mapping between two ModelConfigs; reading sources and printing the plan is
-experiments/init_from.py's job. `plan(source, target, upcycle)` decides, for every tensor of the
+experiments/training/init_from.py's job. `plan(source, target, upcycle)` decides, for every tensor of the
 target model, one step:
 
     copy       the source tensor of the same name and shape (embeddings, attention, norms, head, a dense
@@ -54,9 +54,9 @@ from typing import Mapping, Optional
 
 import torch
 
-from models.config import ConfigError, ModelConfig
-from models.transformer import Transformer
-from moe.experts.base import Experts
+from llamoe.models.config import ConfigError, ModelConfig
+from llamoe.models.transformer import Transformer
+from llamoe.moe.experts.base import Experts
 
 COPY, TRANSFORM, INIT = "copy", "transform", "init"
 UPCYCLE_MODES = ("copy", "partition")

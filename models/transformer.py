@@ -17,15 +17,15 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from attention.attention import Attention
-from attention.backends import get_backend
-from attention.cache import KVCache, LayerKVCache
-from attention.config import AttentionConfig
-from attention.rope import rope_angles, rope_frequencies
-from models.checkpointing import checkpointed_layers, run_block
-from models.config import ModelConfig
-from models.layers import FeedForward, RMSNorm
-from moe.layer import MoE
+from llamoe.attention.attention import Attention
+from llamoe.attention.backends import get_backend
+from llamoe.attention.cache import KVCache, LayerKVCache
+from llamoe.attention.config import AttentionConfig
+from llamoe.attention.rope import rope_angles, rope_frequencies
+from llamoe.models.checkpointing import checkpointed_layers, run_block
+from llamoe.models.config import ModelConfig
+from llamoe.models.layers import FeedForward, RMSNorm
+from llamoe.moe.layer import MoE
 
 
 class OutputHead:

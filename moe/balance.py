@@ -33,7 +33,7 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 from torch import nn
 
-from moe.router import Router
+from llamoe.moe.router import Router
 
 Reduce = Callable[[torch.Tensor], Any]
 """Sums a tensor in place over the data-parallel ranks (e.g. `torch.distributed.all_reduce`)."""

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from moe.router import count_tokens
+from llamoe.moe.router import count_tokens
 
 
 @dataclass

@@ -34,8 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moe.config import MoEConfig
-from moe.precision import Fp32Buffers, full_precision
+from llamoe.moe.config import MoEConfig
+from llamoe.moe.precision import Fp32Buffers, full_precision
 
 
 @dataclass

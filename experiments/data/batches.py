@@ -30,8 +30,8 @@ from typing import Any, Iterator, Protocol, Sequence
 import numpy as np
 import torch
 
-from experiments.data.corpus import Corpus
-from models.config import ConfigError
+from llamoe.experiments.data.corpus import Corpus
+from llamoe.models.config import ConfigError
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 

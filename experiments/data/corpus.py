@@ -55,10 +55,10 @@ from typing import Iterator
 
 import numpy as np
 
-from config_error import ConfigError
-from experiments.data import prepared
-from experiments.data.tokenizer import Tokenizer
-from experiments.errors import write_failed
+from llamoe.config_error import ConfigError
+from llamoe.experiments.data import prepared
+from llamoe.experiments.data.tokenizer import Tokenizer
+from llamoe.experiments.errors import write_failed
 
 log = logging.getLogger(__name__)
 

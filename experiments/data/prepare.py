@@ -45,11 +45,11 @@ from typing import Any, Iterator, Optional
 
 import numpy as np
 
-from config_error import ConfigError
-from experiments.data import corpus, prepared
-from experiments.data.prepare_worker import Item, Piece, init_worker, tokenise_item
-from experiments.data.tokenizer import Tokenizer
-from experiments.errors import USAGE, UsageError, UserError, report, write_failed, write_text_atomic
+from llamoe.config_error import ConfigError
+from llamoe.experiments.data import corpus, prepared
+from llamoe.experiments.data.prepare_worker import Item, Piece, init_worker, tokenise_item
+from llamoe.experiments.data.tokenizer import Tokenizer
+from llamoe.experiments.errors import USAGE, UsageError, UserError, report, write_failed, write_text_atomic
 
 try:
     import pyarrow.parquet as pq

@@ -11,7 +11,7 @@ from typing import Optional
 
 import numpy as np
 
-from experiments.data.tokenizer import Tokenizer
+from llamoe.experiments.data.tokenizer import Tokenizer
 
 
 @dataclass(frozen=True)

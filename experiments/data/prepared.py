@@ -30,8 +30,8 @@ from typing import Any, Optional, Union
 
 import numpy as np
 
-from config_error import ConfigError
-from experiments.data.tokenizer import Tokenizer
+from llamoe.config_error import ConfigError
+from llamoe.experiments.data.tokenizer import Tokenizer
 
 MANIFEST = "manifest.json"
 MARKER = ".llamoe-prepare"  # present while a prepare is writing into the directory

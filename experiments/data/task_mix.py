@@ -18,9 +18,9 @@ from typing import Any, Iterator, Optional
 import numpy as np
 import torch
 
-from config_error import ConfigError
-from experiments.data.tasks import MQAR, Needle, Passkey, Task
-from experiments.data.tokenizer import Tokenizer
+from llamoe.config_error import ConfigError
+from llamoe.experiments.data.tasks import MQAR, Needle, Passkey, Task
+from llamoe.experiments.data.tokenizer import Tokenizer
 
 
 class TaskBatches:
@@ -29,7 +29,7 @@ class TaskBatches:
     Row r of global batch t (over all data-parallel ranks) is `task.sample(seq_len, [seed, salt, t, r])`
     (`TaskExample.training_pair`), so a row has the layout of an evaluation example of nominal length
     seq_len, batches are deterministic, disjoint across ranks, and resume exactly from state_dict(),
-    like the corpus batches (`experiments.data.batches.ResumableBatches`).
+    like the corpus batches (`llamoe.experiments.data.batches.ResumableBatches`).
     """
 
     def __init__(

@@ -42,7 +42,7 @@ from typing import Any, Optional, Protocol, Sequence, Union
 
 import numpy as np
 
-from experiments.data.tokenizer import Tokenizer
+from llamoe.experiments.data.tokenizer import Tokenizer
 
 IGNORE_INDEX = -100  # targets with this id carry no loss (torch cross_entropy's default ignore_index)
 

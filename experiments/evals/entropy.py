@@ -24,9 +24,9 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from attention.attention import Attention
-from experiments.evals.scoring import DEFAULT_MAX_LOGITS_BYTES, fit_to_budget
-from models.transformer import Transformer
+from llamoe.attention.attention import Attention
+from llamoe.experiments.evals.scoring import DEFAULT_MAX_LOGITS_BYTES, fit_to_budget
+from llamoe.models.transformer import Transformer
 
 _FORWARD = inspect.signature(Attention.forward)  # binds a pre-hook's arguments by name
 

@@ -11,10 +11,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Optional, Sequence, Union
 
-from config_error import ConfigError
-from experiments.data.tokenizer import Tokenizer
-from experiments.evals.scoring import DEFAULT_MAX_LOGITS_BYTES
-from experiments.overrides import as_layer, to_dataclass
+from llamoe.config_error import ConfigError
+from llamoe.experiments.data.tokenizer import Tokenizer
+from llamoe.experiments.evals.scoring import DEFAULT_MAX_LOGITS_BYTES
+from llamoe.experiments.overrides import as_layer, to_dataclass
 
 EVALS = ("ppl", "passkey", "needle", "mqar", "entropy")
 TEMPERATURE_MODES = ("config", "on", "off", "compare", "sweep", "calibrate")

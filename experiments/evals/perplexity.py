@@ -22,10 +22,10 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from experiments.errors import UsageError
-from experiments.evals.scoring import DEFAULT_MAX_LOGITS_BYTES, fit_to_budget, token_nll
-from experiments.evals.stats import bootstrap_mean
-from models.transformer import Transformer
+from llamoe.experiments.errors import UsageError
+from llamoe.experiments.evals.scoring import DEFAULT_MAX_LOGITS_BYTES, fit_to_budget, token_nll
+from llamoe.experiments.evals.stats import bootstrap_mean
+from llamoe.models.transformer import Transformer
 
 
 class NotEnoughText(UsageError, ValueError):

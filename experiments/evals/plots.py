@@ -1,7 +1,7 @@
 """PNG plots of a long-context evaluation: perplexity vs length, NLL by position, passkey heatmap.
 
 The figure saving, perplexity-vs-length axes and accuracy heatmap here are shared with the sweep
-report's plots (experiments/report.py).
+report's plots (experiments/sweeps/report.py).
 """
 
 from __future__ import annotations

@@ -1,10 +1,10 @@
 """Retrieval accuracy at long lengths: passkey grid, needle-in-a-haystack, multi-query associative recall.
 
 Passkey and needle are scored by exact match of greedy decoding through the KV cache
-(`models.generate.generate`, chunked prefill); MQAR, as in Zoology, by the teacher-forced
+(`llamoe.models.generate.generate`, chunked prefill); MQAR, as in Zoology, by the teacher-forced
 argmax at the answer positions only (a query counts when all its value tokens are right).
 Each accuracy comes with a 95% bootstrap interval (`accuracy_ci`) over the keys (passkey, needle)
-or over the sequences of queries (MQAR). Every example is drawn from `experiments.data.tasks` with a
+or over the sequences of queries (MQAR). Every example is drawn from `llamoe.experiments.data.tasks` with a
 seed derived from
 (seed, stream, length, cell, trial), so a stream never repeats the training examples
 (those use another seed layout) and the calibration stream never repeats the evaluation one.
@@ -20,12 +20,12 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from experiments.data.tasks import MQAR, Needle, Passkey, TaskExample
-from experiments.data.tokenizer import Tokenizer
-from experiments.evals.scoring import DEFAULT_MAX_LOGITS_BYTES, fit_to_budget, greedy_predictions, model_device
-from experiments.evals.stats import bootstrap_mean, bootstrap_ratio
-from models.generate import generate
-from models.transformer import Transformer
+from llamoe.experiments.data.tasks import MQAR, Needle, Passkey, TaskExample
+from llamoe.experiments.data.tokenizer import Tokenizer
+from llamoe.experiments.evals.scoring import DEFAULT_MAX_LOGITS_BYTES, fit_to_budget, greedy_predictions, model_device
+from llamoe.experiments.evals.stats import bootstrap_mean, bootstrap_ratio
+from llamoe.models.generate import generate
+from llamoe.models.transformer import Transformer
 
 STREAMS = {"eval": 1, "calibration": 2}
 

@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from models.transformer import Transformer
+from llamoe.models.transformer import Transformer
 
 
 def model_device(model: torch.nn.Module) -> torch.device:

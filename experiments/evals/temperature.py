@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
-from models.transformer import Transformer
+from llamoe.models.transformer import Transformer
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Expert computation backends behind one interface (`moe.experts.base.Experts`).
+"""Expert computation backends behind one interface (`llamoe.moe.experts.base.Experts`).
 
 `moe.backend` picks one; every backend holds the same parameters (w1, w3 [E, D, F],
 w2 [E, F, D]) and gives the same result as "torch" up to floating-point rounding.
@@ -31,11 +31,11 @@ Selecting a backend that cannot run here raises ConfigError naming `moe.backend`
 
 from __future__ import annotations
 
-from config_error import ConfigError
-from moe.experts.base import Experts
-from moe.experts.grouped_mm import GroupedMMExperts
-from moe.experts.megablocks_dmoe import MegaBlocksExperts
-from moe.experts.torch_loop import TorchExperts
+from llamoe.config_error import ConfigError
+from llamoe.moe.experts.base import Experts
+from llamoe.moe.experts.grouped_mm import GroupedMMExperts
+from llamoe.moe.experts.megablocks_dmoe import MegaBlocksExperts
+from llamoe.moe.experts.torch_loop import TorchExperts
 
 BACKENDS: dict[str, type[Experts]] = {
     "torch": TorchExperts,

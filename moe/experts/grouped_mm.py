@@ -14,8 +14,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from config_error import ConfigError
-from moe.experts.base import Experts
+from llamoe.config_error import ConfigError
+from llamoe.moe.experts.base import Experts
 
 
 class GroupedMMExperts(Experts):

@@ -20,8 +20,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from config_error import ConfigError
-from moe.experts.base import Experts
+from llamoe.config_error import ConfigError
+from llamoe.moe.experts.base import Experts
 
 BLOCK = 128  # MegaBlocks' block size; token groups and F are tiled by it
 

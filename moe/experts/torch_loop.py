@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from moe.experts.base import Experts
+from llamoe.moe.experts.base import Experts
 
 
 class TorchExperts(Experts):

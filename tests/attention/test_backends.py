@@ -10,8 +10,8 @@ import copy
 import pytest
 import torch
 
-from attention.backends import FlexBackend, backend_names, flex_block_mask, get_backend
-from config_error import ConfigError
+from llamoe.attention.backends import FlexBackend, backend_names, flex_block_mask, get_backend
+from llamoe.config_error import ConfigError
 
 # (queries, keys, first query position, first key position, chunk or None for global causal)
 _CASES = [
@@ -147,7 +147,7 @@ def test_model_on_cuda_gives_sdpa_logits_with_every_backend(name: str) -> None:
     runs in bf16, so its bound is set by the SDPA model run in bf16 (as above)."""
     if name == "flash":
         pytest.importorskip("flash_attn", reason="flash-attn is not installed")
-    from models import AttentionConfig, ModelConfig, Transformer
+    from llamoe.models import AttentionConfig, ModelConfig, Transformer
 
     cfg = ModelConfig(
         dim=128,

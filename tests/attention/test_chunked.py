@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from attention.backends import sdpa_attention
-from attention.chunked import chunk_start, chunked_attention, chunked_causal_mask
+from llamoe.attention.backends import sdpa_attention
+from llamoe.attention.chunked import chunk_start, chunked_attention, chunked_causal_mask
 
 
 def _masked_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -14,11 +14,11 @@ from typing import Any, Callable, Optional
 import pytest
 import torch
 
-from attention import flash
-from attention.backends import FlashBackend, get_backend
-from config_error import ConfigError
-from models import AttentionConfig, presets
-from models.build import build_model
+from llamoe.attention import flash
+from llamoe.attention.backends import FlashBackend, get_backend
+from llamoe.config_error import ConfigError
+from llamoe.models import AttentionConfig, presets
+from llamoe.models.build import build_model
 
 
 def _fake_flash_attn_func(name: str, calls: list[str], returns_lse: bool) -> Callable[..., Any]:

@@ -1,10 +1,10 @@
 import pytest
 import torch
 
-from attention.attention import Attention
-from attention.irope import layer_attention_kind
-from attention.rope import rope_angles
-from models import AttentionConfig, ConfigError, ModelConfig, Transformer, presets
+from llamoe.attention.attention import Attention
+from llamoe.attention.irope import layer_attention_kind
+from llamoe.attention.rope import rope_angles
+from llamoe.models import AttentionConfig, ConfigError, ModelConfig, Transformer, presets
 
 FLOOR = 6.0
 

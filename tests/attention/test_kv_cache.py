@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from attention.cache import LayerKVCache
-from models import AttentionConfig, ModelConfig, Transformer
+from llamoe.attention.cache import LayerKVCache
+from llamoe.models import AttentionConfig, ModelConfig, Transformer
 
 CHUNK, FLOOR = 8, 8.0
 

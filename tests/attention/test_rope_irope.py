@@ -3,9 +3,9 @@ import math
 import pytest
 import torch
 
-from attention.irope import temperature_scale
-from attention.rope import apply_rope, rope_angles, rope_frequencies
-from models import RopeConfig
+from llamoe.attention.irope import temperature_scale
+from llamoe.attention.rope import apply_rope, rope_angles, rope_frequencies
+from llamoe.models import RopeConfig
 
 
 def test_llama3_scaling_follows_reference_formula() -> None:
@@ -53,7 +53,7 @@ def test_temperature_values_from_reference() -> None:
 
 
 def test_rope_table_stays_fp32_when_the_model_is_cast() -> None:
-    from models import Transformer, presets
+    from llamoe.models import Transformer, presets
 
     cfg = presets.get("llama3.1-tiny")
     exact = rope_frequencies(cfg.head_size, cfg.rope)

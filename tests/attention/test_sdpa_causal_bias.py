@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import CausalBias
 
-from attention import backends
-from attention.chunked import chunked_causal_mask
+from llamoe.attention import backends
+from llamoe.attention.chunked import chunked_causal_mask
 
 
 def _qkv(lq: int, lk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

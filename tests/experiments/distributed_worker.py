@@ -9,7 +9,7 @@ import json
 import sys
 from pathlib import Path
 
-from experiments.train import cli_main
+from llamoe.experiments.commands.train import cli_main
 
 
 def main(plan_path: str) -> int:

@@ -13,7 +13,7 @@ import sys
 from fnmatch import fnmatch
 from typing import Any
 
-from experiments.cli import main
+from llamoe.experiments.cli import main
 
 
 class FullDisk(io.FileIO):

@@ -2,7 +2,7 @@
 
 Usage: plan_worker.py PLAN.json OUT_DIR. The plan is a list of runs, each a list of key=value run-config
 overrides. For each, the worker builds the model, optimizer and DeepSpeed engine the way
-experiments/train.py does, runs one forward, backward and optimizer step on random tokens, and writes
+experiments/training/loop.py does, runs one forward, backward and optimizer step on random tokens, and writes
 OUT_DIR/<run>_rank<rank>.json with element counts of the tensors it finds:
 
 - params: the rank's model parameters;
@@ -24,10 +24,10 @@ from typing import Any, Iterable, Optional
 import torch
 import torch.nn.functional as F
 
-from experiments.config import load_run_config
-from experiments.distributed import DeepSpeedStepper, init_world, mark_expert_params
-from experiments.optim import build_optimizer
-from models.build import build_model
+from llamoe.experiments.config import load_run_config
+from llamoe.experiments.training.distributed import DeepSpeedStepper, init_world, mark_expert_params
+from llamoe.experiments.training.optim import build_optimizer
+from llamoe.models.build import build_model
 
 
 def numel(tensors: Iterable[Optional[torch.Tensor]]) -> int:
@@ -43,7 +43,7 @@ def nested(value: Any) -> list[torch.Tensor]:
 
 
 def measure(overrides: list[str]) -> dict[str, int]:
-    cfg = load_run_config(None, overrides, world_size=2, check_machine=False)
+    cfg = load_run_config(None, overrides, world_size=2)
     world = init_world(cfg)
     model = build_model(cfg.model, seed=0, ep_rank=world.ep_rank, ep_size=world.ep_size, ep_group=world.ep_group)
     mark_expert_params(model, world)

@@ -7,12 +7,13 @@ from typing import Any
 import pytest
 import yaml
 
-from config_error import ConfigError
-from experiments import ablate, scheduler
-from experiments import sweep as sweeps
-from experiments.overrides import parse_items
-from experiments.report import load_results
-from experiments.sweep import SweepError, expand, parse_sweep
+from llamoe.config_error import ConfigError
+from llamoe.experiments.commands import ablate
+from llamoe.experiments.overrides import parse_items
+from llamoe.experiments.sweeps import scheduler
+from llamoe.experiments.sweeps import spec as sweeps
+from llamoe.experiments.sweeps.report import load_results
+from llamoe.experiments.sweeps.spec import SweepError, expand, parse_sweep
 
 
 def _sweep(**extra: Any) -> dict[str, Any]:
@@ -293,8 +294,8 @@ def test_completed_runs_are_skipped(
 
 @pytest.mark.slow
 def test_interrupted_run_resumes_from_its_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from experiments.config import load_run_config
-    from experiments.train import train
+    from llamoe.experiments.config import load_run_config
+    from llamoe.experiments.training.loop import train
 
     sweep = _tiny_sweep(tmp_path, {"a": {}})
     out = tmp_path / "sweep"
@@ -350,7 +351,7 @@ def test_factors_must_name_two_disjoint_levels_of_runs() -> None:
 
 
 def test_the_quickstart_crosses_dense_and_moe_with_one_attention_component_per_factor() -> None:
-    from experiments.config import load_run_config
+    from llamoe.experiments.config import load_run_config
 
     sweep = sweeps.load_sweep("quickstart")
     plans = {p.name: p for p in expand(sweep)}

@@ -15,9 +15,9 @@ from typing import Callable
 import pytest
 import torch
 
-from experiments.checkpoint import load_checkpoint
-from experiments.distributed import launch
-from experiments.metrics_log import read_metrics
+from llamoe.experiments.training.checkpoint import load_checkpoint
+from llamoe.experiments.training.distributed import launch
+from llamoe.experiments.training.metrics_log import read_metrics
 from tests.experiments.conftest import TINY_DENSE, TINY_MOE
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from experiments.data.batches import MixedBatches, PackedBatches, ValidationBatches
-from experiments.data.corpus import Corpus, CorpusInfo
-from models.config import ConfigError
+from llamoe.experiments.data.batches import MixedBatches, PackedBatches, ValidationBatches
+from llamoe.experiments.data.corpus import Corpus, CorpusInfo
+from llamoe.models.config import ConfigError
 
 
 def position_corpus(n_tokens: int, split: str = "train", offset: int = 0) -> Corpus:

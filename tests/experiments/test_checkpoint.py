@@ -11,7 +11,10 @@ from typing import Callable
 import pytest
 import torch
 
-from experiments.checkpoint import (
+from llamoe.experiments.commands.generate import cli_main as generate_main
+from llamoe.experiments.commands.train import cli_main
+from llamoe.experiments.config import load_run_config
+from llamoe.experiments.training.checkpoint import (
     CheckpointError,
     ShardedModelState,
     latest_checkpoint,
@@ -19,11 +22,9 @@ from experiments.checkpoint import (
     load_model,
     load_tokenizer,
 )
-from experiments.config import load_run_config
-from experiments.distributed import World, full_state_dict
-from experiments.metrics_log import read_metrics
-from experiments.sample import cli_main as generate_main
-from experiments.train import cli_main, train
+from llamoe.experiments.training.distributed import World, full_state_dict
+from llamoe.experiments.training.loop import train
+from llamoe.experiments.training.metrics_log import read_metrics
 
 Args = Callable[..., list[str]]
 

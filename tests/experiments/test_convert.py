@@ -8,9 +8,9 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from experiments.cli import main
-from models import Transformer, presets
-from models.config import model_config_from_dict
+from llamoe.experiments.cli import main
+from llamoe.models import Transformer, presets
+from llamoe.models.config import model_config_from_dict
 
 
 def _hf_dir(path: Path) -> LlamaForCausalLM:
@@ -66,6 +66,6 @@ def test_bad_input_exits_with_status_2(tmp_path: Path) -> None:
 
 def test_convert_without_transformers_says_what_to_install(monkeypatch, capsys, tmp_path) -> None:
     monkeypatch.setitem(sys.modules, "transformers", None)  # importing it now fails as if not installed
-    monkeypatch.delitem(sys.modules, "models.hf", raising=False)
+    monkeypatch.delitem(sys.modules, "llamoe.models.hf", raising=False)
     assert main(["convert", "from-hf", str(tmp_path), str(tmp_path / "out.pt")]) == 2
     assert "llamoe[hf]" in capsys.readouterr().err

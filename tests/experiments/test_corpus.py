@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from experiments.data.corpus import load_corpus
-from experiments.data.tokenizer import Tokenizer
-from models.config import ConfigError
+from llamoe.experiments.data.corpus import load_corpus
+from llamoe.experiments.data.tokenizer import Tokenizer
+from llamoe.models.config import ConfigError
 
 BYTES = Tokenizer.byte_level()
 EOS = BYTES.eos_id

@@ -12,14 +12,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from experiments import cli
-from experiments.config import TokenizerConfig
-from experiments.data import prepare as prep
-from experiments.data.corpus import _select, load_corpus
-from experiments.data.tokenizer import Tokenizer
-from experiments.metrics_log import read_metrics
-from experiments.train import cli_main as train_main
-from models.config import ConfigError
+from llamoe.experiments import cli
+from llamoe.experiments.commands.train import cli_main as train_main
+from llamoe.experiments.config import TokenizerConfig
+from llamoe.experiments.data import prepare as prep
+from llamoe.experiments.data.corpus import _select, load_corpus
+from llamoe.experiments.data.tokenizer import Tokenizer
+from llamoe.experiments.training.metrics_log import read_metrics
+from llamoe.models.config import ConfigError
 from tests.experiments.conftest import TINY_DENSE, write_corpus
 
 MERGES = [b"th", b"he", b"the", b" t", b" the", b"at", b" c", b"an", b"nd", b" and", b"er", b"un", b"der"]

@@ -17,12 +17,13 @@ from typing import Callable
 import pytest
 import torch
 
-from experiments.checkpoint import load_checkpoint, load_model
-from experiments.config import load_run_config
-from experiments.distributed import World, launch
-from experiments.metrics_log import read_metrics
-from experiments.model_source import open_source
-from experiments.train import cli_main, val_batches, validation_loss
+from llamoe.experiments.commands.train import cli_main
+from llamoe.experiments.config import load_run_config
+from llamoe.experiments.training.checkpoint import load_checkpoint, load_model
+from llamoe.experiments.training.distributed import World, launch
+from llamoe.experiments.training.loop import val_batches, validation_loss
+from llamoe.experiments.training.metrics_log import read_metrics
+from llamoe.experiments.training.model_source import open_source
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 WORKER = Path(__file__).resolve().parent / "distributed_worker.py"

@@ -4,9 +4,9 @@ import math
 
 import torch
 
-from experiments.evals.entropy import nope_attention_entropy
-from models.config import AttentionConfig, ModelConfig, RopeConfig
-from models.transformer import Transformer
+from llamoe.experiments.evals.entropy import nope_attention_entropy
+from llamoe.models.config import AttentionConfig, ModelConfig, RopeConfig
+from llamoe.models.transformer import Transformer
 
 
 def _model() -> Transformer:

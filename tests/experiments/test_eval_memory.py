@@ -17,8 +17,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from experiments.evals.perplexity import perplexity_vs_length
-from experiments.evals.scoring import fit_to_budget
+from llamoe.experiments.evals.perplexity import perplexity_vs_length
+from llamoe.experiments.evals.scoring import fit_to_budget
 from tests.experiments.test_long_context import tiny_model
 
 REPO = Path(__file__).resolve().parents[2]
@@ -29,7 +29,7 @@ ADDRESS_SPACE_LIMIT = 12 * 2**30  # virtual memory; without the budget one forwa
 _MEASURE = """
 import resource, sys
 resource.setrlimit(resource.RLIMIT_AS, ({limit}, {limit}))
-from experiments.cli import main
+from llamoe.experiments.cli import main
 status = main(sys.argv[1:])
 print("PEAK_RSS_KIB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 sys.exit(status)

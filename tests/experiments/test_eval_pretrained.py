@@ -16,14 +16,14 @@ import pytest
 import torch
 from transformers import Llama4ForCausalLM, Llama4TextConfig, LlamaConfig, LlamaForCausalLM
 
-from experiments.checkpoint import save_checkpoint
-from experiments.config import load_run_config
-from experiments.convert import save_checkpoint as save_converted
-from experiments.data.tokenizer import Tokenizer
-from experiments.evals.long_context import cli_main
-from models.build import build_model
-from models.hf import HFStateDict, read_hf_config
-from models.safetensors_dir import SafetensorsDir
+from llamoe.experiments.commands.eval import cli_main
+from llamoe.experiments.config import load_run_config
+from llamoe.experiments.data.tokenizer import Tokenizer
+from llamoe.experiments.training.checkpoint import save_checkpoint
+from llamoe.experiments.training.model_source import save_checkpoint as save_converted
+from llamoe.models.build import build_model
+from llamoe.models.hf import HFStateDict, read_hf_config
+from llamoe.models.safetensors_dir import SafetensorsDir
 
 LENGTH = 32
 MERGES = [b"th", b"he", b"the", b" the", b"at", b" c", b"an", b"in", b" s", b"on", b"ar", b" m"]
@@ -279,9 +279,9 @@ def test_a_full_width_llama_loads_on_the_gpu_without_a_host_copy(tmp_path: Path)
     import threading
     from dataclasses import replace
 
-    from experiments.model_source import open_source
-    from models import presets
-    from models.hf import save_hf
+    from llamoe.experiments.training.model_source import open_source
+    from llamoe.models import presets
+    from llamoe.models.hf import save_hf
 
     cfg = replace(presets.get("llama3.1-8b"), n_layers=2)
     saved = build_model(cfg, device="cuda", dtype=torch.bfloat16, seed=0)

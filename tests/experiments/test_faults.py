@@ -16,11 +16,12 @@ from typing import Callable
 import pytest
 import torch
 
-from experiments import runctl
-from experiments.checkpoint import latest_checkpoint, load_model
-from experiments.config import load_run_config
-from experiments.metrics_log import read_metrics
-from experiments.train import cli_main, train
+from llamoe.experiments.commands.train import cli_main
+from llamoe.experiments.config import load_run_config
+from llamoe.experiments.training import runctl
+from llamoe.experiments.training.checkpoint import latest_checkpoint, load_model
+from llamoe.experiments.training.loop import train
+from llamoe.experiments.training.metrics_log import read_metrics
 
 Args = Callable[..., list[str]]
 ROOT = Path(__file__).resolve().parents[2]
@@ -44,7 +45,7 @@ _SPAWNED: list[subprocess.Popen] = []
 def _spawn(*argv: str) -> subprocess.Popen:
     """`llamoe ...` in a subprocess (one torch thread), with stdout and stderr captured."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-m", "experiments.cli", *argv], env=env, cwd=ROOT,
+    proc = subprocess.Popen([sys.executable, "-m", "llamoe.experiments.cli", *argv], env=env, cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
     _SPAWNED.append(proc)
     return proc
@@ -153,7 +154,7 @@ def test_a_lock_left_by_a_dead_process_is_taken_over(
 
 
 def test_a_locked_sweep_directory_refuses_a_second_sweep(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from experiments.ablate import cli_main as ablate_main
+    from llamoe.experiments.commands.ablate import cli_main as ablate_main
 
     sweep = tmp_path / "sweep.yaml"
     sweep.write_text(json.dumps({"name": "toy", "base": {"model": "llama3.1-tiny"}}))
@@ -178,7 +179,7 @@ def test_a_user_error_is_one_line_and_debug_adds_the_traceback(
     debug: str, argv: list[str], message: str, error: str, monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:  # fmt: skip
-    from experiments.cli import main
+    from llamoe.experiments.cli import main
 
     monkeypatch.setenv("LLAMOE_DEBUG", "1" if debug == "env" else "0")  # restored after the test (--debug sets it)
     assert main(["--debug", *argv] if debug == "flag" else argv) == 2
@@ -265,8 +266,8 @@ def test_disk_full_while_caching_the_tokenised_corpus(tmp_path: Path, dense: Cal
 def test_disk_full_while_writing_the_sweep_results_and_report(
     tmp_path: Path, corpus: list[str], tiny_dense: list[str]
 ) -> None:
-    from experiments.report import load_results
-    from experiments.scheduler import DONE_FILE
+    from llamoe.experiments.sweeps.report import load_results
+    from llamoe.experiments.sweeps.scheduler import DONE_FILE
 
     spec = tmp_path / "sweep.yaml"
     spec.write_text(json.dumps({"name": "toy", "base": {"model": "llama3.1-tiny"}, "runs": {"a": {}},
@@ -319,7 +320,7 @@ def test_a_torn_last_line_in_metrics_is_dropped_on_resume(tmp_path: Path, dense:
 def test_a_corrupt_shard_of_a_multi_rank_checkpoint_is_named(
     tmp_path: Path, dense: Callable[..., list[str]], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from experiments.checkpoint import CheckpointError, load_checkpoint
+    from llamoe.experiments.training.checkpoint import CheckpointError, load_checkpoint
 
     run = tmp_path / "run"
     train(load_run_config(None, dense(run, 2)))
@@ -339,10 +340,11 @@ def test_a_corrupt_shard_of_a_multi_rank_checkpoint_is_named(
 def test_sigterm_to_a_sweep_interrupts_every_run_and_a_rerun_resumes_them(
     tmp_path: Path, corpus: list[str], tiny_dense: list[str], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from experiments import ablate, scheduler
-    from experiments.overrides import parse_items
-    from experiments.report import load_results
-    from experiments.sweep import expand, load_sweep
+    from llamoe.experiments.commands import ablate
+    from llamoe.experiments.overrides import parse_items
+    from llamoe.experiments.sweeps import scheduler
+    from llamoe.experiments.sweeps.report import load_results
+    from llamoe.experiments.sweeps.spec import expand, load_sweep
 
     base = dict(item.split("=", 1) for item in [*corpus, *tiny_dense])
     base.update({"train.seq_len": 32, "train.batch_size": 8, "train.log_every": 1, "train.val_every": 0,
@@ -391,7 +393,7 @@ def test_sigterm_to_a_sweep_interrupts_every_run_and_a_rerun_resumes_them(
 def test_sigterm_to_an_expert_parallel_run_saves_every_rank_and_resume_is_exact(
     tmp_path: Path, run_args: Args, tiny_moe: list[str], capfd: pytest.CaptureFixture[str]
 ) -> None:
-    from experiments.distributed import launch
+    from llamoe.experiments.training.distributed import launch
 
     def moe(run_dir: Path, max_steps: int) -> list[str]:
         return run_args(run_dir, *tiny_moe, f"train.max_steps={max_steps}", "optim.decay_steps=100000",

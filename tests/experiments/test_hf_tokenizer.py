@@ -11,10 +11,11 @@ from tokenizers import Tokenizer as RawTokenizer
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer
 
-from experiments.config import load_run_config
-from experiments.data.corpus import load_corpus
-from experiments.data.tokenizer import Tokenizer
-from models.config import ConfigError
+from llamoe.experiments.config import load_run_config
+from llamoe.experiments.data.corpus import load_corpus
+from llamoe.experiments.data.tokenizer import Tokenizer
+from llamoe.experiments.training import preflight
+from llamoe.models.config import ConfigError
 
 TEXT = "the cat sat on a mat and then the small dog ran in the park at night. " * 20
 
@@ -92,5 +93,6 @@ def test_a_run_config_trains_on_it(tmp_path: Path) -> None:
     assert corpus.tokens[1:-1].tolist() == tok.encode(TEXT)
     with pytest.raises(ConfigError, match="tokenizer.path"):
         load_run_config(None, ["tokenizer.kind=hf"])
+    small = load_run_config(None, ["tokenizer.kind=hf", f"tokenizer.path={path}", "model.vocab_size=200"])
     with pytest.raises(ConfigError, match="model.vocab_size"):
-        load_run_config(None, ["tokenizer.kind=hf", f"tokenizer.path={path}", "model.vocab_size=200"])
+        preflight.check(small)  # the file's vocabulary is read where the run starts

@@ -10,13 +10,14 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from experiments import init_from
-from experiments.checkpoint import load_model
-from experiments.config import ConfigError, load_run_config
-from experiments.metrics_log import read_metrics
-from experiments.optim import lr_at
-from experiments.train import cli_main, train
-from models.build import build_model
+from llamoe.experiments.commands.train import cli_main
+from llamoe.experiments.config import ConfigError, load_run_config
+from llamoe.experiments.training import init_from, preflight
+from llamoe.experiments.training.checkpoint import load_model
+from llamoe.experiments.training.loop import train
+from llamoe.experiments.training.metrics_log import read_metrics
+from llamoe.experiments.training.optim import lr_at
+from llamoe.models.build import build_model
 
 Args = Callable[..., list[str]]
 DENSE = [
@@ -121,7 +122,7 @@ def test_a_mapping_that_cannot_be_made_exits_2_naming_the_tensor(
 ) -> None:
     bad = run_args(tmp_path / "x", *tiny_dense, "model.n_layers=3", f"init_from={dense_run}")
     with pytest.raises(ConfigError, match="layers.2.attention_norm.weight") as err:
-        load_run_config(None, bad)
+        preflight.check(load_run_config(None, bad))
     assert err.value.key == "init_from"
     assert cli_main(["/dev/null", *bad]) == 2
     assert "cannot map layers.2.attention_norm.weight" in capsys.readouterr().err

@@ -13,19 +13,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from experiments.checkpoint import load_model, save_checkpoint
-from experiments.config import load_run_config
-from experiments.data.corpus import load_corpus
-from experiments.data.tokenizer import Tokenizer
-from experiments.evals.entropy import nope_attention_entropy, nope_layers, nope_queries_keys, query_entropy
-from experiments.evals.long_context import cli_main, evaluate, write_results
-from experiments.evals.options import load_options
-from experiments.evals.perplexity import heldout_windows, perplexity_vs_length, position_buckets, sliding_window_nll
-from experiments.evals.retrieval import greedy_exact_match, mqar_accuracy, needle_accuracy, passkey_grid
-from experiments.evals.scoring import token_nll
-from experiments.evals.temperature import TemperatureSetting, applied, calibrate, grid
-from models.config import AttentionConfig, ConfigError, ModelConfig, RopeConfig
-from models.transformer import ModelOutput, Transformer
+from llamoe.experiments.commands.eval import cli_main
+from llamoe.experiments.config import load_run_config
+from llamoe.experiments.data.corpus import load_corpus
+from llamoe.experiments.data.tokenizer import Tokenizer
+from llamoe.experiments.evals.entropy import nope_attention_entropy, nope_layers, nope_queries_keys, query_entropy
+from llamoe.experiments.evals.long_context import evaluate, write_results
+from llamoe.experiments.evals.options import load_options
+from llamoe.experiments.evals.perplexity import (
+    heldout_windows,
+    perplexity_vs_length,
+    position_buckets,
+    sliding_window_nll,
+)
+from llamoe.experiments.evals.retrieval import greedy_exact_match, mqar_accuracy, needle_accuracy, passkey_grid
+from llamoe.experiments.evals.scoring import token_nll
+from llamoe.experiments.evals.temperature import TemperatureSetting, applied, calibrate, grid
+from llamoe.experiments.training.checkpoint import load_model, save_checkpoint
+from llamoe.models.config import AttentionConfig, ConfigError, ModelConfig, RopeConfig
+from llamoe.models.transformer import ModelOutput, Transformer
 
 BYTES = Tokenizer.byte_level()
 DIGITS = [ord(c) for c in "0123456789"]
@@ -181,8 +187,8 @@ class PositionalOracle(nn.Module):
 
 
 def test_a_positional_shortcut_learned_on_training_rows_scores_at_chance() -> None:
-    from experiments.data.task_mix import TaskBatches
-    from experiments.data.tasks import MQAR, Passkey
+    from llamoe.experiments.data.task_mix import TaskBatches
+    from llamoe.experiments.data.tasks import MQAR, Passkey
 
     # passkey: chance of guessing the key is 1/90000; a look-back hits only when the distance repeats
     rows = [next(TaskBatches(Passkey(BYTES), 256, 32, seed=s)) for s in range(3)]
@@ -551,7 +557,7 @@ def test_tail_bucket_and_delta_keys_equal_a_hand_computation(heldout) -> None:
 
 
 def test_bootstrap_intervals_cover_a_known_mean_in_a_simulation() -> None:
-    from experiments.evals.stats import bootstrap_mean, bootstrap_ratio, t_interval
+    from llamoe.experiments.evals.stats import bootstrap_mean, bootstrap_ratio, t_interval
 
     rng = np.random.default_rng(0)
     trials = 300

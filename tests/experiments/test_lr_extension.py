@@ -7,11 +7,11 @@ from typing import Callable
 
 import pytest
 
-from experiments.checkpoint import latest_checkpoint, read_meta
-from experiments.config import load_run_config
-from experiments.metrics_log import read_metrics
-from experiments.optim import lr_at
-from experiments.train import cli_main
+from llamoe.experiments.commands.train import cli_main
+from llamoe.experiments.config import load_run_config
+from llamoe.experiments.training.checkpoint import latest_checkpoint, read_meta
+from llamoe.experiments.training.metrics_log import read_metrics
+from llamoe.experiments.training.optim import lr_at
 
 
 def test_an_extended_run_continues_its_schedule(

@@ -13,11 +13,12 @@ from typing import Callable
 import pytest
 import torch
 
-from experiments.config import load_run_config
-from experiments.metrics_log import read_metrics
-from experiments.train import cli_main, train
-from models.transformer import Transformer
-from moe.experts.base import Experts
+from llamoe.experiments.commands.train import cli_main
+from llamoe.experiments.config import load_run_config
+from llamoe.experiments.training.loop import train
+from llamoe.experiments.training.metrics_log import read_metrics
+from llamoe.models.transformer import Transformer
+from llamoe.moe.experts.base import Experts
 
 Args = Callable[..., list[str]]
 

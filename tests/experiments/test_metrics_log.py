@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from experiments import metrics_log
-from experiments.errors import UserError
+from llamoe.experiments.errors import UserError
+from llamoe.experiments.training import metrics_log
 
 
 def _write(run_dir: Path, text: str) -> None:

@@ -3,11 +3,11 @@ options, sweeps and bench, and every error names the key."""
 
 import pytest
 
-from config_error import ConfigError
-from experiments.config import load_run_config, resolve_model
-from experiments.evals.options import load_options
-from experiments.overrides import flatten, parse_items, read_yaml, unflatten
-from experiments.sweep import SweepError, parse_sweep
+from llamoe.config_error import ConfigError
+from llamoe.experiments.config import load_run_config, resolve_model
+from llamoe.experiments.evals.options import load_options
+from llamoe.experiments.overrides import flatten, parse_items, read_yaml, unflatten
+from llamoe.experiments.sweeps.spec import SweepError, parse_sweep
 
 
 def test_values_parse_as_yaml_with_dotless_exponents() -> None:

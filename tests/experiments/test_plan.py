@@ -24,10 +24,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.checkpoint import checkpoint
 
-from experiments.cli import main as llamoe
-from experiments.config import load_run_config, resolve_model
-from experiments.distributed import launch
-from experiments.plan import (
+from llamoe.experiments.cli import main as llamoe
+from llamoe.experiments.commands.plan import (
     Layout,
     activation_bytes,
     alltoall_bytes,
@@ -37,8 +35,10 @@ from experiments.plan import (
     weight_cast_bytes,
     zero_partition,
 )
-from experiments.train import lm_loss
-from models import ModelConfig, Transformer, presets
+from llamoe.experiments.config import load_run_config, resolve_model
+from llamoe.experiments.training.distributed import launch
+from llamoe.experiments.training.loop import lm_loss
+from llamoe.models import ModelConfig, Transformer, presets
 
 WORKER = Path(__file__).resolve().parent / "plan_worker.py"
 TINY = ["dim=64", "n_layers=4", "n_heads=4", "n_kv_heads=2", "multiple_of=16", "attention.chunk_size=64",
@@ -260,7 +260,7 @@ def test_state_bytes_equal_what_two_gloo_ranks_allocate(tmp_path: Path) -> None:
     runs = [[*SMALL_MOE, f"distributed.ep_size={ep}", f"distributed.zero_stage={zero}"] for ep, zero in layouts]
     (tmp_path / "plan.json").write_text(json.dumps(runs))
     assert launch(2, [str(WORKER), str(tmp_path / "plan.json"), str(tmp_path)], module=False, timeout=600) == 0
-    cfg = load_run_config(None, SMALL_MOE, world_size=2, check_machine=False).model
+    cfg = load_run_config(None, SMALL_MOE, world_size=2).model
     assert cfg.dim * (cfg.vocab_size + 2 * cfg.n_layers + 1) % 4 == 2  # a padded ZeRO group
     for i, (ep, zero) in enumerate(layouts):
         lay = Layout(gpus=2, ep=ep, zero=zero, dtype="fp32", overlap_comm=False)

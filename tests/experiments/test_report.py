@@ -6,8 +6,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from experiments import report
-from experiments.evals.stats import bootstrap_mean
+from llamoe.experiments.evals.stats import bootstrap_mean
+from llamoe.experiments.sweeps import report
 
 
 def _write_run(sweep: Path, name: str, losses: list[float], moe: bool) -> None:
@@ -94,7 +94,7 @@ def test_report_plots_exist_and_are_linked(sweep_dir: Path) -> None:
 
 
 def test_router_loads_normalises_per_step() -> None:
-    # rows as experiments/train.py logs them: per-layer router stats beside the tokens-per-expert counts
+    # rows as experiments/training/loop.py logs them: per-layer router stats beside the tokens-per-expert counts
     def row(tokens: int, counts: dict[str, list[int]]) -> dict:
         router = {layer: {"tokens_per_expert": c, "load_imbalance": 1.5, "cv": 0.5} for layer, c in counts.items()}
         return {"step": tokens // 10, "tokens": tokens, "loss": 2.0, "load_imbalance": 1.5, "router": router}
@@ -290,7 +290,7 @@ def test_declared_headline_pairs_differences_by_seed(tmp_path: Path) -> None:
 
 
 def test_headline_must_be_keys() -> None:
-    from experiments.sweep import SweepError, parse_sweep
+    from llamoe.experiments.sweeps.spec import SweepError, parse_sweep
 
     data = {"name": "s", "base": {"model": "llama3.1-tiny"}, "runs": {"a": {}}}
     assert parse_sweep({**data, "headline": "nll@64"}).headline == ("nll@64",)

@@ -1,5 +1,5 @@
 """Resharding on resume: a checkpoint written under one (processes, ep_size, ZeRO stage) resumes under
-another, with its weights and AdamW moments exact (experiments/reshard.py).
+another, with its weights and AdamW moments exact (experiments/training/reshard.py).
 
 Two bases are trained for 2 steps on 2 processes with EP 2 (ZeRO 1, and ZeRO 0), then resumed for 2
 more steps unchanged (the reference) and under other layouts: 1 process; 2 processes with EP 1 at ZeRO
@@ -16,13 +16,13 @@ from typing import Callable
 import pytest
 import torch
 
-from experiments import reshard
-from experiments.checkpoint import read_meta, read_rank_state
-from experiments.config import load_run_config
-from experiments.distributed import launch
-from experiments.metrics_log import read_metrics
-from experiments.train import cli_main
-from models.build import build_model
+from llamoe.experiments.commands.train import cli_main
+from llamoe.experiments.config import load_run_config
+from llamoe.experiments.training import reshard
+from llamoe.experiments.training.checkpoint import read_meta, read_rank_state
+from llamoe.experiments.training.distributed import launch
+from llamoe.experiments.training.metrics_log import read_metrics
+from llamoe.models.build import build_model
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 WORKER = Path(__file__).resolve().parent / "distributed_worker.py"

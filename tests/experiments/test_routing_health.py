@@ -9,16 +9,16 @@ from typing import Any, Callable
 import pytest
 import torch
 
-from experiments import routing_health
-from experiments.ablate import _training_fields
-from experiments.config import load_run_config
-from experiments.data.tokenizer import Tokenizer
-from experiments.distributed import World
-from experiments.metrics_log import read_metrics
-from experiments.report import build_report
-from experiments.train import train
-from experiments.train_metrics import RouterStats
-from models import Transformer
+from llamoe.experiments.commands.ablate import _training_fields
+from llamoe.experiments.config import load_run_config
+from llamoe.experiments.data.tokenizer import Tokenizer
+from llamoe.experiments.sweeps.report import build_report
+from llamoe.experiments.training import routing_health
+from llamoe.experiments.training.distributed import World
+from llamoe.experiments.training.loop import train
+from llamoe.experiments.training.metrics_log import read_metrics
+from llamoe.experiments.training.train_metrics import RouterStats
+from llamoe.models import Transformer
 
 
 def _row(step: int, imbalance: float, entropy: float, loads: dict[str, list[int]]) -> dict[str, Any]:

@@ -1,5 +1,7 @@
 """RunConfig loading: defaults <- YAML <- key=value, the model section, saving, and every bad input."""
 
+import builtins
+import os
 import subprocess
 import sys
 from dataclasses import replace
@@ -9,9 +11,10 @@ import pytest
 import torch
 import yaml
 
-from experiments.config import ConfigError, RunConfig, load_run_config
-from experiments.train import cli_main
-from models import presets
+from llamoe.experiments.commands.train import cli_main
+from llamoe.experiments.config import ConfigError, RunConfig, load_run_config, validate
+from llamoe.experiments.training import preflight
+from llamoe.models import presets
 
 BASE_YAML = Path(__file__).resolve().parents[2] / "experiments" / "configs" / "base.yaml"
 
@@ -88,8 +91,6 @@ BAD_INPUTS = [
     (["model.n_heads=6"], 1, "model.n_kv_heads"),  # 6 heads cannot share 4 kv heads
     (["model=llama9-huge"], 1, "model.preset"),
     (["model=7"], 1, "model"),
-    (["data.source=/no/such/corpus.txt"], 1, "data.source"),
-    (["tokenizer.kind=llama3", "tokenizer.path=/no/such/tokenizer.model"], 1, "tokenizer.path"),
     (["model.vocab_size=100"], 1, "model.vocab_size"),  # smaller than the tokenizer
     (["distributed.ep_size=2"], 2, "distributed.ep_size"),  # dense model: no experts
     (["model=llama4-tiny", "distributed.ep_size=3", "train.batch_size=12"], 3, "distributed.ep_size"),  # 8 experts
@@ -133,10 +134,12 @@ def test_zero3_is_for_dense_models_and_moe_is_told_the_alternative(capsys: pytes
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
 def test_cuda_device_without_cuda_names_the_key() -> None:
+    cfg = load_run_config(None, ["train.device=cuda"])  # a config, readable anywhere
+    assert cfg.train.device == "cuda"
     with pytest.raises(ConfigError) as info:
-        load_run_config(None, ["train.device=cuda"])
+        preflight.check(cfg)  # where it would run
     assert info.value.key == "train.device"
-    assert load_run_config(None, ["train.device=cuda"], check_machine=False).train.device == "cuda"
+    assert cli_main(["/dev/null", "train.device=cuda"]) == 2
 
 
 def test_cli_missing_and_malformed_config_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -151,9 +154,17 @@ def test_cli_missing_and_malformed_config_files(tmp_path: Path, capsys: pytest.C
 
 
 def test_console_command_exits_2_without_traceback(tmp_path: Path) -> None:
-    """The real `python -m experiments.cli train` process: status 2, the key on stderr, no traceback."""
+    """The real `python -m llamoe.experiments.cli train` process: status 2, the key on stderr, no traceback."""
     proc = subprocess.run(
-        [sys.executable, "-m", "experiments.cli", "train", str(BASE_YAML), "model.dim=100", f"run_dir={tmp_path}"],
+        [
+            sys.executable,
+            "-m",
+            "llamoe.experiments.cli",
+            "train",
+            str(BASE_YAML),
+            "model.dim=100",
+            f"run_dir={tmp_path}",
+        ],
         capture_output=True,
         text=True,
         cwd=Path(__file__).resolve().parents[2],
@@ -175,3 +186,48 @@ def test_a_loaded_run_config_is_frozen_and_changes_go_through_validation_again()
     assert changed.train.seq_len == 128 and cfg.train.seq_len == 64
     with pytest.raises(ConfigError, match="train.seq_len"):
         load_run_config(cfg.to_dict(), {"train.seq_len": 0})
+
+
+MACHINE_KEYS = [
+    (["tokenizer.kind=hf", "tokenizer.path=/no/such/tokenizer.json", "model.vocab_size=128256"], "tokenizer.path"),
+    (["data.source=/no/such/corpus"], "data.source"),
+    (["init_from=/no/such/run"], "init_from"),
+]
+
+
+def _forbid_io(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError(f"config validation touched the file system: {args[:2]}")
+
+    for target in (Path, os):
+        monkeypatch.setattr(target, "stat", refuse)
+    monkeypatch.setattr(os, "scandir", refuse)
+    monkeypatch.setattr(builtins, "open", refuse)
+    monkeypatch.setattr(torch, "load", refuse)
+
+
+@pytest.mark.parametrize("overrides,key", MACHINE_KEYS)
+def test_validation_reads_no_file_and_the_run_start_names_the_key(
+    overrides: list[str], key: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A config naming files this machine lacks is a valid config (readable on any machine); the check happens
+    where the run starts, with the same one-line error and exit 2."""
+    cfg = load_run_config(None, [*overrides, f"run_dir={tmp_path / 'run'}"])
+    with monkeypatch.context() as m:
+        _forbid_io(m)
+        validate(cfg)
+    with pytest.raises(ConfigError) as info:
+        preflight.check(cfg)
+    assert info.value.key == key
+    assert cli_main(["/dev/null", *overrides, f"run_dir={tmp_path / 'run'}"]) == 2
+    err = capsys.readouterr().err
+    assert f"invalid config: {key}:" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_the_io_guard_catches_a_file_check(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Positive control for the guard above: the checks preflight makes do trip it."""
+    cfg = load_run_config(None, ["data.source=/no/such/corpus"])
+    _forbid_io(monkeypatch)
+    with pytest.raises(AssertionError, match="touched the file system"):
+        preflight.check(cfg)

@@ -16,10 +16,10 @@ from typing import Any
 import pytest
 import yaml
 
-from experiments import ablate
-from experiments.report import load_results
-from experiments.slurm import ClusterOptions, parse_time
-from experiments.sweep import SweepError
+from llamoe.experiments.commands import ablate
+from llamoe.experiments.sweeps.report import load_results
+from llamoe.experiments.sweeps.slurm import ClusterOptions, parse_time
+from llamoe.experiments.sweeps.spec import SweepError
 from tests.experiments.test_ablate import tiny_sweep_data
 
 RUNS = {
@@ -352,7 +352,7 @@ def test_a_two_gpu_run_is_two_srun_ranks_through_deepspeed(
 ) -> None:
     """Two srun tasks, ranks from Slurm's variables, joined by DeepSpeed (gloo here): data parallel over the same
     global batch, so the single-process run's losses, and rank 0 evaluates."""
-    from experiments.checkpoint import latest_checkpoint, read_meta
+    from llamoe.experiments.training.checkpoint import latest_checkpoint, read_meta
 
     _, reference = scheduler_sweep
     path, out = _sweep_file(tmp_path, {"a": {}}), tmp_path / "out"

@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.smollm2 import WheelUnavailable, build
-from experiments.data.tokenizer import Tokenizer
-from experiments.evals.long_context import cli_main
+from llamoe.experiments.commands.eval import cli_main
+from llamoe.experiments.data.tokenizer import Tokenizer
 
 LENGTH = 256
 WHEELS = Path(os.environ.get("LLAMOE_TEST_CACHE", "~/.cache/llamoe/wheels")).expanduser()

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from experiments import scheduler
-from experiments.sweep import parse_sweep
+from llamoe.experiments.sweeps import scheduler
+from llamoe.experiments.sweeps.spec import parse_sweep
 
 RECORDER = """
 import json, os, sys, time

@@ -14,16 +14,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from experiments.cli import main as llamoe
-from experiments.config import load_run_config
-from experiments.sweep import PlannedRun, builtin_sweeps, expand, load_sweep
-from models import presets
-from models.build import build_model
-from models.config import ModelConfig
-from models.surgery import apply, plan
-from models.transformer import Transformer
-from moe.config import MoEConfig
-from moe.layer import MoE
+from llamoe.experiments.cli import main as llamoe
+from llamoe.experiments.config import load_run_config
+from llamoe.experiments.sweeps.spec import PlannedRun, builtin_sweeps, expand, load_sweep
+from llamoe.models import presets
+from llamoe.models.build import build_model
+from llamoe.models.config import ModelConfig
+from llamoe.models.surgery import apply, plan
+from llamoe.models.transformer import Transformer
+from llamoe.moe.config import MoEConfig
+from llamoe.moe.layer import MoE
 
 REL_GRAD = 1e-4  # |dL/dW| / |W| of the routers; learning layouts measure 1e-3..3e-2
 STEPS = 3

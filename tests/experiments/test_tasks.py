@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from experiments.data.batches import MixedBatches, PackedBatches
-from experiments.data.corpus import load_corpus
-from experiments.data.task_mix import TaskBatches, TaskMix, task_sources
-from experiments.data.tasks import IGNORE_INDEX, MQAR, PASSKEY_SENTENCES, Needle, Passkey
-from experiments.data.tokenizer import Tokenizer
-from models.config import ConfigError
+from llamoe.experiments.data.batches import MixedBatches, PackedBatches
+from llamoe.experiments.data.corpus import load_corpus
+from llamoe.experiments.data.task_mix import TaskBatches, TaskMix, task_sources
+from llamoe.experiments.data.tasks import IGNORE_INDEX, MQAR, PASSKEY_SENTENCES, Needle, Passkey
+from llamoe.experiments.data.tokenizer import Tokenizer
+from llamoe.models.config import ConfigError
 
 BYTES = Tokenizer.byte_level()
 HAYSTACK = np.frombuffer(b"def f(x):\n    return x + 1\n" * 40, dtype=np.uint8).astype(np.int64)
@@ -255,7 +255,7 @@ def _ks(a: np.ndarray, b: np.ndarray) -> float:
 
 @pytest.mark.parametrize("task", ["passkey", "mqar"])
 def test_training_rows_have_the_layout_of_evaluation_examples_of_the_same_length(task: str) -> None:
-    from experiments.evals.retrieval import STREAMS
+    from llamoe.experiments.evals.retrieval import STREAMS
 
     length = 256
     source = Passkey(BYTES) if task == "passkey" else MQAR(BYTES, (4, 4))

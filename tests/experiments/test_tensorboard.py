@@ -8,11 +8,11 @@ import pytest
 
 pytest.importorskip("tensorboard", reason="the tensorboard package (the `tb` extra) is not installed")
 
-from experiments.config import load_run_config  # noqa: E402
-from experiments.evals.long_context import evaluate_run  # noqa: E402
-from experiments.metrics_log import read_metrics  # noqa: E402
-from experiments.tensorboard_log import read_scalars  # noqa: E402
-from experiments.train import train  # noqa: E402
+from llamoe.experiments.commands.eval import evaluate_run  # noqa: E402
+from llamoe.experiments.config import load_run_config  # noqa: E402
+from llamoe.experiments.training.loop import train  # noqa: E402
+from llamoe.experiments.training.metrics_log import read_metrics  # noqa: E402
+from llamoe.experiments.training.tensorboard_log import read_scalars  # noqa: E402
 
 
 def test_events_equal_metrics_jsonl_across_a_resume_and_an_eval(

@@ -5,8 +5,8 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from experiments.config import load_run_config
-from experiments.distributed import set_tf32
+from llamoe.experiments.config import load_run_config
+from llamoe.experiments.training.distributed import set_tf32
 
 
 @pytest.fixture

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from experiments.data.tokenizer import Tokenizer
-from models import presets
+from llamoe.experiments.data.tokenizer import Tokenizer
+from llamoe.models import presets
 
 # Merges on top of the 256 byte tokens (ranks 256, 257, ...). BPE applies the lowest rank first.
 MERGES = [b"he", b"ll", b"hell", b"hello", b"o ", b" w", b"or", b" wor", b"ld", b" world", b"lC", b"34"]

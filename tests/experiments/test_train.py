@@ -7,11 +7,12 @@ from typing import Callable
 
 import pytest
 
-from experiments.config import OptimConfig, load_run_config
-from experiments.metrics_log import read_metrics
-from experiments.optim import lr_at, param_groups
-from experiments.train import TrainingDiverged, cli_main, train
-from models import Transformer, presets
+from llamoe.experiments.commands.train import cli_main
+from llamoe.experiments.config import OptimConfig, load_run_config
+from llamoe.experiments.training.loop import TrainingDiverged, train
+from llamoe.experiments.training.metrics_log import read_metrics
+from llamoe.experiments.training.optim import lr_at, param_groups
+from llamoe.models import Transformer, presets
 
 Args = Callable[..., list[str]]
 

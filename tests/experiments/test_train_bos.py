@@ -7,9 +7,10 @@ from typing import Callable
 import numpy as np
 import pytest
 
-from experiments.config import ConfigError, load_run_config
-from experiments.distributed import World
-from experiments.train import cli_main, run_corpus, train_batches
+from llamoe.experiments.commands.train import cli_main
+from llamoe.experiments.config import ConfigError, load_run_config
+from llamoe.experiments.training.distributed import World
+from llamoe.experiments.training.loop import run_corpus, train_batches
 
 
 def test_data_bos_starts_every_document_with_bos(

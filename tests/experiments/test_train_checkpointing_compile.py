@@ -14,9 +14,10 @@ from typing import Callable
 
 import pytest
 
-from experiments.config import ConfigError, load_run_config
-from experiments.metrics_log import read_metrics
-from experiments.train import cli_main
+from llamoe.experiments.commands.train import cli_main
+from llamoe.experiments.config import ConfigError, load_run_config
+from llamoe.experiments.training import preflight
+from llamoe.experiments.training.metrics_log import read_metrics
 
 Args = Callable[..., list[str]]
 KEYS = ("loss", "aux_loss", "grad_norm", "val_loss")
@@ -80,7 +81,7 @@ def test_compiled_blocks_match_eager(tmp_path: Path, moe_run: Args) -> None:
 )
 def test_bad_values_name_the_key(overrides: list[str], key: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(ConfigError) as info:
-        load_run_config(None, overrides)
+        preflight.check(load_run_config(None, overrides))
     assert info.value.key == key
     assert cli_main(["/dev/null", *overrides]) == 2
     assert f"invalid config: {key}:" in capsys.readouterr().err
@@ -88,7 +89,8 @@ def test_bad_values_name_the_key(overrides: list[str], key: str, capsys: pytest.
 
 def test_compile_without_a_cpp_compiler_names_the_key(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CXX", "/no/such/g++")
+    cfg = load_run_config(None, ["train.compile=true", "train.device=cpu"])
+    assert cfg.train.compile
     with pytest.raises(ConfigError, match="C\\+\\+ compiler") as info:
-        load_run_config(None, ["train.compile=true", "train.device=cpu"])
+        preflight.check(cfg)
     assert info.value.key == "train.compile"
-    assert load_run_config(None, ["train.compile=true", "train.device=cpu"], check_machine=False).train.compile

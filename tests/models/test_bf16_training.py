@@ -2,9 +2,9 @@
 
 import torch
 
-from models import presets
-from models.loss import lm_cross_entropy
-from models.transformer import Transformer
+from llamoe.models import presets
+from llamoe.models.loss import lm_cross_entropy
+from llamoe.models.transformer import Transformer
 
 STEPS = 20
 TOLERANCE = 0.05  # nats per step; measured max 0.031 (step 12) on 2026-12-02, benchmarks/RESULTS.md

@@ -6,11 +6,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from attention.rope import rope_frequencies
-from config_error import ConfigError
-from models import ModelConfig, Transformer, presets
-from models.build import build_model
-from moe.experts.base import Experts
+from llamoe.attention.rope import rope_frequencies
+from llamoe.config_error import ConfigError
+from llamoe.models import ModelConfig, Transformer, presets
+from llamoe.models.build import build_model
+from llamoe.moe.experts.base import Experts
 
 
 def _moe() -> ModelConfig:

@@ -18,10 +18,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from models import ModelConfig, Transformer, presets
-from models.build import build_model
-from models.checkpointing import checkpointed_layers
-from moe.balance import BiasBalancer
+from llamoe.models import ModelConfig, Transformer, presets
+from llamoe.models.build import build_model
+from llamoe.models.checkpointing import checkpointed_layers
+from llamoe.moe.balance import BiasBalancer
 
 STEPS, MICRO = 3, 2
 

@@ -3,8 +3,8 @@ import dataclasses
 import pytest
 import torch
 
-from models import ConfigError, ModelConfig, Transformer, presets
-from models.config import model_config_from_dict
+from llamoe.models import ConfigError, ModelConfig, Transformer, presets
+from llamoe.models.config import model_config_from_dict
 
 EXPECTED = {
     # preset: (total params, active params) from shared/REFERENCE.md

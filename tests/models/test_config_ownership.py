@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from experiments.config import load_run_config
-from experiments.evals.temperature import TemperatureSetting, calibrate
-from models import AttentionConfig, ConfigError, ModelConfig, MoEConfig, RopeConfig, Transformer, presets
-from models.config import model_config_from_dict
+from llamoe.experiments.config import load_run_config
+from llamoe.experiments.evals.temperature import TemperatureSetting, calibrate
+from llamoe.models import AttentionConfig, ConfigError, ModelConfig, MoEConfig, RopeConfig, Transformer, presets
+from llamoe.models.config import model_config_from_dict
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -20,17 +20,17 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.mark.parametrize(
     "statement,forbidden",
     [
-        ("import attention.attention", ("models", "moe")),
-        ("import moe.router", ("models", "attention")),
-        ("import moe.layer", ("models", "attention")),
-        ("from models import Transformer", ()),
+        ("import llamoe.attention.attention", ("llamoe.models", "llamoe.moe")),
+        ("import llamoe.moe.router", ("llamoe.models", "llamoe.attention")),
+        ("import llamoe.moe.layer", ("llamoe.models", "llamoe.attention")),
+        ("from llamoe.models import Transformer", ("llamoe.experiments",)),
     ],
 )
 def test_each_package_imports_alone_in_a_fresh_interpreter(statement: str, forbidden: tuple[str, ...]) -> None:
-    """No import cycle: attention/ and moe/ import neither models/ nor each other."""
+    """No import cycle: attention/ and moe/ import neither models/ nor each other, and models/ no experiments/."""
     check = (
         f"{statement}; import sys; "
-        f"bad = sorted(m for m in sys.modules if m.split('.')[0] in {forbidden!r}); "
+        f"bad = sorted(m for m in sys.modules if m.startswith({forbidden!r})); "
         "assert not bad, bad"
     )
     done = subprocess.run([sys.executable, "-c", check], cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -38,8 +38,8 @@ def test_each_package_imports_alone_in_a_fresh_interpreter(statement: str, forbi
 
 
 def test_config_error_is_one_class_across_packages() -> None:
-    from attention.config import ConfigError as AttentionConfigError
-    from moe.config import ConfigError as MoEConfigError
+    from llamoe.attention.config import ConfigError as AttentionConfigError
+    from llamoe.moe.config import ConfigError as MoEConfigError
 
     assert AttentionConfigError is MoEConfigError is ConfigError
 

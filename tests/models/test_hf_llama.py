@@ -10,8 +10,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from models import AttentionConfig, ConfigError, ModelConfig, RopeConfig, Transformer, presets
-from models.hf import (
+from llamoe.models import AttentionConfig, ConfigError, ModelConfig, RopeConfig, Transformer, presets
+from llamoe.models.hf import (
     config_from_hf,
     config_to_hf,
     from_hf,

@@ -33,8 +33,8 @@ import torch
 from safetensors.torch import save_file
 from transformers import Llama4Config, Llama4ForCausalLM, Llama4TextConfig, LlamaForCausalLM
 
-from models import ConfigError, MoEConfig, Transformer, presets
-from models.hf import config_from_hf, config_to_hf, from_hf, load_hf, save_hf, to_hf
+from llamoe.models import ConfigError, MoEConfig, Transformer, presets
+from llamoe.models.hf import config_from_hf, config_to_hf, from_hf, load_hf, save_hf, to_hf
 
 VOCAB, SEQ = 97, 100  # 100 tokens: 12+ chunks of 8, past floor_scale 16 six times
 

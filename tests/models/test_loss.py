@@ -8,9 +8,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from models import presets
-from models.loss import IGNORE_INDEX, chunk_positions, chunked_cross_entropy, lm_cross_entropy
-from models.transformer import ModelOutput, Transformer
+from llamoe.models import presets
+from llamoe.models.loss import IGNORE_INDEX, chunk_positions, chunked_cross_entropy, lm_cross_entropy
+from llamoe.models.transformer import ModelOutput, Transformer
 
 N, D, V = 37, 12, 50
 

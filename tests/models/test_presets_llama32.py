@@ -8,8 +8,8 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-from models import Transformer, presets
-from models.hf import config_from_hf, config_to_hf, from_hf, to_hf
+from llamoe.models import Transformer, presets
+from llamoe.models.hf import config_from_hf, config_to_hf, from_hf, to_hf
 
 # Fields of meta-llama/Llama-3.2-{1B,3B}/config.json (Hugging Face hub, September 2024)
 HF_FIELDS = {

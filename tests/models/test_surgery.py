@@ -8,12 +8,12 @@ from dataclasses import replace
 import pytest
 import torch
 
-from attention.rope import rope_angles
-from models import ConfigError, ModelConfig, MoEConfig
-from models.build import build_model
-from models.config import AttentionConfig, RopeConfig
-from models.surgery import COPY, INIT, TRANSFORM, apply, plan
-from moe.layer import MoE
+from llamoe.attention.rope import rope_angles
+from llamoe.models import ConfigError, ModelConfig, MoEConfig
+from llamoe.models.build import build_model
+from llamoe.models.config import AttentionConfig, RopeConfig
+from llamoe.models.surgery import COPY, INIT, TRANSFORM, apply, plan
+from llamoe.moe.layer import MoE
 
 D, F = 32, 96  # model dim, dense FFN hidden
 

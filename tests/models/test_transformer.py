@@ -3,8 +3,8 @@ from dataclasses import replace
 import pytest
 import torch
 
-from models import AttentionConfig, Transformer, presets
-from models.generate import generate, sample_next
+from llamoe.models import AttentionConfig, Transformer, presets
+from llamoe.models.generate import generate, sample_next
 
 
 def _dense_irope() -> Transformer:

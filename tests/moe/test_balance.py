@@ -9,10 +9,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from moe.balance import BiasBalancer
-from moe.config import MoEConfig
-from moe.layer import MoE
-from moe.router import Router
+from llamoe.moe.balance import BiasBalancer
+from llamoe.moe.config import MoEConfig
+from llamoe.moe.layer import MoE
+from llamoe.moe.router import Router
 
 DIM = 8
 

@@ -2,8 +2,8 @@
 
 import torch
 
-from moe.dispatch import expert_capacity, permute, plan_dispatch, unpermute
-from moe.experts.torch_loop import TorchExperts
+from llamoe.moe.dispatch import expert_capacity, permute, plan_dispatch, unpermute
+from llamoe.moe.experts.torch_loop import TorchExperts
 
 
 def test_plan_groups_slots_by_expert_in_token_order() -> None:

@@ -9,9 +9,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from moe.config import MoEConfig
-from moe.dispatch import expert_capacity
-from moe.layer import MoE
+from llamoe.moe.config import MoEConfig
+from llamoe.moe.dispatch import expert_capacity
+from llamoe.moe.layer import MoE
 
 WORLD = 2
 

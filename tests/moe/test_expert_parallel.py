@@ -10,9 +10,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from benchmarks.host_syncs import HostSyncs
-from moe import dispatch
-from moe.config import MoEConfig
-from moe.layer import MoE
+from llamoe.moe import dispatch
+from llamoe.moe.config import MoEConfig
+from llamoe.moe.layer import MoE
 
 WORLD = 2
 

@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from moe.config import ConfigError, MoEConfig
-from moe.experts import BACKENDS, build_experts
-from moe.experts.grouped_mm import GroupedMMExperts
-from moe.experts.torch_loop import TorchExperts
-from moe.layer import MoE
+from llamoe.moe.config import ConfigError, MoEConfig
+from llamoe.moe.experts import BACKENDS, build_experts
+from llamoe.moe.experts.grouped_mm import GroupedMMExperts
+from llamoe.moe.experts.torch_loop import TorchExperts
+from llamoe.moe.layer import MoE
 
 
 def paired(backend: str, num_experts: int = 5, dim: int = 16, hidden: int = 24, device: str = "cpu"):

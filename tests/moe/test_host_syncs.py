@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from benchmarks.host_syncs import HostSyncs, moe_layer_syncs
-from models import presets
-from models.transformer import Transformer
+from llamoe.models import presets
+from llamoe.models.transformer import Transformer
 
 
 def test_the_counter_sees_each_kind_of_sync() -> None:

@@ -14,11 +14,11 @@ from dataclasses import replace
 import pytest
 import torch
 
-from models import presets
-from models.build import build_model
-from models.hf import state_dict_from_hf, state_dict_to_hf
-from moe.experts.megablocks_dmoe import MegaBlocksExperts
-from moe.experts.torch_loop import TorchExperts
+from llamoe.models import presets
+from llamoe.models.build import build_model
+from llamoe.models.hf import state_dict_from_hf, state_dict_to_hf
+from llamoe.moe.experts.megablocks_dmoe import MegaBlocksExperts
+from llamoe.moe.experts.torch_loop import TorchExperts
 
 E, D, F = 4, 16, 8
 

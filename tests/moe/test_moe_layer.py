@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moe.config import MoEConfig
-from moe.layer import MoE, MoEOutput
+from llamoe.moe.config import MoEConfig
+from llamoe.moe.layer import MoE, MoEOutput
 
 DIM = 16
 

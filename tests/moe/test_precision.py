@@ -6,10 +6,10 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from moe.config import MoEConfig
-from moe.dispatch import LocalExchange
-from moe.layer import MoE
-from moe.router import Router
+from llamoe.moe.config import MoEConfig
+from llamoe.moe.dispatch import LocalExchange
+from llamoe.moe.layer import MoE
+from llamoe.moe.router import Router
 
 DIM = 16
 BF16 = torch.bfloat16

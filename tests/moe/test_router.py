@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from models.config import MoEConfig
-from moe.router import Router, load_balancing_loss, z_loss
+from llamoe.models.config import MoEConfig
+from llamoe.moe.router import Router, load_balancing_loss, z_loss
 
 
 def make_router(dim: int = 8, **kw) -> Router:

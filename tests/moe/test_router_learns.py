@@ -6,9 +6,9 @@ import itertools
 import pytest
 import torch
 
-from config_error import ConfigError
-from moe.config import MoEConfig
-from moe.layer import MoE
+from llamoe.config_error import ConfigError
+from llamoe.moe.config import MoEConfig
+from llamoe.moe.layer import MoE
 
 DIM = 16
 REL_GRAD = 1e-4  # |dL/dW| / |W| of the router; accepted layouts measure 1e-3..3e-2, a constant gate ~1e-9

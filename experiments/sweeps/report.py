@@ -1,10 +1,10 @@
 """Sweep reports: a comparison table (Markdown and terminal) and plots, built from a sweep directory alone.
 
-Inputs: `results.jsonl` (one row per run, see experiments/ablate.py), the
+Inputs: `results.jsonl` (one row per run, see experiments/commands/ablate.py), the
 optional `sweep.json` (name, description, baseline) and each run directory's
 `metrics.jsonl`. Outputs: `report.md` and `plots/*.png`. Re-run any time:
 
-    python -m experiments.report runs/quickstart
+    python -m llamoe.experiments.sweeps.report runs/quickstart
 """
 
 from __future__ import annotations
@@ -24,10 +24,11 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 
-from experiments import report_stats, routing_health  # noqa: E402
-from experiments.errors import write_text_atomic  # noqa: E402
-from experiments.evals import plots as figures  # noqa: E402
-from experiments.metrics_log import number, read_metrics  # noqa: E402
+from llamoe.experiments.errors import write_text_atomic  # noqa: E402
+from llamoe.experiments.evals import plots as figures  # noqa: E402
+from llamoe.experiments.sweeps import report_stats  # noqa: E402
+from llamoe.experiments.training import routing_health
+from llamoe.experiments.training.metrics_log import number, read_metrics  # noqa: E402
 
 MATCH_TOLERANCE = 0.05  # ratios within 5% of 1 count as "matched"
 # Eval metrics shown in the tables, with 95% intervals. ppl and nll average over [0, N) and so hide
@@ -246,7 +247,7 @@ def plot_loss(sweep_dir: Path, groups: list[Group], plots: Path) -> list[Path]:
 
 
 def plot_bucket_nll(groups: list[Group], plots: Path) -> list[Path]:
-    """NLL by position bucket for every run, with 95% interval bars (experiments/report_stats.py)."""
+    """NLL by position bucket for every run, with 95% interval bars (experiments/sweeps/report_stats.py)."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
     if not report_stats.draw_bucket_nll(ax, groups):
         plt.close(fig)
@@ -370,7 +371,7 @@ def build_report(sweep_dir: Path) -> Path:
         f"{len(rows)} runs, {len(groups)} configurations, {n_failed} failed. "
         f"Baseline for the ratio columns: `{baseline.run if baseline else '-'}`. "
         "Values are `mean [95% interval]`: a bootstrap over evaluation sequences and keys for one seed, "
-        "a t-interval over seeds for several (experiments/report_stats.py). `params` counts all parameters, "
+        "a t-interval over seeds for several (experiments/sweeps/report_stats.py). `params` counts all parameters, "
         "`active` those used per token, FLOPs/tok is training FLOPs per token at the training length. "
         "`tail_nll@N` is the mean NLL over positions [N/2, N); `delta_tail_nll@N` its change from the "
         "training length.",
@@ -404,8 +405,8 @@ def build_report(sweep_dir: Path) -> Path:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """`python -m experiments.report SWEEP_DIR`: rebuild report.md and plots, print the summary table."""
-    parser = argparse.ArgumentParser(prog="python -m experiments.report", description=main.__doc__)
+    """`python -m llamoe.experiments.sweeps.report SWEEP_DIR`: rebuild report.md and plots, print the summary table."""
+    parser = argparse.ArgumentParser(prog="python -m llamoe.experiments.sweeps.report", description=main.__doc__)
     parser.add_argument("sweep_dir", type=Path, help="a sweep directory holding results.jsonl")
     args = parser.parse_args(argv)
     if not (args.sweep_dir / "results.jsonl").is_file():

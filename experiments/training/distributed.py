@@ -3,7 +3,7 @@
 The model is built as plain single-device PyTorch; everything distributed is applied
 afterwards, here, in this order:
 
-1. `launch(nproc, ["experiments.cli", "train", ...])` (what `llamoe train --nproc N` does)
+1. `launch(nproc, ["llamoe.experiments.cli", "train", ...])` (what `llamoe train --nproc N` does)
    starts nproc local processes through DeepSpeed's launcher (`deepspeed.launcher.runner`),
    which sets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT for every worker.
    On several nodes run DeepSpeed's launcher yourself with a hostfile (see the README).
@@ -12,8 +12,8 @@ afterwards, here, in this order:
    expert-parallel and expert-data-parallel groups (group name "ep_size_<n>": ranks
    [0..n), [n..2n), ... hold one copy of all experts each; ranks with the same position
    in those groups hold the same experts).
-3. `models.build.build_model(..., ep_rank, ep_size, ep_group)` materialises only each rank's
-   slice of the routed experts (`moe.layer.MoE.set_expert_parallel`: tokens then reach
+3. `llamoe.models.build.build_model(..., ep_rank, ep_size, ep_group)` materialises only each rank's
+   slice of the routed experts (`llamoe.moe.layer.MoE.set_expert_parallel`: tokens then reach
    their experts by all-to-all in moe/dispatch.py), and `mark_expert_params(model, world)`
    marks those parameters the way DeepSpeed's MoE expects (`allreduce = False`,
    `group_name`), so their gradients are averaged over the expert-data-parallel group
@@ -49,7 +49,7 @@ the single-process and the DeepSpeed path (DeepSpeed's own bf16 mode is not enab
 the two paths compute the same thing.
 
 Every DeepSpeed private API (the expert-parallel groups, the engine subclass) lives in
-experiments/deepspeed_compat.py, which checks the installed DeepSpeed release against the tested range.
+experiments/training/deepspeed_compat.py, which checks the installed DeepSpeed release against the tested range.
 """
 
 from __future__ import annotations
@@ -62,18 +62,17 @@ import socket
 import subprocess
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Iterable, Optional
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from experiments import collectives, deepspeed_compat
-from experiments.config import RunConfig
-from experiments.reshard import group_names
-from experiments.runctl import Aborted, forward_signals
-from moe.layer import MoE
+from llamoe.experiments.config import RunConfig
+from llamoe.experiments.training import collectives, deepspeed_compat
+from llamoe.experiments.training.reshard import group_names
+from llamoe.experiments.training.runctl import Aborted, forward_signals
+from llamoe.moe.layer import MoE
 
 
 @dataclass
@@ -363,7 +362,7 @@ class DeepSpeedStepper:
         return self.engine.optimizer.state_dict()
 
     def load_optimizer_state(self, state: dict[str, Any], resharded: bool = False) -> None:
-        """Load this rank's saved state; `resharded` (experiments/reshard.py): built for this layout from
+        """Load this rank's saved state; `resharded` (experiments/training/reshard.py): built for this layout from
         another one, whose fp32 partitions are then taken from the model's (fp32) weights."""
         if self.zero_stage == 0:
             self.engine.optimizer.load_state_dict(state)
@@ -385,17 +384,15 @@ def _free_port() -> int:
 def launch(nproc: int, program: list[str], module: bool = True, timeout: float | None = None) -> int:
     """Run `program` in `nproc` local worker processes through DeepSpeed's launcher; return its exit status.
 
-    `program` is a module and its arguments (`["experiments.cli", "train", ...]`), or with
-    module=False a script path and its arguments. Workers import this checkout's packages.
+    `program` is a module and its arguments (`["llamoe.experiments.cli", "train", ...]`), or with
+    module=False a script path and its arguments. Workers run this interpreter, so they import the same llamoe.
     The launcher runs in its own session, so a terminal's Ctrl-C reaches this process only; SIGTERM
-    and SIGINT are passed on once to every worker (experiments/runctl.py), so each saves and stops.
+    and SIGINT are passed on once to every worker (experiments/training/runctl.py), so each saves and stops.
     With `timeout` (seconds), a launch still running then is killed whole and TimeoutError raised, so a
     hung collective fails a test instead of stalling it.
     """
     deepspeed_compat.check_installed()  # one clear error here rather than one per worker
-    root = str(Path(__file__).resolve().parent.parent)
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     if not torch.cuda.is_available():
         env.setdefault("DS_ACCELERATOR", "cpu")
     cmd = [

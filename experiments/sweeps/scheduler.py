@@ -7,7 +7,7 @@ of the settings that produced it), `error.txt` (a traceback), or an exit status 
 the worker stopped on request. A run whose `done.json` matches its fingerprint is skipped,
 so rerunning a sweep resumes it. `results.jsonl` is rewritten after every run.
 
-SIGTERM or SIGINT to the sweep reaches every worker once (experiments/runctl.py): each saves
+SIGTERM or SIGINT to the sweep reaches every worker once (experiments/training/runctl.py): each saves
 a checkpoint and stops, no new run starts, and run_sweep raises runctl.Stopped.
 """
 
@@ -26,9 +26,9 @@ from typing import Any, Optional, TextIO
 
 import torch
 
-from experiments import runctl
-from experiments.errors import write_text_atomic
-from experiments.sweep import PlannedRun, Sweep, SweepError, expand
+from llamoe.experiments.errors import write_text_atomic
+from llamoe.experiments.sweeps.spec import PlannedRun, Sweep, SweepError, expand
+from llamoe.experiments.training import runctl
 
 PLAN_FILE = "plan.json"
 DONE_FILE = "done.json"
@@ -119,9 +119,7 @@ def _launch(
     (run_dir / ERROR_FILE).unlink(missing_ok=True)
     (run_dir / DONE_FILE).unlink(missing_ok=True)
     write_json_atomic(run_dir / PLAN_FILE, asdict(plan))
-    root = str(Path(__file__).resolve().parents[1])
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
     if gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = gpu
     cmd = [*worker, str(run_dir / PLAN_FILE), "--threads", str(threads)]

@@ -1,11 +1,11 @@
 """`llamoe ablate SWEEP`: one YAML, one command, one results folder.
 
-The sweep file's format and its expansion into run directories are experiments/sweep.py's;
-running them N at a time, resumably, is experiments/scheduler.py's (`--executor local`), or one
-submitit job per run experiments/slurm.py's (`--executor slurm|debug`); the report is
-experiments/report.py's. This module is the command and the worker's job: train one planned
-run (experiments/train.py), evaluate it through `llamoe eval`'s own path
-(experiments/evals/long_context.evaluate_run), and return its results row.
+The sweep file's format and its expansion into run directories are experiments/sweeps/spec.py's;
+running them N at a time, resumably, is experiments/sweeps/scheduler.py's (`--executor local`), or one
+submitit job per run experiments/sweeps/slurm.py's (`--executor slurm|debug`); the report is
+experiments/sweeps/report.py's. This module is the command and the worker's job: train one planned
+run (experiments/training/loop.py), evaluate it through `llamoe eval`'s own path
+(experiments/commands/eval.py: evaluate_run), and return its results row.
 
     llamoe ablate quickstart                  # a built-in sweep (experiments/configs/ablations/)
     llamoe ablate my_sweep.yaml train.max_steps=50 --parallel 2 --out runs/try
@@ -25,13 +25,19 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Optional, TextIO
 
-from experiments import runctl
-from experiments.errors import USAGE, UsageError, exit_status, report, write_failed
-from experiments.overrides import format_items, parse_items
-from experiments.routing_health import KEYS as ROUTING_KEYS
-from experiments.scheduler import DONE_FILE, ERROR_FILE, RESULTS_FILE, run_sweep, write_json_atomic
-from experiments.slurm import EXECUTORS, ClusterOptions, check_slurm, planned_runs, refresh, submit_sweep, sweep_status
-from experiments.sweep import (
+from llamoe.experiments.errors import USAGE, UsageError, exit_status, report, write_failed
+from llamoe.experiments.overrides import format_items, parse_items
+from llamoe.experiments.sweeps.scheduler import DONE_FILE, ERROR_FILE, RESULTS_FILE, run_sweep, write_json_atomic
+from llamoe.experiments.sweeps.slurm import (
+    EXECUTORS,
+    ClusterOptions,
+    check_slurm,
+    planned_runs,
+    refresh,
+    submit_sweep,
+    sweep_status,
+)
+from llamoe.experiments.sweeps.spec import (
     PlannedRun,
     Sweep,
     SweepError,
@@ -42,8 +48,15 @@ from experiments.sweep import (
     suite_overrides,
     validate_plans,
 )
+from llamoe.experiments.training import runctl
+from llamoe.experiments.training.routing_health import KEYS as ROUTING_KEYS
 
-WORKER = [sys.executable, "-m", "experiments.ablate", "--worker"]  # + PLAN_FILE --threads N (scheduler.py)
+WORKER = [
+    sys.executable,
+    "-m",
+    "llamoe.experiments.commands.ablate",
+    "--worker",
+]  # + PLAN_FILE --threads N (scheduler.py)
 
 
 _TRAINING_FIELDS = ("tokens", "tokens_per_s", "final_loss", "val_loss")
@@ -52,8 +65,8 @@ _TRAINING_FIELDS = ("tokens", "tokens_per_s", "final_loss", "val_loss")
 def _training_fields(summary: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     """tokens, tokens_per_s, final_loss, val_loss from the training summary, else the run's metrics.jsonl;
     plus, for MoE runs, the routing-health keys computed from metrics.jsonl."""
-    from experiments.metrics_log import read_metrics
-    from experiments.routing_health import summarize
+    from llamoe.experiments.training.metrics_log import read_metrics
+    from llamoe.experiments.training.routing_health import summarize
 
     metrics = read_metrics(run_dir)
     last = {"final_loss": "loss"}
@@ -64,7 +77,7 @@ def _training_fields(summary: dict[str, Any], run_dir: Path) -> dict[str, Any]:
             name = last.get(key, key)
             value = next((m[name] for m in reversed(metrics) if isinstance(m.get(name), (int, float))), None)
         out[key] = value
-    out.update(summarize(metrics))  # routing health of MoE runs (experiments/routing_health.py)
+    out.update(summarize(metrics))  # routing health of MoE runs (experiments/training/routing_health.py)
     return out
 
 
@@ -85,7 +98,7 @@ def _spent_before(plan: PlannedRun, run_dir: Path) -> dict[str, Any]:
 def run_config(plan: PlannedRun, run_dir: Path, extra: Optional[dict[str, Any]] = None, world_size: int = 1) -> Any:
     """The RunConfig a planned run trains with in `run_dir`; `extra` overrides apply last (settings of where it
     runs, such as train.time_limit_s, that are not part of its fingerprint)."""
-    from experiments.config import load_run_config
+    from llamoe.experiments.config import load_run_config
 
     start = {"init_from": str(run_dir.parent / plan.init_from)} if plan.init_from else {}
     overrides = {**plan.overrides, **start, "run_dir": str(run_dir), **(extra or {})}
@@ -97,7 +110,7 @@ def run_one(
 ) -> dict[str, Any]:
     """Train (unless eval-only), evaluate, and return the run's results row."""
     if plan.reuse is None:
-        from experiments.train import train
+        from llamoe.experiments.training.loop import train
 
         cfg = run_config(plan, run_dir, extra, world_size)
         training = {**_training_fields(train(cfg), run_dir), **_spent_before(plan, run_dir)}
@@ -129,12 +142,12 @@ def run_one(
 
 def _evaluate(plan: PlannedRun, source_dir: Path, run_dir: Path) -> tuple[Any, dict[str, float], dict[str, list]]:
     """The sweep's evaluation suites on the source run's checkpoint, through the one path `llamoe eval`
-    takes (experiments/evals/long_context.evaluate_run); results go to run_dir/eval/<suite>.json.
+    takes (experiments/commands/eval.py: evaluate_run); results go to run_dir/eval/<suite>.json.
 
     Options layer as: the run config's `eval.<suite>` section, the sweep's `eval.<suite>`, then the
     run's `eval_overrides`. Returns (run config, flat eval keys, their 95% intervals)."""
-    from experiments.checkpoint import checkpoint_path, load_config
-    from experiments.evals.long_context import evaluate_run
+    from llamoe.experiments.commands.eval import evaluate_run
+    from llamoe.experiments.training.checkpoint import checkpoint_path, load_config
 
     overrides = model_overrides(plan.eval_overrides)
     if not plan.eval:
@@ -264,7 +277,7 @@ def cli_main(argv: list[str]) -> int:
 
 def _extra(plans: list[PlannedRun], opts: ClusterOptions) -> dict[str, dict[str, Any]]:
     """run -> train.time_limit_s derived from --time, for the runs that train and do not set one."""
-    from experiments.config import load_run_config
+    from llamoe.experiments.config import load_run_config
 
     limit = opts.time_limit_s()
     if limit is None:
@@ -286,14 +299,14 @@ def _write_sweep_file(sweep: Sweep, plans: list[PlannedRun], sweep_dir: Path) ->
             "factors": sweep.factors,
             "headline": list(sweep.headline),
             "runs": [p.name for p in plans],
-            "plans": [asdict(p) for p in plans],  # what --status and the jobs of experiments/slurm.py read
+            "plans": [asdict(p) for p in plans],  # what --status and the jobs of experiments/sweeps/slurm.py read
         },
     )
 
 
 def _summary(sweep: Sweep, rows: list[dict[str, Any]], sweep_dir: Path, report_path: Path, seconds: float) -> int:
     """Print the summary table and where the results are; the exit status (1 if a run failed)."""
-    from experiments import report
+    from llamoe.experiments.sweeps import report
 
     failed = [r for r in rows if r["status"] != "done"]
     print(f"\nsweep {sweep.name}: {len(rows) - len(failed)}/{len(rows)} runs done in {seconds:.0f}s\n")
@@ -306,7 +319,7 @@ def _summary(sweep: Sweep, rows: list[dict[str, Any]], sweep_dir: Path, report_p
 
 def _run_and_report(sweep: Sweep, plans: list[PlannedRun], sweep_dir: Path, args: argparse.Namespace) -> int:
     """Run the sweep with the local scheduler, then write its report and print the summary; the exit status."""
-    from experiments import report
+    from llamoe.experiments.sweeps import report
 
     _write_sweep_file(sweep, plans, sweep_dir)
     t0 = time.time()
@@ -322,7 +335,7 @@ def _run_and_report(sweep: Sweep, plans: list[PlannedRun], sweep_dir: Path, args
 def _submit_and_report(
     sweep: Sweep, plans: list[PlannedRun], sweep_dir: Path, opts: ClusterOptions, args: argparse.Namespace
 ) -> int:
-    """Submit the runs that are not done (experiments/slurm.py). Slurm: say what was submitted and return;
+    """Submit the runs that are not done (experiments/sweeps/slurm.py). Slurm: say what was submitted and return;
     debug: the runs ran here, so print the summary as the local scheduler does."""
     _write_sweep_file(sweep, plans, sweep_dir)
     t0 = time.time()
@@ -338,7 +351,7 @@ def _submit_and_report(
 
 def _report_now(sweep: Sweep, sweep_dir: Path) -> int:
     """`--report`: results.jsonl from the run directories, then report.md and plots/ whether or not all ended."""
-    from experiments import report
+    from llamoe.experiments.sweeps import report
 
     if not planned_runs(sweep_dir):
         raise UsageError(f"no sweep in {sweep_dir} (no sweep.json with its plans): run or submit the sweep first")
@@ -363,7 +376,7 @@ def execute(
             row = run_one(plan, run_dir, extra, world_size)
             write_json_atomic(run_dir / DONE_FILE, {"fingerprint": plan.fingerprint(), "row": row})
         elif plan.reuse is None:
-            from experiments.train import train
+            from llamoe.experiments.training.loop import train
 
             train(run_config(plan, run_dir, extra, world_size))
     except (runctl.Stopped, runctl.Aborted, KeyboardInterrupt) as e:  # stopped on request: resumes on a rerun

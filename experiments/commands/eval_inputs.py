@@ -1,7 +1,7 @@
 """What `llamoe eval PATH` evaluates besides the weights: tokenizer, text and training length, for any PATH.
 
 PATH is a run directory, a checkpoint, a `llamoe convert` file or a local Hugging Face directory
-(experiments/model_source.py). A run brings its own tokenizer, text and training length; a model
+(experiments/training/model_source.py). A run brings its own tokenizer, text and training length; a model
 without a run needs them from these inputs (key=value words on the command line, beside the suite's
 options; each also overrides a run's):
 
@@ -26,11 +26,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
-from experiments.config import RunConfig, TokenizerConfig, load_run_config
-from experiments.data.corpus import Corpus, load_corpus
-from experiments.data.tokenizer import Tokenizer
-from experiments.model_source import HF, ModelSource, hf_tokenizer_file
-from models.config import ConfigError, model_config_to_dict
+from llamoe.experiments.config import RunConfig, TokenizerConfig, load_run_config
+from llamoe.experiments.data.corpus import Corpus, load_corpus
+from llamoe.experiments.data.tokenizer import Tokenizer
+from llamoe.experiments.training.model_source import HF, ModelSource, hf_tokenizer_file
+from llamoe.models.config import ConfigError, model_config_to_dict
 
 INPUT_KEYS = ("data.source", "data.cache_dir", "tokenizer", "tokenizer.kind", "train_len")
 _HF_TOKENIZER_KINDS = {"llama": "llama3", "llama4": "llama4", "llama4_text": "llama4"}
@@ -101,7 +101,7 @@ def eval_config(
     tokenizer = _tokenizer(source, inputs)
     if tokenizer is not None:
         layer["tokenizer"] = {"kind": tokenizer.kind, "path": tokenizer.path}
-    return load_run_config(base, {**layer, **(model_overrides or {})}, world_size=None, check_machine=False)
+    return load_run_config(base, {**layer, **(model_overrides or {})}, world_size=None)
 
 
 def build_tokenizer(cfg: RunConfig, vocab_size: int) -> Tokenizer:

@@ -7,9 +7,9 @@ import sys
 
 import torch
 
-from experiments.checkpoint import CheckpointError, load_model, load_tokenizer
-from experiments.errors import report
-from models.generate import generate
+from llamoe.experiments.errors import report
+from llamoe.experiments.training.checkpoint import CheckpointError, load_model, load_tokenizer
+from llamoe.models.generate import generate
 
 
 def cli_main(argv: list[str]) -> int:

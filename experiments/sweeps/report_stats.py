@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from experiments.evals.stats import bootstrap_mean, t_interval
-from experiments.metrics_log import number
+from llamoe.experiments.evals.stats import bootstrap_mean, t_interval
+from llamoe.experiments.training.metrics_log import number
 
 Estimate = tuple[float, float, float]  # mean, low, high
 

@@ -30,8 +30,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, Callable, Optional
 
-from experiments import collectives
-from experiments.errors import TIME_LIMIT, UsageError
+from llamoe.experiments.errors import TIME_LIMIT, UsageError
+from llamoe.experiments.training import collectives
 
 LOCK_FILE = ".llamoe.lock"
 DUPLICATE_S = 1.0

@@ -1,6 +1,6 @@
 """Sweep files: the schema, its validation, and the expansion into planned run directories.
 
-A sweep is one YAML, one command (`llamoe ablate`, experiments/ablate.py), one results folder.
+A sweep is one YAML, one command (`llamoe ablate`, experiments/commands/ablate.py), one results folder.
 
 A sweep file names a base run config, the runs that differ from it (each a set
 of `key: value` overrides of the run config), an optional grid (a cartesian
@@ -46,10 +46,10 @@ training and evaluation, with a fingerprint of the run's settings): complete
 runs are skipped, interrupted ones resume from their checkpoints, and a failed
 run leaves `error.txt` (its traceback) and a `failed` row without stopping the
 others. After the last run, results.jsonl, report.md and plots/ are written
-(see experiments/report.py) and a summary table is printed.
+(see experiments/sweeps/report.py) and a summary table is printed.
 
 The sweep process holds the sweep directory's lock, each worker its run directory's
-(experiments/runctl.py). SIGTERM or SIGINT to the sweep reaches every worker once: each
+(experiments/training/runctl.py). SIGTERM or SIGINT to the sweep reaches every worker once: each
 saves a checkpoint and stops, its row says `interrupted`, no new run starts, and the
 sweep exits 128 + the signal; rerunning the same command resumes them.
 """
@@ -64,10 +64,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from config_error import ConfigError
-from experiments.overrides import flatten, read_yaml, read_yaml_file
+from llamoe.config_error import ConfigError
+from llamoe.experiments.overrides import flatten, read_yaml, read_yaml_file
 
-BUILTIN_DIR = Path(__file__).parent / "configs" / "ablations"
+BUILTIN_DIR = Path(__file__).parents[1] / "configs" / "ablations"
 _TOP_KEYS = (
     "name",
     "description",
@@ -434,17 +434,18 @@ def expand(sweep: Sweep, cli_overrides: Optional[dict[str, Any]] = None) -> list
 
 
 def validate_plans(plans: list[PlannedRun], world_size: int = 1) -> None:
-    """Resolve every run's config (for `world_size` processes) and evaluation options without training;
-    SweepError names run and key."""
-    from experiments.config import load_run_config
-    from experiments.evals.options import load_options
+    """Resolve every run's config (for `world_size` processes) and evaluation options, and check what each needs
+    of this machine (experiments/training/preflight.py), without training; SweepError names run and key."""
+    from llamoe.experiments.config import load_run_config
+    from llamoe.experiments.evals.options import load_options
+    from llamoe.experiments.training import preflight
 
     by_name = {p.name: p for p in plans}
     for plan in plans:
         source = by_name[plan.reuse] if plan.reuse else plan
         try:
             overrides = {**source.overrides, **model_overrides(plan.eval_overrides)}
-            load_run_config(source.base, overrides, world_size=world_size)
+            preflight.check(load_run_config(source.base, overrides, world_size=world_size))
             for suite, options in plan.eval.items():
                 load_options(options, suite_overrides(plan.eval_overrides, suite))
         except ValueError as e:  # ConfigError names the key in its message

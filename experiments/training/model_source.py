@@ -5,34 +5,37 @@
     run         a run directory (`checkpoints/latest`, or `checkpoints/step_<N>` with a step)
     checkpoint  one checkpoint of a run: a `checkpoints/step_<N>` directory or the `model.pt` in it
                 (the model config comes from the `config.yaml` beside it)
-    file        a `llamoe convert from-hf` file: torch.save({"model_config": ..., "model": state dict})
+    file        a `llamoe convert from-hf` file (`save_checkpoint`): torch.save of {"model_config": the
+                ModelConfig as a plain dict (a preset name or a partial dict is read too), "model": the
+                Transformer's state dict (tied heads share one tensor)}
     hf          a local Hugging Face directory: `config.json` (LlamaForCausalLM or Llama4ForCausalLM
                 text) and safetensors files, sharded or not
 
 `open_source(path)` reads configs only (cheap, nothing is allocated); `ModelSource.weights()` is the
 state dict in llamoe keys, read lazily (memory-mapped model.pt, memory-mapped safetensors through
-models/hf.py), so building a model from it with `models.build.build_model` copies one tensor at a time
+models/hf.py), so building a model from it with `llamoe.models.build.build_model` copies one tensor at a time
 and never holds a second copy of the model in host memory. Nothing is downloaded.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Optional, Union
+from typing import Any, Mapping, Optional, Union
 
 import torch
 
-from experiments import checkpoint as ckpt_io
-from experiments.config import RunConfig
-from experiments.convert import load_checkpoint
-from experiments.errors import UsageError
-from models.build import build_model
-from models.config import ModelConfig
-from models.transformer import Transformer
+from llamoe.experiments.config import RunConfig
+from llamoe.experiments.errors import UsageError
+from llamoe.experiments.training import checkpoint as ckpt_io
+from llamoe.models import presets
+from llamoe.models.build import build_model
+from llamoe.models.config import ModelConfig, model_config_from_dict, model_config_to_dict
+from llamoe.models.transformer import Transformer
 
 RUN, CHECKPOINT, FILE, HF = "run", "checkpoint", "file", "hf"
 # where HF Llama repositories ship Meta's file, then the Hugging Face tokenizer file most repositories ship alone
@@ -82,8 +85,8 @@ class ModelSource:
     def weights(self) -> Mapping[str, torch.Tensor]:
         """The state dict in llamoe keys, read lazily (see the module docstring)."""
         if self.kind == HF:
-            from models.hf import HFStateDict  # the hf extra; _hf_source checked that it is installed
-            from models.safetensors_dir import SafetensorsDir
+            from llamoe.models.hf import HFStateDict  # the hf extra; _hf_source checked that it is installed
+            from llamoe.models.safetensors_dir import SafetensorsDir
 
             return HFStateDict(SafetensorsDir(self.path), self.model)
         assert self.weights_path is not None
@@ -107,6 +110,26 @@ class ModelSource:
                 f"{self.describe()} does not match its model config: {str(e)[:300]}"
             ) from None
         return model.eval()
+
+
+def save_checkpoint(cfg: ModelConfig, state_dict: dict[str, torch.Tensor], path: str) -> None:
+    """Write a `llamoe convert` file in the format above (via a temporary file, so a crash leaves no partial file)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    tmp = f"{path}.tmp"
+    torch.save({"model_config": model_config_to_dict(cfg), "model": state_dict}, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """Read a converted checkpoint: its ModelConfig and state dict (memory-mapped: tensors are read when used)."""
+    ckpt: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    for key in ("model_config", "model"):
+        if key not in ckpt:
+            raise KeyError(f"{path} is not a llamoe checkpoint: no {key!r} entry")
+    spec = ckpt["model_config"]
+    cfg = presets.get(spec) if isinstance(spec, str) else model_config_from_dict(spec)
+    return cfg, ckpt["model"]
 
 
 def _torch_load(path: Path) -> dict:
@@ -161,7 +184,7 @@ def _file_source(path: Path) -> ModelSource:
 
 def _hf_source(path: Path) -> ModelSource:
     try:
-        from models.hf import read_hf_config  # transformers and safetensors: the optional hf extra
+        from llamoe.models.hf import read_hf_config  # transformers and safetensors: the optional hf extra
     except ModuleNotFoundError as e:
         raise UsageError(f"reading {path} needs {e.name}: pip install 'llamoe[hf]'") from None
     model_type = json.loads((path / "config.json").read_text()).get("model_type")

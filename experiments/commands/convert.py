@@ -3,14 +3,8 @@
     llamoe convert from-hf HF_DIR OUT.pt
     llamoe convert to-hf CHECKPOINT.pt OUT_DIR [--architecture llama|llama4]
 
-A llamoe checkpoint file is `torch.save` of a dict:
-- "model_config": the ModelConfig as a plain dict (`models.config.model_config_to_dict`);
-  when reading, a preset name or a partial dict merged over ModelConfig defaults is
-  accepted too;
-- "model": the `Transformer.state_dict()` (tied heads share one tensor).
-Load it with `torch.load(path, weights_only=True)`, `model_config_from_dict(ckpt["model_config"])`
-and `models.build.build_model(cfg, state_dict=ckpt["model"])`. Run-directory training
-checkpoints are a separate format (experiments/checkpoint.py).
+The llamoe checkpoint file's format is experiments/training/model_source.py's (`save_checkpoint`,
+`load_checkpoint`); run-directory training checkpoints are a separate format (experiments/training/checkpoint.py).
 
 Only local paths are read; nothing is downloaded.
 """
@@ -18,39 +12,15 @@ Only local paths are read; nothing is downloaded.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-from typing import Any
 
-import torch
-
-from models import presets
-from models.build import build_model
-from models.config import ConfigError, ModelConfig, model_config_from_dict, model_config_to_dict
-
-
-def save_checkpoint(cfg: ModelConfig, state_dict: dict[str, torch.Tensor], path: str) -> None:
-    """Write a converted checkpoint in the format above (via a temporary file, so a crash leaves no partial file)."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp = f"{path}.tmp"
-    torch.save({"model_config": model_config_to_dict(cfg), "model": state_dict}, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path: str) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """Read a converted checkpoint: its ModelConfig and state dict (memory-mapped: tensors are read when used)."""
-    ckpt: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    for key in ("model_config", "model"):
-        if key not in ckpt:
-            raise KeyError(f"{path} is not a llamoe checkpoint: no {key!r} entry")
-    spec = ckpt["model_config"]
-    cfg = presets.get(spec) if isinstance(spec, str) else model_config_from_dict(spec)
-    return cfg, ckpt["model"]
+from llamoe.experiments.training.model_source import load_checkpoint, save_checkpoint
+from llamoe.models.build import build_model
+from llamoe.models.config import ConfigError
 
 
 def _from_hf(args: argparse.Namespace) -> None:
-    from models.hf import load_hf
+    from llamoe.models.hf import load_hf
 
     model = load_hf(args.src)
     save_checkpoint(model.cfg, model.state_dict(), args.dst)
@@ -58,7 +28,7 @@ def _from_hf(args: argparse.Namespace) -> None:
 
 
 def _to_hf(args: argparse.Namespace) -> None:
-    from models.hf import save_hf
+    from llamoe.models.hf import save_hf
 
     cfg, state_dict = load_checkpoint(args.src)
     dtype = state_dict["tok_embeddings.weight"].dtype

@@ -22,7 +22,7 @@ Layout of `run_dir/checkpoints/`:
 
 The learning-rate schedule is a pure function of the step and of its horizon (meta.json
 "lr_horizon"), so the checkpoint restores it. A checkpoint resumes under another process layout
-(world size, ep_size, ZeRO 0-2) through experiments/reshard.py.
+(world size, ep_size, ZeRO 0-2) through experiments/training/reshard.py.
 
 Atomicity: all files are written into `.tmp-step_<N>/` and fsynced; then rank 0 renames
 the directory to `step_<N>` (one rename(2)), fsyncs `checkpoints/`, and replaces
@@ -54,12 +54,12 @@ from typing import Any, Callable, Iterator, Mapping, Optional, Union
 import numpy as np
 import torch
 
-from experiments.config import RunConfig, load_run_config
-from experiments.data.tokenizer import Tokenizer
-from experiments.errors import UsageError, UserError, WriteError, write_failed
-from models.build import build_model
-from models.config import ConfigError
-from models.transformer import Transformer
+from llamoe.experiments.config import RunConfig, load_run_config
+from llamoe.experiments.data.tokenizer import Tokenizer
+from llamoe.experiments.errors import UsageError, UserError, WriteError, write_failed
+from llamoe.models.build import build_model
+from llamoe.models.config import ConfigError
+from llamoe.models.transformer import Transformer
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
@@ -408,7 +408,7 @@ def load_checkpoint(path: Path, rank: int = 0, all_ok: Callable[[bool], bool] = 
 
 def check_resumable(path: Path, saved: RunConfig, cfg: RunConfig) -> None:
     """Refuse (ConfigError naming the key) to resume checkpoint `path` when its model or data layout differs
-    from this run's. The process layout may differ (experiments/reshard.py)."""
+    from this run's. The process layout may differ (experiments/training/reshard.py)."""
     current, before = cfg.to_dict(), saved.to_dict()
     keys = ["train.seq_len", "train.batch_size", "train.seed", "data.source", "data.val_fraction", "tokenizer.kind"]
     if before.get("model") != current["model"]:
@@ -427,11 +427,11 @@ def load_config(path: Path, model_overrides: Optional[dict[str, Any]] = None) ->
     """The resolved run config stored with a checkpoint, with eval-time `model_overrides` applied (and
     validated again) when given."""
     try:
-        cfg = load_run_config(path / "config.yaml", world_size=None, check_machine=False)
+        cfg = load_run_config(path / "config.yaml", world_size=None)
     except ConfigError as e:
         raise CheckpointError(f"{path / 'config.yaml'} cannot be loaded: {e}") from None
     if model_overrides:
-        cfg = load_run_config(cfg.to_dict(), model_overrides, world_size=None, check_machine=False)
+        cfg = load_run_config(cfg.to_dict(), model_overrides, world_size=None)
     return cfg
 
 

@@ -19,9 +19,9 @@ from typing import Optional
 
 import torch
 
-from experiments.config import resolve_model
-from models import ModelConfig
-from models.build import build_model
+from llamoe.experiments.config import resolve_model
+from llamoe.models import ModelConfig
+from llamoe.models.build import build_model
 
 # Dense (no sparsity) peak TFLOP/s by device-name substring and dtype.
 PEAK_TFLOPS = {

@@ -11,10 +11,10 @@ from typing import Any
 
 import torch
 
-from experiments import metrics_log
-from experiments.config import RunConfig
-from experiments.distributed import World
-from experiments.tensorboard_log import TensorBoardLog
+from llamoe.experiments.config import RunConfig
+from llamoe.experiments.training import metrics_log
+from llamoe.experiments.training.distributed import World
+from llamoe.experiments.training.tensorboard_log import TensorBoardLog
 
 
 class RouterStats:

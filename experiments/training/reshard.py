@@ -26,9 +26,9 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
-from experiments import deepspeed_compat
-from experiments.errors import UserError
-from moe.layer import MoE
+from llamoe.experiments.errors import UserError
+from llamoe.experiments.training import deepspeed_compat
+from llamoe.moe.layer import MoE
 
 MOMENTS = deepspeed_compat.MOMENTS
 Moments = dict[str, dict[str, torch.Tensor]]  # parameter name -> {moment: full flattened tensor}

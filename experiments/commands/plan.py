@@ -1,6 +1,6 @@
 """`llamoe plan MODEL`: what one rank of a training run holds in memory and sends per step, from the config alone.
 
-The figures follow what this code does (experiments/train.py, experiments/distributed.py):
+The figures follow what this code does (experiments/training/loop.py, experiments/training/distributed.py):
 
 - Weights, gradients and AdamW moments are fp32; `--dtype bf16` is autocast (train.precision=bf16),
   which adds bf16 copies of the matmul weights (`weight_casts`) and halves most activations.
@@ -48,12 +48,12 @@ from typing import Any, Sequence
 
 import torch
 
-from experiments.bench import PEAK_TFLOPS
-from experiments.config import resolve_model
-from experiments.errors import UsageError
-from models import ModelConfig
-from models.loss import chunk_positions
-from models.presets import names as preset_names
+from llamoe.experiments.commands.bench import PEAK_TFLOPS
+from llamoe.experiments.config import resolve_model
+from llamoe.experiments.errors import UsageError
+from llamoe.models import ModelConfig
+from llamoe.models.loss import chunk_positions
+from llamoe.models.presets import names as preset_names
 
 GIB = 2**30
 FP32 = 4
@@ -66,7 +66,7 @@ ZERO_ALIGN = 2  # DeepSpeed pads a flat ZeRO group to a multiple of 2 x (data-pa
 class Gpu:
     """Spec-sheet figures of one GPU: memory, NVLink (both directions together) and InfiniBand (one direction)."""
 
-    name: str  # the device-name key of experiments.bench.PEAK_TFLOPS
+    name: str  # the device-name key of experiments/commands/bench.py PEAK_TFLOPS
     memory_gib: float
     nvlink_gbps: float
     ib_gbps: float

@@ -33,7 +33,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from experiments.errors import UserError
+from llamoe.experiments.errors import UserError
 
 # The tested range; pyproject.toml pins the same one (tests/experiments/test_deepspeed_compat.py).
 SUPPORTED = ">=0.17.6,<0.20"
@@ -55,7 +55,7 @@ class DeepSpeedVersionError(UserError):
 def _advice(found: str) -> str:
     return (
         f"{found}; llamoe supports deepspeed{SUPPORTED} (it relies on DeepSpeed private APIs that change "
-        f"between releases, see experiments/deepspeed_compat.py). Install a supported version: "
+        f"between releases, see experiments/training/deepspeed_compat.py). Install a supported version: "
         f"pip install 'deepspeed{SUPPORTED}'"
     )
 

@@ -15,12 +15,12 @@ schedule's horizon, fixed when the run starts and kept in every checkpoint (`opt
 a checkpoint restores the schedule, and an extended run (a larger train.max_steps) continues it.
 
 Outputs in run_dir: config.yaml (resolved), metrics.jsonl (one JSON object per logged
-step, see `train_metrics.TrainingLog`; written and read by experiments/metrics_log.py), checkpoints/
-(experiments/checkpoint.py). Progress: a tqdm bar on an interactive terminal, plain log
+step, see `train_metrics.TrainingLog`; written and read by experiments/training/metrics_log.py), checkpoints/
+(experiments/training/checkpoint.py). Progress: a tqdm bar on an interactive terminal, plain log
 lines otherwise. A non-finite loss or gradient norm stops the run with `TrainingDiverged`
 before the optimizer applies it.
 
-Stopping early (experiments/runctl.py): the process that trains holds the run directory's lock
+Stopping early (experiments/training/runctl.py): the process that trains holds the run directory's lock
 (rank 0 under --nproc). SIGTERM or SIGINT, or `train.time_limit_s` running out, finishes the
 current step, saves a checkpoint on every rank and raises `Stopped`; the exit status is 143
 (SIGTERM), 130 (SIGINT) or 124 (time limit), and rerunning the same command resumes exactly.
@@ -28,10 +28,7 @@ current step, saves a checkpoint on every rank and raises `Stopped`; the exit st
 
 from __future__ import annotations
 
-import argparse
 import math
-import os
-import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -40,30 +37,29 @@ from typing import Any
 import torch
 from torch import nn
 
-from experiments import checkpoint as ckpt_io
-from experiments import init_from, metrics_log, reshard, routing_health, runctl
-from experiments.config import ConfigError, RunConfig, load_run_config
-from experiments.data.batches import MixedBatches, PackedBatches, ResumableBatches, ValidationBatches
-from experiments.data.corpus import Corpus, load_corpus
-from experiments.data.task_mix import task_sources
-from experiments.data.tasks import IGNORE_INDEX
-from experiments.data.tokenizer import Tokenizer
-from experiments.distributed import (
+from llamoe.experiments.config import ConfigError, RunConfig
+from llamoe.experiments.data.batches import MixedBatches, PackedBatches, ResumableBatches, ValidationBatches
+from llamoe.experiments.data.corpus import Corpus, load_corpus
+from llamoe.experiments.data.task_mix import task_sources
+from llamoe.experiments.data.tasks import IGNORE_INDEX
+from llamoe.experiments.data.tokenizer import Tokenizer
+from llamoe.experiments.errors import UserError
+from llamoe.experiments.training import checkpoint as ckpt_io
+from llamoe.experiments.training import init_from, metrics_log, preflight, reshard, routing_health, runctl
+from llamoe.experiments.training.distributed import (
     World,
     full_state_dict,
     init_world,
-    launch,
     mark_expert_params,
     sharded_state,
 )
-from experiments.errors import USAGE, UserError, exit_status, report
-from experiments.optim import LocalStepper, Stepper, build_optimizer, lr_at, schedule_horizon
-from experiments.train_metrics import RouterStats, TrainingLog, peak_memory_gib
-from models.build import build_model
-from models.compile import compile_blocks
-from models.loss import lm_cross_entropy
-from models.transformer import ModelOutput
-from moe.balance import BiasBalancer
+from llamoe.experiments.training.optim import LocalStepper, Stepper, build_optimizer, lr_at, schedule_horizon
+from llamoe.experiments.training.train_metrics import RouterStats, TrainingLog, peak_memory_gib
+from llamoe.models.build import build_model
+from llamoe.models.compile import compile_blocks
+from llamoe.models.loss import lm_cross_entropy
+from llamoe.models.transformer import ModelOutput
+from llamoe.moe.balance import BiasBalancer
 
 
 class TrainingDiverged(UserError, RuntimeError):
@@ -134,9 +130,11 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     flops_per_token (training FLOPs per token at train.seq_len), wall_s.
     Run under DeepSpeed's launcher (WORLD_SIZE > 1) it trains data parallel, with ZeRO and
     expert parallelism as configured. Stopped early (signal, time limit) it saves and raises
-    runctl.Stopped; a run directory another process trains in raises runctl.RunLocked.
+    runctl.Stopped; a run directory another process trains in raises runctl.RunLocked. What the config needs
+    of this machine (files, CUDA, init_from's source) is checked first (experiments/training/preflight.py).
     """
     t0 = time.perf_counter()
+    preflight.check(cfg)
     world = init_world(cfg)
     owner = runctl.DirLock(cfg.run_dir) if world.is_main else nullcontext()
     with owner, runctl.StopSignals(announce=world.is_main) as signals:
@@ -212,7 +210,7 @@ def _train(cfg: RunConfig, world: World, control: runctl.StopControl, t0: float)
         ep_group=world.ep_group,
     )
     if state is None and cfg.init_from:  # weights only; optimizer, schedule and data start fresh
-        loaded = init_from.load(model, cfg)  # experiments/init_from.py: copies, upcycles, prints what it did
+        loaded = init_from.load(model, cfg)  # experiments/training/init_from.py: copies, upcycles, prints what it did
         if world.is_main:
             print(loaded, flush=True)
     model.set_activation_checkpointing(cfg.train.activation_checkpointing)  # models/checkpointing.py
@@ -222,7 +220,7 @@ def _train(cfg: RunConfig, world: World, control: runctl.StopControl, t0: float)
     optimizer = build_optimizer(model, cfg, world)
     stepper: Stepper
     if world.distributed:
-        from experiments.distributed import DeepSpeedStepper
+        from llamoe.experiments.training.distributed import DeepSpeedStepper
 
         stepper = DeepSpeedStepper(model, optimizer, cfg, world)
     else:
@@ -256,7 +254,7 @@ def _train(cfg: RunConfig, world: World, control: runctl.StopControl, t0: float)
 
 
 def _load_resharded(stepper: Stepper, path: Path, saved: dict[str, int], world: World, zero_stage: int) -> None:
-    """Load a checkpoint's optimizer state saved under another process layout (experiments/reshard.py)."""
+    """Load a checkpoint's optimizer state saved under another process layout (experiments/training/reshard.py)."""
     model = stepper.module
     full, step = reshard.full_moments(saved, lambda r: ckpt_io.read_rank_state(path, r), reshard.expert_names(model))
     fresh = stepper.optimizer_state()
@@ -419,48 +417,3 @@ def _rank_state(cfg: RunConfig, world: World, stepper: Stepper, batches: Resumab
     else:
         state["optimizer_from"] = world.rank % world.ep_size
     return state
-
-
-# ---------------------------------------------------------------------- command line
-def cli_main(argv: list[str]) -> int:
-    """`llamoe train CONFIG [key=value ...] [--nproc N]`; exit status as in experiments/errors.py."""
-    parser = argparse.ArgumentParser(
-        prog="llamoe train",
-        description="Train a model from a run config (see experiments/configs/base.yaml for every key). "
-        "Rerunning with a larger train.max_steps in the same run_dir resumes from its latest checkpoint.",
-    )
-    parser.add_argument("config", help="run-config YAML, merged over the defaults")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. model=llama4-tiny train.max_steps=100")
-    parser.add_argument("--nproc", type=int, default=1, help="local processes, launched through DeepSpeed")
-    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # set by some launchers
-    args = parser.parse_intermixed_args(argv)
-
-    in_worker = "WORLD_SIZE" in os.environ
-    world_size = int(os.environ["WORLD_SIZE"]) if in_worker else args.nproc
-    prog = "llamoe train"
-    try:
-        cfg = load_run_config(args.config, args.overrides, world_size=world_size)
-    except ConfigError as e:
-        return report(prog, e, USAGE, "invalid config: ")
-    try:
-        if args.nproc > 1 and not in_worker:
-            runctl.check_unlocked(cfg.run_dir)
-            return launch(args.nproc, ["experiments.cli", "train", args.config, *args.overrides])
-        summary = train(cfg)
-    except ConfigError as e:
-        return report(prog, e, USAGE, "invalid config: ")
-    except BaseException as e:  # re-raised unless it is a user error or a requested stop
-        status = exit_status(e)
-        if status is None:
-            raise
-        return report(prog, e, status, quiet=isinstance(e, runctl.Stopped) and os.environ.get("RANK", "0") != "0")
-    if summary.get("tokens_per_s") and int(os.environ.get("RANK", "0")) == 0:
-        print(
-            f"done: step {summary['steps']} | loss {summary['final_loss']:.4f} | val {summary['val_loss']:.4f} | "
-            f"{summary['tokens_per_s']:,.0f} tok/s | {summary['wall_s']:.0f}s | {cfg.run_dir}"
-        )
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(cli_main(sys.argv[1:]))

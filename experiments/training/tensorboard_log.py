@@ -14,8 +14,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from config_error import ConfigError
-from experiments.metrics_log import number
+from llamoe.config_error import ConfigError
+from llamoe.experiments.training.metrics_log import number
 
 DIR = "tb"
 

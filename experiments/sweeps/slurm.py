@@ -1,7 +1,7 @@
 """Sweeps through submitit: `llamoe ablate SWEEP --executor slurm|debug`, one job per run.
 
 The sweep directory stays the one source of truth. Each run is the run directory the local
-scheduler (experiments/scheduler.py) makes: its `plan.json`, `job.json` (executor, job id, log), and
+scheduler (experiments/sweeps/scheduler.py) makes: its `plan.json`, `job.json` (executor, job id, log), and
 one outcome file the job writes itself: `done.json` (the results row), `error.txt` (a traceback) or
 `stopped.json` (stopped on request after saving). The job rebuilds `results.jsonl` from those files
 under a lock, and the report once the last run ended (`--report` builds it on demand). `--status`
@@ -47,9 +47,8 @@ import submitit
 from submitit.helpers import Checkpointable, TorchDistributedEnvironment
 from submitit.slurm.slurm import SlurmInfoWatcher, _make_sbatch_string  # private: --dry-run prints what it writes
 
-from experiments import runctl
-from experiments.errors import TIME_LIMIT, UsageError
-from experiments.scheduler import (
+from llamoe.experiments.errors import TIME_LIMIT, UsageError
+from llamoe.experiments.sweeps.scheduler import (
     DONE_FILE,
     ERROR_FILE,
     PLAN_FILE,
@@ -59,9 +58,10 @@ from experiments.scheduler import (
     write_json_atomic,
     write_results,
 )
-from experiments.sweep import PlannedRun, SweepError
+from llamoe.experiments.sweeps.spec import PlannedRun, SweepError
+from llamoe.experiments.training import runctl
 
-EXECUTORS = ("local", "slurm", "debug")  # local: experiments/scheduler.py; the others: this module
+EXECUTORS = ("local", "slurm", "debug")  # local: experiments/sweeps/scheduler.py; the others: this module
 JOB_FILE = "job.json"
 STOP_FILE = "stopped.json"
 SUBMITIT_DIR = "_submitit"  # submitit's pickles, sbatch scripts and logs (no run name starts with "_")
@@ -163,13 +163,11 @@ class ClusterOptions:
 
     def slurm_parameters(self, job_name: str, dependency: Optional[str] = None) -> dict[str, Any]:
         """submitit's SlurmExecutor parameters of one submission."""
-        root = str(Path(__file__).resolve().parents[1])
         params: dict[str, Any] = {
             "job_name": job_name,
             "time": self.time_min,
             "nodes": self.nodes_per_run,
             "ntasks_per_node": self.tasks_per_node,
-            "setup": [f"export PYTHONPATH={shlex.quote(root)}${{PYTHONPATH:+:$PYTHONPATH}}"],
         }
         if self.gpus_per_run:
             params["gpus_per_node"] = self.tasks_per_node
@@ -285,8 +283,8 @@ def outcome(plan: PlannedRun, run_dir: Path) -> Optional[dict[str, Any]]:
 def refresh(sweep_dir: Path, ended: Optional[dict[str, str]] = None) -> tuple[list[dict[str, Any]], bool]:
     """Rewrite results.jsonl from the run directories; build the report once every run ended. `ended`: run ->
     the Slurm state of a job that ended without leaving an outcome (killed). Returns (rows, all ended)."""
-    from experiments import report
-    from experiments.report import load_results
+    from llamoe.experiments.sweeps import report
+    from llamoe.experiments.sweeps.report import load_results
 
     with _results_lock(sweep_dir):
         plans = planned_runs(sweep_dir)
@@ -333,7 +331,7 @@ def _live_jobs(records: dict[str, dict[str, Any]]) -> tuple[dict[str, str], dict
 
 def sweep_status(sweep_dir: Path, out: TextIO) -> int:
     """`llamoe ablate SWEEP --status`: each run's state, job id and checkpoint; refreshes results.jsonl."""
-    from experiments.checkpoint import latest_checkpoint
+    from llamoe.experiments.training.checkpoint import latest_checkpoint
 
     plans = planned_runs(sweep_dir)
     if not plans:
@@ -366,7 +364,7 @@ def _dependency_order(plans: list[PlannedRun]) -> list[PlannedRun]:
     pending = list(plans)
     while pending:
         ready = [p for p in pending if p.depends_on is None or p.depends_on in placed]
-        assert ready, "experiments/sweep.py refuses circular init_from"
+        assert ready, "experiments/sweeps/spec.py refuses circular init_from"
         order += ready
         placed |= {p.name for p in ready}
         pending = [p for p in pending if p.name not in placed]
