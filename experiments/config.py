@@ -67,7 +67,7 @@ class TokenizerConfig:
 class DataConfig:
     """Where training text comes from (see experiments/data/corpus.py for the source kinds).
 
-    `tasks` mixes synthetic long-context task batches (passkey, needle, MQAR;
+    `tasks` mixes synthetic task batches (passkey, needle, MQAR, domains;
     experiments/data/tasks.py) into training: each is a fraction of the batches, and the
     corpus supplies the rest. Validation loss is always measured on the corpus.
     """

@@ -11,6 +11,7 @@ cli_main(argv) -> int
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -76,6 +77,8 @@ def evaluate_run(
     cfg = eval_config(source, inputs, opts.lengths, model_overrides)
     tokenizer = build_tokenizer(cfg, cfg.model.vocab_size)
     opts = resolve_bos(opts, tokenizer, pretrained=source.kind == HF)
+    if opts.domains_count is None and cfg.data.tasks.domains:  # score the languages the run trained on
+        opts = replace(opts, domains_count=cfg.data.tasks.n_domains)
     model = source.load(cfg.model, device=device, dtype=dtype)
     heldout = None
     if {"ppl", "needle", "entropy"} & set(opts.evals) or opts.temperature == "calibrate":

@@ -6,7 +6,7 @@
     task_sources(mix, tokenizer, seq_len, batch_size, seed, ...) -> [(TaskBatches, weight), ...]
                                      ready for `MixedBatches` next to the corpus batches
 
-The tasks themselves (passkey, needle, MQAR) and their layouts are experiments/data/tasks.py's.
+The tasks themselves (passkey, needle, MQAR, domains) and their layouts are experiments/data/tasks.py's.
 """
 
 from __future__ import annotations
@@ -19,8 +19,10 @@ import numpy as np
 import torch
 
 from llamoe.config_error import ConfigError
-from llamoe.experiments.data.tasks import MQAR, Needle, Passkey, Task
+from llamoe.experiments.data.tasks import MQAR, Domains, Needle, Passkey, Task
 from llamoe.experiments.data.tokenizer import Tokenizer
+
+TASKS = ("passkey", "needle", "mqar", "domains")  # the task fractions of `data.tasks`
 
 
 class TaskBatches:
@@ -86,25 +88,29 @@ class TaskMix:
 
     The corpus (`data.source`) supplies the remaining 1 - sum of fractions; each batch comes
     whole from one source. `mqar_pairs` is the [min, max] number of pairs in training examples;
-    `needles` the number of needles per needle example (haystack: the corpus train split).
+    `needles` the number of needles per needle example (haystack: the corpus train split);
+    `n_domains` the number of languages of the domains task (the same tables for every run:
+    tasks.Domains), which the `domains` evaluation scores.
     """
 
     passkey: float = 0.0
     needle: float = 0.0
     mqar: float = 0.0
+    domains: float = 0.0
     mqar_pairs: list[int] = field(default_factory=lambda: [2, 8])
     needles: int = 4
+    n_domains: int = 128
 
     def weights(self) -> dict[str, float]:
         """Task name -> batch fraction, for the tasks in use."""
-        return {name: w for name, w in (("passkey", self.passkey), ("needle", self.needle), ("mqar", self.mqar)) if w}
+        return {name: w for name in TASKS if (w := getattr(self, name))}
 
     @property
     def corpus_weight(self) -> float:
         return 1.0 - sum(self.weights().values())
 
     def validate(self) -> None:
-        for name in ("passkey", "needle", "mqar"):
+        for name in TASKS:
             w = getattr(self, name)
             if not 0.0 <= w <= 1.0:
                 raise ConfigError(f"data.tasks.{name}", f"is a fraction of batches in [0, 1], got {w}")
@@ -116,6 +122,8 @@ class TaskMix:
             )
         if self.needles < 1:
             raise ConfigError("data.tasks.needles", f"must be >= 1, got {self.needles}")
+        if not 1 <= self.n_domains <= 10**4:
+            raise ConfigError("data.tasks.n_domains", f"must be in [1, 10000], got {self.n_domains}")
 
 
 def task_sources(
@@ -137,6 +145,8 @@ def task_sources(
             task = Passkey(tokenizer)
         elif name == "mqar":
             task = MQAR(tokenizer, (mix.mqar_pairs[0], mix.mqar_pairs[1]))
+        elif name == "domains":
+            task = Domains(tokenizer, mix.n_domains)
         else:
             if haystack is None:
                 raise ConfigError("data.tasks.needle", "needs corpus text as the haystack; none was given")

@@ -5,6 +5,7 @@ Public API:
     Passkey(tokenizer).example(length, depth, seed)
     Needle(tokenizer, haystack, n_needles=4).example(length, seed, depth=None)
     MQAR(tokenizer).example(length, n_pairs, seed)
+    Domains(tokenizer, n_domains).example(length, domain, seed)   a mixture of synthetic letter languages
     every task: .sample(length, seed) draws one example from its training distribution
 Training batches of these tasks (TaskBatches, the `data.tasks` mix): experiments/data/task_mix.py.
 
@@ -18,6 +19,9 @@ Formats (protocols in shared/REFERENCE.md, "Long-context evaluation protocols"):
   depths (the asked one at `depth` when given), then a question about one of them.
 - mqar (Arora et al. 2023, "Zoology"): key=value pairs (two letters = two digits), filler as the
   gap, then every key queried again in a random order; the answers are the values.
+- domains (a capacity-bound task for MoE positive controls, after the "mixture of domains with
+  distinct statistics" of MoE studies): `n_domains` sparse bigram languages over the letters, one per
+  row; the model must recognise the domain from the row and know its table.
 
 Every example is assembled from text pieces that are encoded one by one and concatenated, so the
 token spans of the answers are exact under any tokenizer, and the same token layout serves training
@@ -37,6 +41,7 @@ with the same N, so they share one layout distribution. The tail carries no loss
 from __future__ import annotations
 
 import string
+import zlib
 from dataclasses import dataclass, field
 from typing import Any, Optional, Protocol, Sequence, Union
 
@@ -370,3 +375,58 @@ class MQAR:
     def min_length(self) -> int:
         """Tokens an example with one pair surely fits in."""
         return next(n for n in range(1, 10**4) if self.max_pairs(n) >= 1)
+
+
+class Domains:
+    """A mixture of `n_domains` synthetic languages over the 26 lowercase letters, one per row.
+
+    In domain d each letter has `successors` allowed next letters (drawn once from `table_seed`, so every
+    run of a study learns the same languages), and a row is a chain of letters of one domain, each next
+    letter uniform among the allowed ones. The first WARMUP letters carry no loss: they are what
+    identifies the domain. A model that knows every domain's table and recognises the domain scores
+    ln(successors) nats per letter; one that ignores the domain, about ln 26. The tables are what must
+    be stored, so total parameters help; the domain is visible in every position's context, so a router
+    can specialise experts by domain.
+    """
+
+    name = "domains"
+    letters, successors, warmup = 26, 2, 8
+
+    def __init__(self, tokenizer: Tokenizer, n_domains: int, table_seed: int = 0) -> None:
+        if not 1 <= n_domains <= 10**4:
+            raise ValueError(f"n_domains must be in [1, 10000], got {n_domains}")
+        self.tokenizer, self.n_domains = tokenizer, n_domains
+        rng = np.random.default_rng([table_seed, zlib.crc32(b"domains")])
+        # table[d, a]: the letters allowed after letter a in domain d
+        self.table = np.argsort(rng.random((n_domains, self.letters, self.letters)), axis=2)[..., : self.successors]
+        ids = [_ids(tokenizer, letter) for letter in string.ascii_lowercase]
+        if any(len(i) != 1 for i in ids):
+            raise ValueError(f"the domains task needs every lowercase letter to be one token of {tokenizer!r}")
+        self.letter_ids = np.concatenate(ids)
+
+    def min_length(self) -> int:
+        """The warmup letters and one scored letter."""
+        return self.warmup + 1
+
+    def example(self, length: int, domain: int, seed: Seed) -> TaskExample:
+        """A chain of `length` letters of `domain`; the answers are the letters after the warmup."""
+        if length < self.min_length():
+            raise _too_short("domains", length, self.min_length(), "the warmup letters and one scored letter")
+        rng = np.random.default_rng(seed)
+        chain = np.empty(length, dtype=np.int64)
+        chain[0] = rng.integers(self.letters)
+        picks = rng.integers(self.successors, size=length)
+        for t in range(1, length):
+            chain[t] = self.table[domain, chain[t - 1], picks[t]]
+        return TaskExample(self.letter_ids[chain], ((self.warmup, length),), {"task": self.name, "domain": domain})
+
+    def sample(self, length: int, seed: Seed) -> TaskExample:
+        """Training distribution: the domain uniform."""
+        rng = np.random.default_rng(seed)
+        return self.example(length, int(rng.integers(self.n_domains)), rng.integers(2**63))
+
+    def allowed_next(self, example: TaskExample) -> np.ndarray:
+        """[N, successors]: the token ids the example's domain allows after each of its letters."""
+        order = np.argsort(self.letter_ids)
+        letters = order[np.searchsorted(self.letter_ids, example.tokens, sorter=order)]
+        return self.letter_ids[self.table[example.meta["domain"], letters]]

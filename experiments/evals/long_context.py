@@ -1,4 +1,5 @@
-"""The long-context evaluation suite: perplexity vs length, passkey, needle, MQAR, NoPE entropy, temperature.
+"""The long-context evaluation suite: perplexity vs length, passkey, needle, MQAR, NoPE entropy, temperature,
+and the domains task's languages (the MoE positive control).
 
 Public API:
     evaluate(model, tokenizer, options, *, train_len, heldout=None) -> dict
@@ -11,6 +12,7 @@ experiments/commands/eval.py's `evaluate_run`.
 Result schema (JSON): flat keys for the primary temperature setting,
     ppl@L, nll@L, tail_nll@L, delta_tail_nll@L, passkey@L, needle@L, mqar@L, entropy@L
                                         (one per evaluated length L)
+    domains@T, domains_nll@T            (T = the training length; experiments/evals/domains.py)
     bucket_nll@<start>-<end>            (position buckets [0, T), [T, 2T), [2T, 4T), ... of the longest length)
 and the same keys suffixed ":<label>" for every other setting evaluated ("off",
 "fs<floor_scale>_as<attn_scale>"), plus
@@ -42,9 +44,11 @@ from typing import Any, Callable, Optional
 import torch
 from omegaconf import OmegaConf
 
+from llamoe.config_error import ConfigError
 from llamoe.experiments.data.corpus import Corpus
 from llamoe.experiments.data.tokenizer import Tokenizer
 from llamoe.experiments.errors import write_text_atomic
+from llamoe.experiments.evals.domains import domains_score
 from llamoe.experiments.evals.entropy import nope_attention_entropy, nope_layers
 from llamoe.experiments.evals.options import EVALS, LongContextEvalConfig
 from llamoe.experiments.evals.perplexity import heldout_windows, perplexity_vs_length
@@ -119,6 +123,9 @@ def _evaluate_setting(
             block=o.block,
             max_logits_bytes=o.max_logits_bytes,
         ),
+        "domains": lambda: domains_score(
+            model, tokenizer, _domains_count(o), train_len, o.domains_sequences, seed=o.seed, **memory
+        ),
     }
     label = TemperatureSetting.of(model).label
     out: dict[str, Any] = {"temperature": TemperatureSetting.of(model).to_dict()}
@@ -131,6 +138,16 @@ def _evaluate_setting(
         seconds[name] = seconds.get(name, 0.0) + took
         log.info("%s (temperature %s) done in %.1fs", name, label, took)
     return out
+
+
+def _domains_count(options: LongContextEvalConfig) -> int:
+    if options.domains_count is None:
+        raise ConfigError(
+            "eval.long_context.domains_count",
+            "the domains evaluation needs the number of languages the model trained on; set it, or evaluate "
+            "a run that trained with data.tasks.domains",
+        )
+    return options.domains_count
 
 
 def _flat_keys(result: dict[str, Any], suffix: str) -> tuple[dict[str, float], dict[str, list[float]]]:
@@ -159,6 +176,10 @@ def _flat_keys(result: dict[str, Any], suffix: str) -> tuple[dict[str, float], d
             r = result[name]
             for length, acc, interval in zip(r["lengths"], r["accuracy"], r["accuracy_ci"]):
                 put(f"{name}@{length}", acc, interval)
+    if "domains" in result:
+        r = result["domains"]
+        put(f"domains@{r['lengths'][0]}", r["accuracy"][0], r["accuracy_ci"][0])
+        put(f"domains_nll@{r['lengths'][0]}", r["nll"][0], r["nll_ci"][0])
     if "entropy" in result:
         for bucket in result["entropy"]["buckets"]:
             put(f"entropy@{bucket['end']}", bucket["entropy"])

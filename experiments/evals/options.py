@@ -16,7 +16,8 @@ from llamoe.experiments.data.tokenizer import Tokenizer
 from llamoe.experiments.evals.scoring import DEFAULT_MAX_LOGITS_BYTES
 from llamoe.experiments.overrides import as_layer, to_dataclass
 
-EVALS = ("ppl", "passkey", "needle", "mqar", "entropy")
+EVALS = ("ppl", "passkey", "needle", "mqar", "entropy", "domains")
+DEFAULT_EVALS = ("ppl", "passkey", "needle", "mqar", "entropy")  # domains scores a run trained on them
 TEMPERATURE_MODES = ("config", "on", "off", "compare", "sweep", "calibrate")
 CALIBRATION_CRITERIA = ("nll", "passkey")
 KEY_PREFIX = "eval.long_context"
@@ -27,7 +28,7 @@ class LongContextEvalConfig:
     """Options of the long-context suite (shared/REFERENCE.md, "Long-context evaluation protocols").
 
     Lengths: `lengths`, or train_len × `multiples` when empty.
-    evals: which of ppl | passkey | needle | mqar | entropy to run.
+    evals: which of ppl | passkey | needle | mqar | entropy | domains to run (default: all but domains).
     BOS: `bos` starts every perplexity / entropy window with the tokenizer's bos token, then L tokens of text
       (a pretrained model is scored as it was trained: its first position is bos, its attention sink);
       null (auto) = on for a pretrained model (a Hugging Face directory) whose tokenizer starts texts with
@@ -45,6 +46,8 @@ class LongContextEvalConfig:
     Needle: `needle_trials` per length with `needles` needles each.
     MQAR: `mqar_pairs` pairs (capped by what fits; as many as training used keeps the question one of
       distance), `mqar_trials` sequences.
+    Domains: NLL and accuracy on `domains_sequences` fresh chains of the `domains_count` languages a run
+      trained on (data.tasks.domains), at the training length only (null: the run's data.tasks.n_domains).
     Entropy: `entropy_sequences` sequences, `entropy_queries` sampled queries per position bucket.
     Temperature (NoPE query scaling, applied at eval time):
       config   the model's own setting
@@ -61,7 +64,7 @@ class LongContextEvalConfig:
 
     lengths: list[int] = field(default_factory=list)
     multiples: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])
-    evals: list[str] = field(default_factory=lambda: list(EVALS))
+    evals: list[str] = field(default_factory=lambda: list(DEFAULT_EVALS))
     sequences: int = 64
     window: Optional[int] = None
     bos: Optional[bool] = None
@@ -77,6 +80,8 @@ class LongContextEvalConfig:
     mqar_trials: int = 4
     entropy_sequences: int = 1
     entropy_queries: int = 32
+    domains_count: Optional[int] = None
+    domains_sequences: int = 256
     temperature: str = "config"
     floor_scales: list[float] = field(default_factory=list)
     attn_scales: list[float] = field(default_factory=lambda: [0.05, 0.1, 0.2, 0.4])
@@ -116,6 +121,7 @@ class LongContextEvalConfig:
             "mqar_trials",
             "entropy_sequences",
             "entropy_queries",
+            "domains_sequences",
             "stride",
         ):
             need(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
@@ -146,6 +152,11 @@ class LongContextEvalConfig:
             f"must be one of {'|'.join(CALIBRATION_CRITERIA)}, got {self.calibrate_by!r}",
         )
         need(self.calibration_sequences >= 1, "calibration_sequences", "must be >= 1")
+        need(
+            self.domains_count is None or self.domains_count >= 1,
+            "domains_count",
+            f"must be null or >= 1, got {self.domains_count}",
+        )
         need(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
 
 

@@ -22,7 +22,7 @@ import torch
 
 from llamoe.experiments.data.tasks import MQAR, Needle, Passkey, TaskExample
 from llamoe.experiments.data.tokenizer import Tokenizer
-from llamoe.experiments.evals.scoring import DEFAULT_MAX_LOGITS_BYTES, fit_to_budget, greedy_predictions, model_device
+from llamoe.experiments.evals.scoring import DEFAULT_MAX_LOGITS_BYTES, answer_scores, fit_to_budget, model_device
 from llamoe.experiments.evals.stats import bootstrap_mean, bootstrap_ratio
 from llamoe.models.generate import generate
 from llamoe.models.transformer import Transformer
@@ -175,25 +175,14 @@ def mqar_accuracy(
         n = min(n_pairs, task.max_pairs(length))
         pairs.append(n)
         examples = [task.example(length, n, [seed, STREAMS[stream], length, t]) for t in range(trials)]
-        rows, _ = fit_to_budget(max(1, max_batch_tokens // length), block, model.cfg.vocab_size, max_logits_bytes)
-        correct, right_per_sequence, tokens_right, tokens_total = [], [], 0, 0
-        for first in range(0, trials, rows):
-            batch = examples[first : first + rows]
-            tokens = torch.from_numpy(np.stack([ex.tokens for ex in batch]))  # [B, L]
-            predicted = greedy_predictions(
-                model, tokens, block, max_logits_bytes
-            ).numpy()  # [B, L-1]: prediction of token i+1
-            for row, ex in enumerate(batch):
-                before = len(correct)
-                for start, end in ex.answer_spans:
-                    right = predicted[row, start - 1 : end - 1] == ex.tokens[start:end]
-                    correct.append(bool(right.all()))
-                    tokens_right += int(right.sum())
-                    tokens_total += end - start
-                right_per_sequence.append(sum(correct[before:]))
-        accuracy.append(float(np.mean(correct)))
-        intervals.append(bootstrap_ratio(right_per_sequence, [len(ex.answer_spans) for ex in examples]))
-        token_accuracy.append(tokens_right / tokens_total)
+        right = [
+            [predicted == answer for (predicted, _), answer in zip(spans, ex.answers())]
+            for spans, ex in zip(answer_scores(model, examples, block, max_batch_tokens, max_logits_bytes), examples)
+        ]
+        correct = [[bool(span.all()) for span in spans] for spans in right]  # per sequence, per query
+        accuracy.append(float(np.mean([c for spans in correct for c in spans])))
+        intervals.append(bootstrap_ratio([sum(c) for c in correct], [len(c) for c in correct]))
+        token_accuracy.append(float(np.mean(np.concatenate([span for spans in right for span in spans]))))
     return {
         "lengths": fit,
         "skipped": skipped,

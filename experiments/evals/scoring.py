@@ -16,11 +16,13 @@ Shapes: B batch, L sequence, V vocab.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
+from llamoe.experiments.data.tasks import TaskExample
 from llamoe.models.transformer import Transformer
 
 
@@ -89,8 +91,28 @@ def token_nll(
     return score_tokens(model, tokens, nll, block, max_logits_bytes)
 
 
-def greedy_predictions(
-    model: Transformer, tokens: torch.Tensor, block: int = 1024, max_logits_bytes: int = DEFAULT_MAX_LOGITS_BYTES
-) -> torch.Tensor:
-    """Teacher-forced argmax predictions [B, L] for tokens[:, 1:]."""
-    return score_tokens(model, tokens, argmax, block, max_logits_bytes)
+def _argmax_and_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """[B, l, 2]: the greedy prediction (exact as a float64) and the NLL of each target."""
+    return torch.stack([argmax(logits, targets).double(), nll(logits, targets).double()], dim=-1)
+
+
+def answer_scores(
+    model: Transformer,
+    examples: Sequence[TaskExample],
+    block: int = 1024,
+    max_batch_tokens: int = 32768,
+    max_logits_bytes: int = DEFAULT_MAX_LOGITS_BYTES,
+) -> list[list[tuple[np.ndarray, np.ndarray]]]:
+    """Per example (all of one length), per answer span: (teacher-forced argmax predictions [span] of the
+    answer tokens, their NLL [span]), from full-context forwards of max_batch_tokens // length rows."""
+    length = len(examples[0].tokens)
+    rows, _ = fit_to_budget(max(1, max_batch_tokens // length), block, model.cfg.vocab_size, max_logits_bytes)
+    out = []
+    for first in range(0, len(examples), rows):
+        batch = examples[first : first + rows]
+        tokens = torch.from_numpy(np.stack([ex.tokens for ex in batch]))  # [B, L]
+        scores = score_tokens(model, tokens, _argmax_and_nll, block, max_logits_bytes).numpy()  # [B, L-1, 2]
+        for row, ex in enumerate(batch):  # position i scores token i+1
+            spans = [scores[row, start - 1 : end - 1] for start, end in ex.answer_spans]
+            out.append([(s[:, 0].astype(np.int64), s[:, 1]) for s in spans])
+    return out

@@ -16,7 +16,9 @@ from torch import nn
 from llamoe.experiments.commands.eval import cli_main
 from llamoe.experiments.config import load_run_config
 from llamoe.experiments.data.corpus import load_corpus
+from llamoe.experiments.data.tasks import Domains
 from llamoe.experiments.data.tokenizer import Tokenizer
+from llamoe.experiments.evals.domains import domains_score
 from llamoe.experiments.evals.entropy import nope_attention_entropy, nope_layers, nope_queries_keys, query_entropy
 from llamoe.experiments.evals.long_context import evaluate, write_results
 from llamoe.experiments.evals.options import load_options
@@ -26,7 +28,12 @@ from llamoe.experiments.evals.perplexity import (
     position_buckets,
     sliding_window_nll,
 )
-from llamoe.experiments.evals.retrieval import greedy_exact_match, mqar_accuracy, needle_accuracy, passkey_grid
+from llamoe.experiments.evals.retrieval import (
+    greedy_exact_match,
+    mqar_accuracy,
+    needle_accuracy,
+    passkey_grid,
+)
 from llamoe.experiments.evals.scoring import token_nll
 from llamoe.experiments.evals.temperature import TemperatureSetting, applied, calibrate, grid
 from llamoe.experiments.training.checkpoint import load_model, save_checkpoint
@@ -150,16 +157,32 @@ def test_a_random_guesser_scores_at_chance() -> None:
     assert 0.06 < mqar["token_accuracy"][0] < 0.14  # one digit right with probability 0.1 (3.5 sd band)
 
 
-class PositionalOracle(nn.Module):
+class _Recording(nn.Module):
+    """A model stand-in whose 'KV cache' records every token so far (`_History`)."""
+
+    def __init__(self, vocab_size: int) -> None:
+        super().__init__()
+        self.vocab_size = vocab_size
+        self.cfg = SimpleNamespace(vocab_size=vocab_size)  # what the logits budget reads of a Transformer
+
+    def make_cache(self, batch_size: int, max_seq_len: int) -> _History:
+        return _History(batch_size, max_seq_len)
+
+    def record(self, tokens: torch.Tensor, start_pos: int, cache: _History | None) -> _History:
+        hist = cache if cache is not None else _History(tokens.size(0), start_pos + tokens.size(1))
+        hist.tokens[:, start_pos : start_pos + tokens.size(1)] = tokens
+        return hist
+
+
+class PositionalOracle(_Recording):
     """A shortcut, not a retriever: predicts token p+1 as the token `offset` positions back, the look-back
     that most often found the answer in its training rows (learned by `fit`). It solves any task whose
     answers sit at a fixed distance from their source, as the passkey answers did when every example
     of one length had the same layout."""
 
     def __init__(self, vocab_size: int, offset: int = 1) -> None:
-        super().__init__()
-        self.vocab_size, self.offset = vocab_size, offset
-        self.cfg = SimpleNamespace(vocab_size=vocab_size)
+        super().__init__(vocab_size)
+        self.offset = offset
 
     def fit(self, rows: list[tuple[torch.Tensor, torch.Tensor]]) -> "PositionalOracle":
         votes: dict[int, int] = {}
@@ -171,13 +194,9 @@ class PositionalOracle(nn.Module):
         self.offset = max(votes, key=votes.get)
         return self
 
-    def make_cache(self, batch_size: int, max_seq_len: int) -> _History:
-        return _History(batch_size, max_seq_len)
-
     def forward(self, tokens: torch.Tensor, *, start_pos: int = 0, cache: _History | None = None) -> ModelOutput:
         b, length = tokens.shape
-        hist = cache if cache is not None else _History(b, start_pos + length)
-        hist.tokens[:, start_pos : start_pos + length] = tokens
+        hist = self.record(tokens, start_pos, cache)
         logits = torch.zeros(b, length, self.vocab_size)
         for i in range(length):
             source = start_pos + i + 1 - self.offset
@@ -206,6 +225,46 @@ def test_a_positional_shortcut_learned_on_training_rows_scores_at_chance() -> No
     assert max(mqar["accuracy"]) <= 0.04, mqar["accuracy"]
     # while the copy oracle, which retrieves, scores 1 on the same evaluation
     assert mqar_accuracy(CopyOracle(BYTES.vocab_size), BYTES, [64, 512], n_pairs=4, trials=5)["accuracy"] == [1.0, 1.0]
+
+
+class DomainOracle(_Recording):
+    """Knows the tables of the first `known` languages of a Domains task: it names the row's domain as the
+    known one whose table allows every step so far, and puts logit 10 on the letters allowed next (flat
+    logits when no known domain fits). A model that learned `known` of the domains."""
+
+    def __init__(self, task: Domains, known: int) -> None:
+        super().__init__(BYTES.vocab_size)
+        self.task, self.known = task, known
+
+    def forward(self, tokens: torch.Tensor, *, start_pos: int = 0, cache: _History | None = None) -> ModelOutput:
+        b, length = tokens.shape
+        hist = self.record(tokens, start_pos, cache)
+        logits = torch.zeros(b, length, self.vocab_size)
+        table = torch.from_numpy(self.task.table[: self.known])  # [known, 26, 2]
+        for row in range(b):
+            letters = hist.tokens[row, : start_pos + length] - ord("a")
+            fits = torch.ones(self.known, dtype=torch.bool)
+            for p in range(start_pos + length):
+                if p > 0:  # the step letters[p-1] -> letters[p] must be allowed
+                    fits &= (table[:, letters[p - 1]] == letters[p]).any(dim=1)
+                if p >= start_pos and fits.any():
+                    domain = int(torch.nonzero(fits)[0])
+                    logits[row, p - start_pos, table[domain, letters[p]] + ord("a")] = 10.0
+        return ModelOutput(logits=logits, aux_loss=torch.zeros(()))
+
+
+def test_domains_score_measures_how_many_languages_a_model_knows() -> None:
+    task = Domains(BYTES, 16)
+    full = domains_score(DomainOracle(task, 16), BYTES, 16, 48, sequences=32)
+    assert full["accuracy"] == [1.0] and full["floor"] == pytest.approx(math.log(2))
+    assert full["nll"][0] == pytest.approx(math.log(2 + 318 * math.exp(-10)), abs=5e-5)  # fp32 logsumexp
+    half = domains_score(DomainOracle(task, 8), BYTES, 16, 48, sequences=32, block=16)  # blockwise prefill
+    assert half["accuracy"] == [0.5] and half["accuracy_ci"][0][0] < 0.5 < half["accuracy_ci"][0][1]
+    # the unknown half costs ln 320 per letter (flat logits), the known half the floor
+    assert half["nll"][0] == pytest.approx((math.log(320) + full["nll"][0]) / 2, abs=5e-5)
+    # languages of another table are unknown to the oracle of this one
+    other = domains_score(DomainOracle(Domains(BYTES, 16, table_seed=1), 16), BYTES, 16, 48, sequences=32)
+    assert other["accuracy"][0] < 0.3 and other["nll"][0] > 2.0
 
 
 def test_lengths_too_short_for_a_task_are_skipped() -> None:

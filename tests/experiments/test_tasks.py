@@ -12,7 +12,7 @@ import torch
 from llamoe.experiments.data.batches import MixedBatches, PackedBatches
 from llamoe.experiments.data.corpus import load_corpus
 from llamoe.experiments.data.task_mix import TaskBatches, TaskMix, task_sources
-from llamoe.experiments.data.tasks import IGNORE_INDEX, MQAR, PASSKEY_SENTENCES, Needle, Passkey
+from llamoe.experiments.data.tasks import IGNORE_INDEX, MQAR, PASSKEY_SENTENCES, Domains, Needle, Passkey
 from llamoe.experiments.data.tokenizer import Tokenizer
 from llamoe.models.config import ConfigError
 
@@ -277,3 +277,31 @@ def test_training_rows_have_the_layout_of_evaluation_examples_of_the_same_length
     assert _ks(train_starts, eval_starts) < 0.15  # same distribution (KS critical value at p=0.001: 0.14)
     # the statistic does see a shift of the layout by a few tokens, as training at seq_len + 1 had
     assert _ks(train_starts, eval_starts + 12) > 0.15
+
+
+def test_domains_rows_follow_their_domain_table_and_score_after_the_warmup(tmp_path: Path) -> None:
+    task = Domains(BYTES, 64)
+    again = Domains(BYTES, 64)
+    assert np.array_equal(task.table, again.table)  # the languages are the data: no run seed in them
+    assert not np.array_equal(Domains(BYTES, 64, table_seed=1).table, task.table)
+    assert task.table.shape == (64, 26, 2) and (task.table[..., 0] != task.table[..., 1]).all()
+    ex = task.example(64, domain=5, seed=3)
+    letters = np.array([ord(c) - ord("a") for c in text(ex.tokens)])
+    assert len(ex.tokens) == 64 and (0 <= letters).all() and (letters < 26).all()
+    assert all(b in task.table[5, a] for a, b in zip(letters, letters[1:]))  # every step allowed in domain 5
+    assert ex.answer_spans == ((Domains.warmup, 64),)
+    allowed = task.allowed_next(ex)
+    assert allowed.shape == (64, 2) and all(ex.tokens[i + 1] in allowed[i] for i in range(63))
+    inputs, targets = ex.training_pair()
+    scored = targets != IGNORE_INDEX
+    assert scored.sum() == 64 - Domains.warmup and not scored[: Domains.warmup - 1].any()
+    # rows of the training distribution cover the domains; another tokenizer gives the same chains
+    assert len({task.sample(32, seed=s).meta["domain"] for s in range(400)}) == 64
+    bpe = Domains(bpe_tokenizer(tmp_path), 64)
+    assert bpe.tokenizer.decode(bpe.example(40, 5, seed=3).tokens) == text(task.example(40, 5, seed=3).tokens)
+    with pytest.raises(ValueError, match="impossible"):
+        task.example(Domains.warmup, 0, seed=0)
+    with pytest.raises(ConfigError, match="data.tasks.n_domains"):
+        TaskMix(domains=1.0, n_domains=0).validate()
+    ((source, weight),) = task_sources(TaskMix(domains=1.0, n_domains=16), BYTES, 64, 2, 0)
+    assert weight == 1.0 and source.task.name == "domains" and source.task.n_domains == 16
