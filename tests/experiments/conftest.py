@@ -1,5 +1,7 @@
 """Fixtures for training-run tests: a small learnable corpus and CPU-sized model overrides."""
 
+import importlib.util
+import os
 import random
 from pathlib import Path
 from typing import Callable
@@ -53,3 +55,28 @@ def run_args(corpus: list[str]) -> Callable[..., list[str]]:
                 "train.progress=false", *overrides]  # fmt: skip
 
     return build
+
+
+def meta_tokenizer_file(generation: str) -> Path:
+    """Meta's real tokenizer.model of `generation` (llama3 | llama4): $LLAMOE_<GEN>_TOKENIZER, or the file in
+    the llama-models wheel (a dev dependency; read, never imported: its top-level `models` package sits
+    beside llamoe.models)."""
+    env = os.environ.get(f"LLAMOE_{generation.upper()}_TOKENIZER")
+    if env and Path(env).is_file():
+        return Path(env)
+    spec = importlib.util.find_spec("llama_models")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip(
+            f"Meta's {generation} tokenizer.model is not here: set LLAMOE_{generation.upper()}_TOKENIZER to it, "
+            "or install the dev extra (`pip install -e '.[dev]'` brings llama-models==0.3.0)"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / generation / "tokenizer.model"
+    if not path.is_file():
+        pytest.skip(f"this llama-models version has no {generation}/tokenizer.model")
+    return path
+
+
+@pytest.fixture
+def meta_tokenizer() -> Callable[[str], Path]:
+    """meta_tokenizer(generation) -> the path of Meta's tokenizer.model (skips, saying how, without one)."""
+    return meta_tokenizer_file

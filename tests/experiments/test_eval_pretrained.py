@@ -4,9 +4,7 @@ same tokens; run directories, checkpoints and converted files give the run's res
 from __future__ import annotations
 
 import base64
-import importlib.util
 import json
-import os
 import random
 import weakref
 from pathlib import Path
@@ -125,27 +123,11 @@ def test_eval_of_an_hf_directory_is_the_hf_models_own_loss(make, kind: str, wher
     assert result[f"nll@{LENGTH}"] == pytest.approx(loss, abs=1e-5)
 
 
-def _meta_tokenizer(generation: str) -> Path:
-    """Meta's real tokenizer.model: $LLAMOE_<GEN>_TOKENIZER, or the one in the llama-models wheel."""
-    env = os.environ.get(f"LLAMOE_{generation.upper()}_TOKENIZER")
-    if env and Path(env).is_file():
-        return Path(env)
-    spec = importlib.util.find_spec("llama_models")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip(
-            f"Meta's {generation} tokenizer.model is not here: set LLAMOE_{generation.upper()}_TOKENIZER to it, or "
-            "`pip install --no-deps --target /tmp/llama_models llama-models==0.3.0` and put /tmp/llama_models on "
-            "PYTHONPATH after the repo root"
-        )
-    path = Path(next(iter(spec.submodule_search_locations))) / generation / "tokenizer.model"
-    if not path.is_file():
-        pytest.skip(f"this llama-models version has no {generation}/tokenizer.model")
-    return path
-
-
 @pytest.mark.parametrize(("make", "generation", "vocab"), [(llama, "llama3", 128256), (llama4, "llama4", 202048)])
-def test_a_real_meta_tokenizer_gives_the_hf_loss_too(make, generation: str, vocab: int, tmp_path: Path) -> None:
-    tokenizer_file = _meta_tokenizer(generation)
+def test_a_real_meta_tokenizer_gives_the_hf_loss_too(
+    make, generation: str, vocab: int, tmp_path: Path, meta_tokenizer
+) -> None:
+    tokenizer_file = meta_tokenizer(generation)
     tokenizer = Tokenizer.from_file(tokenizer_file, kind=generation)
     hf = make(vocab=vocab)
     directory = hf_dir(tmp_path, hf, tokenizer_file, "original/tokenizer.model")

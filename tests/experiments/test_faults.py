@@ -44,7 +44,7 @@ _SPAWNED: list[subprocess.Popen] = []
 
 def _spawn(*argv: str) -> subprocess.Popen:
     """`llamoe ...` in a subprocess (one torch thread), with stdout and stderr captured."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "llamoe.experiments.cli", *argv], env=env, cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
     _SPAWNED.append(proc)
@@ -139,11 +139,9 @@ def test_a_lock_left_by_a_dead_process_is_taken_over(
     tmp_path: Path, dense: Callable[..., list[str]], capsys: pytest.CaptureFixture[str]
 ) -> None:
     run = tmp_path / "run"
-    holder = "from experiments.runctl import DirLock; import os, signal, sys; DirLock(sys.argv[1]).acquire(); " \
+    holder = "from llamoe.experiments.training.runctl import DirLock; import os, signal, sys; DirLock(sys.argv[1]).acquire(); " \
              "os.kill(os.getpid(), signal.SIGKILL)"  # fmt: skip
-    dead = subprocess.Popen(
-        [sys.executable, "-c", holder, str(run)], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}
-    )
+    dead = subprocess.Popen([sys.executable, "-c", holder, str(run)], cwd=ROOT)
     assert dead.wait() == -signal.SIGKILL
     left = json.loads((run / runctl.LOCK_FILE).read_text())
     assert left["pid"] == dead.pid
@@ -218,7 +216,7 @@ def test_time_limit_saves_and_stops_before_it(tmp_path: Path, dense: Callable[..
 # ---------------------------------------------------------------------- full disks and torn files
 def _inject(pattern: str, *argv: str) -> subprocess.CompletedProcess:
     """`llamoe ARGV` in a subprocess whose writes to files matching `pattern` fail with ENOSPC."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, str(INJECT), pattern, *argv], env=env, cwd=ROOT, capture_output=True,
                           text=True, timeout=300)  # fmt: skip
 

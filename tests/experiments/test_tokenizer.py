@@ -1,7 +1,6 @@
 """Tokenizer: byte-level default, Meta tokenizer.model parsing, regexes, special tokens, errors."""
 
 import base64
-import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -173,24 +172,8 @@ def test_fingerprint_tracks_file_content_and_kind(tmp_path: Path, model_file: Pa
     assert Tokenizer.from_file(model_file).fingerprint == Tokenizer.from_file(model_file).fingerprint
 
 
-def _meta_tokenizer_file(generation: str) -> Path:
-    """Meta's real tokenizer.model as shipped in the `llama-models` wheel (read, never imported)."""
-    spec = importlib.util.find_spec("llama_models")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip(
-            "llama-models is not importable; its wheel ships Meta's tokenizer.model files but also a top-level "
-            "`models` package that shadows llamoe's, so install it aside: "
-            "`pip install --no-deps --target /tmp/llama_models llama-models==0.3.0` and add /tmp/llama_models "
-            "to PYTHONPATH after the repo root"
-        )
-    path = Path(next(iter(spec.submodule_search_locations))) / generation / "tokenizer.model"
-    if not path.is_file():
-        pytest.skip(f"this llama-models version has no {generation}/tokenizer.model")
-    return path
-
-
-def test_real_llama3_tokenizer() -> None:
-    tok = Tokenizer.from_file(_meta_tokenizer_file("llama3"), kind="llama3")
+def test_real_llama3_tokenizer(meta_tokenizer) -> None:
+    tok = Tokenizer.from_file(meta_tokenizer("llama3"), kind="llama3")
     assert tok.vocab_size == 128256
     assert tok.encode("Hello world", bos=True) == [128000, 9906, 1917]
     # Expected ids from Meta's own llama3 tokenizer tests (llama-models).
@@ -210,8 +193,8 @@ def test_real_llama3_tokenizer() -> None:
     assert {name: tok.special_tokens[name] for name in named} == named
 
 
-def test_real_llama4_tokenizer() -> None:
-    tok = Tokenizer.from_file(_meta_tokenizer_file("llama4"), kind="llama4")
+def test_real_llama4_tokenizer(meta_tokenizer) -> None:
+    tok = Tokenizer.from_file(meta_tokenizer("llama4"), kind="llama4")
     assert tok.vocab_size == 202048
     assert (tok.bos_id, tok.eos_id, tok.pad_id) == (200000, 200001, 200018)
     # Expected ids computed with Meta's llama4 reference tokenizer (llama-models 0.3.0).
