@@ -17,8 +17,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "experiments")]
 from conftest import TINY_MOE, write_corpus  # noqa: E402
 
 from llamoe.experiments.commands.train import cli_main  # noqa: E402
-from llamoe.experiments.training.distributed import launch  # noqa: E402
-from llamoe.experiments.training.metrics_log import read_metrics  # noqa: E402
+from llamoe.experiments.train.distributed import launch  # noqa: E402
+from llamoe.experiments.train.metrics_log import read_metrics  # noqa: E402
 
 WORKER = ROOT / "tests" / "experiments" / "distributed_worker.py"
 

@@ -3,7 +3,7 @@
 1. SDPA prefill behind a cache (GQA, 4096 queries over 65536 keys): the lower-right causal bias in
    mask-budget slices (attention/backends.py) against the boolean-mask slices it replaced; time and
    peak memory above the start, each in a fresh process.
-2. clip_grad_norm (experiments/training/distributed.py) on bf16 gradients: foreach norms against the per-tensor
+2. clip_grad_norm (experiments/train/distributed.py) on bf16 gradients: foreach norms against the per-tensor
    fp32 copies it replaced; time, the bytes the CPU allocator hands out during the call (profiler) and
    the norm's error against an fp64 sum.
 3. The megablocks operand layout (moe/experts/megablocks_dmoe.py): the [D, E·F] views against the
@@ -28,7 +28,7 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 from llamoe.attention.backends import SDPA_MASK_BUDGET, sdpa_attention
-from llamoe.experiments.training.distributed import World, clip_grad_norm
+from llamoe.experiments.train.distributed import World, clip_grad_norm
 from llamoe.moe.experts.megablocks_dmoe import MegaBlocksExperts
 
 MIB = 1024**2

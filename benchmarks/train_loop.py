@@ -1,6 +1,6 @@
 """Training-loop throughput of llama3.1-tiny and llama4-tiny on the stdlib corpus, against a bare step.
 
-`llamoe train`'s loop (`llamoe.experiments.training.loop.train`: packed stdlib batches, cross-entropy + aux
+`llamoe train`'s loop (`llamoe.experiments.train.loop.train`: packed stdlib batches, cross-entropy + aux
 loss, gradient clipping, AdamW, aux-loss-free bias update, metrics.jsonl) runs with seq_len
 256 and a global batch of 16, in rounds: each round resumes the run from its checkpoint for
 --round-steps more steps and reads that window's tokens/s from metrics.jsonl. Baseline in the
@@ -24,8 +24,8 @@ import torch
 
 from llamoe.experiments.commands.bench import measure_training_throughput
 from llamoe.experiments.config import load_run_config
-from llamoe.experiments.training.loop import train
-from llamoe.experiments.training.metrics_log import read_metrics
+from llamoe.experiments.train.loop import train
+from llamoe.experiments.train.metrics_log import read_metrics
 
 PRESETS = ("llama3.1-tiny", "llama4-tiny")
 SEQ_LEN, BATCH = 256, 16

@@ -161,7 +161,7 @@ class RunConfig:
     run_dir: str = "runs/default"
     model: ModelConfig = field(default_factory=lambda: presets.get(DEFAULT_PRESET))
     model_preset: Optional[str] = DEFAULT_PRESET  # saved as `model.preset`
-    init_from: Optional[str] = None  # a fresh run starts from these weights (experiments/training/init_from.py)
+    init_from: Optional[str] = None  # a fresh run starts from these weights (experiments/train/init_from.py)
     upcycle: UpcycleConfig = field(default_factory=UpcycleConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -208,7 +208,7 @@ def load_run_config(
     (experiments/overrides.py). The batch layout and expert-parallel size are checked against `world_size`,
     the run's process count (None skips that, to read a run trained on any count). Nothing here reads a file
     but `source`: what depends on this machine (tokenizer and data files, init_from, CUDA) is checked where a
-    run starts (experiments/training/preflight.py).
+    run starts (experiments/train/preflight.py).
     """
     layers: list[dict[str, Any]] = []
     if source is not None:

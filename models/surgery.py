@@ -1,7 +1,7 @@
 """Architecture surgery: one model's weights mapped onto another architecture (upcycling, RoPE -> iRoPE).
 
 Pure tensor mapping between two ModelConfigs; reading sources and printing the plan is
-experiments/training/init_from.py's job. `plan(source, target, upcycle)` decides, for every tensor of the
+experiments/train/init_from.py's job. `plan(source, target, upcycle)` decides, for every tensor of the
 target model, one step:
 
     copy       the source tensor of the same name and shape (embeddings, attention, norms, head, a dense

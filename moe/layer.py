@@ -17,7 +17,7 @@ rank's slice of the routed experts (global experts [ep_rank·E/ep_size, (ep_rank
 and routes token-slots to their owners through an all-to-all over `group` (see
 moe/dispatch.py). Call it on every MoE layer after building the model (on the meta device
 or not) and before creating the optimizer. With DeepSpeed, `group` and ep_rank (this rank's
-index in it) come from `llamoe.experiments.training.deepspeed_compat.expert_parallel_group(ep_size)`. Router
+index in it) come from `llamoe.experiments.train.deepspeed_compat.expert_parallel_group(ep_size)`. Router
 and shared expert stay replicated (ordinary data-parallel parameters); the parameters of
 `MoE.experts` are the expert-parallel ones, whose gradients
 are reduced over the expert-data-parallel group only. Aux-loss-free bias balancing sums the

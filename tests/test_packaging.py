@@ -33,7 +33,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("llamoe.experiments.data",),
     ("llamoe.experiments.evals",),  # metrics and the suite: a model and a tokenizer in, numbers out
     ("llamoe.experiments.config",),  # RunConfig composes the configs data/ and evals/ own
-    ("llamoe.experiments.training",),  # loop, optimizer, checkpoints, run control, DeepSpeed, model sources
+    ("llamoe.experiments.train",),  # loop, optimizer, checkpoints, run control, DeepSpeed, model sources
     ("llamoe.experiments.sweeps",),  # spec, scheduler, Slurm, report, statistics
     ("llamoe.experiments.commands",),  # `llamoe train | eval | ablate | plan | bench | convert | generate`
     ("llamoe.experiments.cli",),
@@ -142,10 +142,10 @@ def test_imports_point_down_the_layers() -> None:
 def test_the_layer_rule_refuses_what_it_must() -> None:
     """Positive control: an upward import, a sideways one, and the circle the namespace issue removed
     (config validation importing init_from, which imports checkpoint, which imports config)."""
-    assert _upward("llamoe.models.layers", ["llamoe.experiments.training.loop"])
+    assert _upward("llamoe.models.layers", ["llamoe.experiments.train.loop"])
     assert _upward("llamoe.moe.layer", ["llamoe.attention.attention"])
-    assert _upward("llamoe.experiments.config", ["llamoe.experiments.training.init_from"])
-    assert not _upward("llamoe.experiments.training.loop", ["llamoe.models.transformer", "llamoe.experiments.config"])
+    assert _upward("llamoe.experiments.config", ["llamoe.experiments.train.init_from"])
+    assert not _upward("llamoe.experiments.train.loop", ["llamoe.models.transformer", "llamoe.experiments.config"])
 
 
 @pytest.mark.slow

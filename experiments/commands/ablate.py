@@ -4,7 +4,7 @@ The sweep file's format and its expansion into run directories are experiments/s
 running them N at a time, resumably, is experiments/sweeps/scheduler.py's (`--executor local`), or one
 submitit job per run experiments/sweeps/slurm.py's (`--executor slurm|debug`); the report is
 experiments/sweeps/report.py's. This module is the command and the worker's job: train one planned
-run (experiments/training/loop.py), evaluate it through `llamoe eval`'s own path
+run (experiments/train/loop.py), evaluate it through `llamoe eval`'s own path
 (experiments/commands/eval.py: evaluate_run), and return its results row.
 
     llamoe ablate quickstart                  # a built-in sweep (experiments/configs/ablations/)
@@ -48,8 +48,8 @@ from llamoe.experiments.sweeps.spec import (
     suite_overrides,
     validate_plans,
 )
-from llamoe.experiments.training import runctl
-from llamoe.experiments.training.routing_health import KEYS as ROUTING_KEYS
+from llamoe.experiments.train import runctl
+from llamoe.experiments.train.routing_health import KEYS as ROUTING_KEYS
 
 WORKER = [
     sys.executable,
@@ -65,8 +65,8 @@ _TRAINING_FIELDS = ("tokens", "tokens_per_s", "final_loss", "val_loss")
 def _training_fields(summary: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     """tokens, tokens_per_s, final_loss, val_loss from the training summary, else the run's metrics.jsonl;
     plus, for MoE runs, the routing-health keys computed from metrics.jsonl."""
-    from llamoe.experiments.training.metrics_log import read_metrics
-    from llamoe.experiments.training.routing_health import summarize
+    from llamoe.experiments.train.metrics_log import read_metrics
+    from llamoe.experiments.train.routing_health import summarize
 
     metrics = read_metrics(run_dir)
     last = {"final_loss": "loss"}
@@ -77,7 +77,7 @@ def _training_fields(summary: dict[str, Any], run_dir: Path) -> dict[str, Any]:
             name = last.get(key, key)
             value = next((m[name] for m in reversed(metrics) if isinstance(m.get(name), (int, float))), None)
         out[key] = value
-    out.update(summarize(metrics))  # routing health of MoE runs (experiments/training/routing_health.py)
+    out.update(summarize(metrics))  # routing health of MoE runs (experiments/train/routing_health.py)
     return out
 
 
@@ -110,7 +110,7 @@ def run_one(
 ) -> dict[str, Any]:
     """Train (unless eval-only), evaluate, and return the run's results row."""
     if plan.reuse is None:
-        from llamoe.experiments.training.loop import train
+        from llamoe.experiments.train.loop import train
 
         cfg = run_config(plan, run_dir, extra, world_size)
         training = {**_training_fields(train(cfg), run_dir), **_spent_before(plan, run_dir)}
@@ -147,7 +147,7 @@ def _evaluate(plan: PlannedRun, source_dir: Path, run_dir: Path) -> tuple[Any, d
     Options layer as: the run config's `eval.<suite>` section, the sweep's `eval.<suite>`, then the
     run's `eval_overrides`. Returns (run config, flat eval keys, their 95% intervals)."""
     from llamoe.experiments.commands.eval import evaluate_run
-    from llamoe.experiments.training.checkpoint import checkpoint_path, load_config
+    from llamoe.experiments.train.checkpoint import checkpoint_path, load_config
 
     overrides = model_overrides(plan.eval_overrides)
     if not plan.eval:
@@ -376,7 +376,7 @@ def execute(
             row = run_one(plan, run_dir, extra, world_size)
             write_json_atomic(run_dir / DONE_FILE, {"fingerprint": plan.fingerprint(), "row": row})
         elif plan.reuse is None:
-            from llamoe.experiments.training.loop import train
+            from llamoe.experiments.train.loop import train
 
             train(run_config(plan, run_dir, extra, world_size))
     except (runctl.Stopped, runctl.Aborted, KeyboardInterrupt) as e:  # stopped on request: resumes on a rerun

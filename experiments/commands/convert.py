@@ -3,8 +3,8 @@
     llamoe convert from-hf HF_DIR OUT.pt
     llamoe convert to-hf CHECKPOINT.pt OUT_DIR [--architecture llama|llama4]
 
-The llamoe checkpoint file's format is experiments/training/model_source.py's (`save_checkpoint`,
-`load_checkpoint`); run-directory training checkpoints are a separate format (experiments/training/checkpoint.py).
+The llamoe checkpoint file's format is experiments/train/model_source.py's (`save_checkpoint`,
+`load_checkpoint`); run-directory training checkpoints are a separate format (experiments/train/checkpoint.py).
 
 Only local paths are read; nothing is downloaded.
 """
@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from llamoe.experiments.training.model_source import load_checkpoint, save_checkpoint
+from llamoe.experiments.train.model_source import load_checkpoint, save_checkpoint
 from llamoe.models.build import build_model
 from llamoe.models.config import ConfigError
 

@@ -2,7 +2,7 @@
 
 evaluate_run(path, options, ...) -> (result, run config)
     a run directory, checkpoint, `llamoe convert` file or local Hugging Face directory
-    (experiments/training/model_source.py) evaluated by experiments/evals/long_context.py's `evaluate`;
+    (experiments/train/model_source.py) evaluated by experiments/evals/long_context.py's `evaluate`;
     the one path of `llamoe eval` and of sweeps
 cli_main(argv) -> int
     `llamoe eval PATH [--lengths N ...] [--dtype D] [--device D] [--out DIR] [key=value ...]`
@@ -23,8 +23,8 @@ from llamoe.experiments.errors import UserError, report
 from llamoe.experiments.evals.long_context import SUITE, evaluate, write_results
 from llamoe.experiments.evals.options import KEY_PREFIX, load_options, resolve_bos
 from llamoe.experiments.overrides import as_layer, parse_items
-from llamoe.experiments.training.model_source import HF, RUN, open_source
-from llamoe.experiments.training.tensorboard_log import TensorBoardLog
+from llamoe.experiments.train.model_source import HF, RUN, open_source
+from llamoe.experiments.train.tensorboard_log import TensorBoardLog
 from llamoe.models.config import ConfigError
 
 
@@ -59,7 +59,7 @@ def evaluate_run(
     """Evaluate a model; the one path of `llamoe eval` and sweeps.
 
     `path` is a run directory (its latest checkpoint, or `step`), a checkpoint, a `llamoe convert`
-    file or a local Hugging Face directory (experiments/training/model_source.py). `inputs` (data.source,
+    file or a local Hugging Face directory (experiments/train/model_source.py). `inputs` (data.source,
     tokenizer, train_len, ...; experiments/commands/eval_inputs.py) supply what a model without a run lacks.
     Options layer as: the run config's `eval.long_context`, then each of `options` (mappings or
     `key=value` lists; experiments/overrides.py). `model_overrides` change the evaluated model's

@@ -1,7 +1,7 @@
 """What `llamoe eval PATH` evaluates besides the weights: tokenizer, text and training length, for any PATH.
 
 PATH is a run directory, a checkpoint, a `llamoe convert` file or a local Hugging Face directory
-(experiments/training/model_source.py). A run brings its own tokenizer, text and training length; a model
+(experiments/train/model_source.py). A run brings its own tokenizer, text and training length; a model
 without a run needs them from these inputs (key=value words on the command line, beside the suite's
 options; each also overrides a run's):
 
@@ -29,7 +29,7 @@ from typing import Any, Mapping, Optional
 from llamoe.experiments.config import RunConfig, TokenizerConfig, load_run_config
 from llamoe.experiments.data.corpus import Corpus, load_corpus
 from llamoe.experiments.data.tokenizer import Tokenizer
-from llamoe.experiments.training.model_source import HF, ModelSource, hf_tokenizer_file
+from llamoe.experiments.train.model_source import HF, ModelSource, hf_tokenizer_file
 from llamoe.models.config import ConfigError, model_config_to_dict
 
 INPUT_KEYS = ("data.source", "data.cache_dir", "tokenizer", "tokenizer.kind", "train_len")

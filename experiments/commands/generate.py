@@ -8,7 +8,7 @@ import sys
 import torch
 
 from llamoe.experiments.errors import report
-from llamoe.experiments.training.checkpoint import CheckpointError, load_model, load_tokenizer
+from llamoe.experiments.train.checkpoint import CheckpointError, load_model, load_tokenizer
 from llamoe.models.generate import generate
 
 

@@ -1,6 +1,6 @@
 """`llamoe plan MODEL`: what one rank of a training run holds in memory and sends per step, from the config alone.
 
-The figures follow what this code does (experiments/training/loop.py, experiments/training/distributed.py):
+The figures follow what this code does (experiments/train/loop.py, experiments/train/distributed.py):
 
 - Weights, gradients and AdamW moments are fp32; `--dtype bf16` is autocast (train.precision=bf16),
   which adds bf16 copies of the matmul weights (`weight_casts`) and halves most activations.

@@ -1,4 +1,4 @@
-"""`llamoe train CONFIG [key=value ...] [--nproc N]`: the command over the training loop (experiments/training/).
+"""`llamoe train CONFIG [key=value ...] [--nproc N]`: the command over the training loop (experiments/train/).
 
 One process trains in this one; with --nproc N, DeepSpeed's launcher starts N workers that each run this
 command again (WORLD_SIZE set) and meet in `train`. Exit status as in experiments/errors.py: 0 done, 1 a failed
@@ -13,9 +13,9 @@ import sys
 
 from llamoe.experiments.config import ConfigError, load_run_config
 from llamoe.experiments.errors import USAGE, exit_status, report
-from llamoe.experiments.training import preflight, runctl
-from llamoe.experiments.training.distributed import launch
-from llamoe.experiments.training.loop import train
+from llamoe.experiments.train import preflight, runctl
+from llamoe.experiments.train.distributed import launch
+from llamoe.experiments.train.loop import train
 
 
 def cli_main(argv: list[str]) -> int:

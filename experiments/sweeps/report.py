@@ -27,8 +27,8 @@ import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first
 from llamoe.experiments.errors import write_text_atomic  # noqa: E402
 from llamoe.experiments.evals import plots as figures  # noqa: E402
 from llamoe.experiments.sweeps import report_stats  # noqa: E402
-from llamoe.experiments.training import routing_health
-from llamoe.experiments.training.metrics_log import number, read_metrics  # noqa: E402
+from llamoe.experiments.train import routing_health
+from llamoe.experiments.train.metrics_log import number, read_metrics  # noqa: E402
 
 MATCH_TOLERANCE = 0.05  # ratios within 5% of 1 count as "matched"
 # Eval metrics shown in the tables, with 95% intervals. ppl and nll average over [0, N) and so hide

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from llamoe.experiments.evals.stats import bootstrap_mean, t_interval
-from llamoe.experiments.training.metrics_log import number
+from llamoe.experiments.train.metrics_log import number
 
 Estimate = tuple[float, float, float]  # mean, low, high
 

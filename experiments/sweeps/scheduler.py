@@ -7,7 +7,7 @@ of the settings that produced it), `error.txt` (a traceback), or an exit status 
 the worker stopped on request. A run whose `done.json` matches its fingerprint is skipped,
 so rerunning a sweep resumes it. `results.jsonl` is rewritten after every run.
 
-SIGTERM or SIGINT to the sweep reaches every worker once (experiments/training/runctl.py): each saves
+SIGTERM or SIGINT to the sweep reaches every worker once (experiments/train/runctl.py): each saves
 a checkpoint and stops, no new run starts, and run_sweep raises runctl.Stopped.
 """
 
@@ -28,7 +28,7 @@ import torch
 
 from llamoe.experiments.errors import write_text_atomic
 from llamoe.experiments.sweeps.spec import PlannedRun, Sweep, SweepError, expand
-from llamoe.experiments.training import runctl
+from llamoe.experiments.train import runctl
 
 PLAN_FILE = "plan.json"
 DONE_FILE = "done.json"

@@ -59,7 +59,7 @@ from llamoe.experiments.sweeps.scheduler import (
     write_results,
 )
 from llamoe.experiments.sweeps.spec import PlannedRun, SweepError
-from llamoe.experiments.training import runctl
+from llamoe.experiments.train import runctl
 
 EXECUTORS = ("local", "slurm", "debug")  # local: experiments/sweeps/scheduler.py; the others: this module
 JOB_FILE = "job.json"
@@ -331,7 +331,7 @@ def _live_jobs(records: dict[str, dict[str, Any]]) -> tuple[dict[str, str], dict
 
 def sweep_status(sweep_dir: Path, out: TextIO) -> int:
     """`llamoe ablate SWEEP --status`: each run's state, job id and checkpoint; refreshes results.jsonl."""
-    from llamoe.experiments.training.checkpoint import latest_checkpoint
+    from llamoe.experiments.train.checkpoint import latest_checkpoint
 
     plans = planned_runs(sweep_dir)
     if not plans:

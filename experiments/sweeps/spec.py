@@ -49,7 +49,7 @@ others. After the last run, results.jsonl, report.md and plots/ are written
 (see experiments/sweeps/report.py) and a summary table is printed.
 
 The sweep process holds the sweep directory's lock, each worker its run directory's
-(experiments/training/runctl.py). SIGTERM or SIGINT to the sweep reaches every worker once: each
+(experiments/train/runctl.py). SIGTERM or SIGINT to the sweep reaches every worker once: each
 saves a checkpoint and stops, its row says `interrupted`, no new run starts, and the
 sweep exits 128 + the signal; rerunning the same command resumes them.
 """
@@ -435,10 +435,10 @@ def expand(sweep: Sweep, cli_overrides: Optional[dict[str, Any]] = None) -> list
 
 def validate_plans(plans: list[PlannedRun], world_size: int = 1) -> None:
     """Resolve every run's config (for `world_size` processes) and evaluation options, and check what each needs
-    of this machine (experiments/training/preflight.py), without training; SweepError names run and key."""
+    of this machine (experiments/train/preflight.py), without training; SweepError names run and key."""
     from llamoe.experiments.config import load_run_config
     from llamoe.experiments.evals.options import load_options
-    from llamoe.experiments.training import preflight
+    from llamoe.experiments.train import preflight
 
     by_name = {p.name: p for p in plans}
     for plan in plans:

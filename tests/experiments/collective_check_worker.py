@@ -3,7 +3,7 @@
 
 Each call records (function, the file that issued it, the devices of its tensors) to
 OUT/rank<r>.jsonl. The test then requires every collective llamoe issues to come from
-experiments/training/collectives.py (which moves tensors to the backend's device) or from the MoE
+experiments/train/collectives.py (which moves tensors to the backend's device) or from the MoE
 all-to-all (activations, already on the compute device), and every tensor to sit on the backend's
 device. DeepSpeed's own collectives are recorded as issued by DeepSpeed.
 """

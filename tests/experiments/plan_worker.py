@@ -2,7 +2,7 @@
 
 Usage: plan_worker.py PLAN.json OUT_DIR. The plan is a list of runs, each a list of key=value run-config
 overrides. For each, the worker builds the model, optimizer and DeepSpeed engine the way
-experiments/training/loop.py does, runs one forward, backward and optimizer step on random tokens, and writes
+experiments/train/loop.py does, runs one forward, backward and optimizer step on random tokens, and writes
 OUT_DIR/<run>_rank<rank>.json with element counts of the tensors it finds:
 
 - params: the rank's model parameters;
@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from llamoe.experiments.config import load_run_config
-from llamoe.experiments.training.distributed import DeepSpeedStepper, init_world, mark_expert_params
-from llamoe.experiments.training.optim import build_optimizer
+from llamoe.experiments.train.distributed import DeepSpeedStepper, init_world, mark_expert_params
+from llamoe.experiments.train.optim import build_optimizer
 from llamoe.models.build import build_model
 
 

@@ -295,7 +295,7 @@ def test_completed_runs_are_skipped(
 @pytest.mark.slow
 def test_interrupted_run_resumes_from_its_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from llamoe.experiments.config import load_run_config
-    from llamoe.experiments.training.loop import train
+    from llamoe.experiments.train.loop import train
 
     sweep = _tiny_sweep(tmp_path, {"a": {}})
     out = tmp_path / "sweep"

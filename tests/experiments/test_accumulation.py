@@ -15,9 +15,9 @@ from typing import Callable
 import pytest
 import torch
 
-from llamoe.experiments.training.checkpoint import load_checkpoint
-from llamoe.experiments.training.distributed import launch
-from llamoe.experiments.training.metrics_log import read_metrics
+from llamoe.experiments.train.checkpoint import load_checkpoint
+from llamoe.experiments.train.distributed import launch
+from llamoe.experiments.train.metrics_log import read_metrics
 from tests.experiments.conftest import TINY_DENSE, TINY_MOE
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]

@@ -14,7 +14,7 @@ import torch
 from llamoe.experiments.commands.generate import cli_main as generate_main
 from llamoe.experiments.commands.train import cli_main
 from llamoe.experiments.config import load_run_config
-from llamoe.experiments.training.checkpoint import (
+from llamoe.experiments.train.checkpoint import (
     CheckpointError,
     ShardedModelState,
     latest_checkpoint,
@@ -22,9 +22,9 @@ from llamoe.experiments.training.checkpoint import (
     load_model,
     load_tokenizer,
 )
-from llamoe.experiments.training.distributed import World, full_state_dict
-from llamoe.experiments.training.loop import train
-from llamoe.experiments.training.metrics_log import read_metrics
+from llamoe.experiments.train.distributed import World, full_state_dict
+from llamoe.experiments.train.loop import train
+from llamoe.experiments.train.metrics_log import read_metrics
 
 Args = Callable[..., list[str]]
 

@@ -1,4 +1,4 @@
-"""`llamoe.experiments.training.distributed.clip_grad_norm`: foreach norms grouped by device and dtype, fp32 accumulation.
+"""`llamoe.experiments.train.distributed.clip_grad_norm`: foreach norms grouped by device and dtype, fp32 accumulation.
 
 It must equal torch.nn.utils.clip_grad_norm_ (norm and clipped gradients), keep the expert-parallel
 semantics (expert squared norms summed over the EP group, replicated ones counted once), and never
@@ -12,8 +12,8 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from llamoe.experiments.training import distributed
-from llamoe.experiments.training.distributed import World, clip_grad_norm
+from llamoe.experiments.train import distributed
+from llamoe.experiments.train.distributed import World, clip_grad_norm
 
 
 def _params(dtypes: tuple[torch.dtype, ...], seed: int = 0) -> list[nn.Parameter]:

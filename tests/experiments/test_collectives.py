@@ -10,11 +10,11 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from llamoe.experiments.training import collectives
-from llamoe.experiments.training.distributed import launch
+from llamoe.experiments.train import collectives
+from llamoe.experiments.train.distributed import launch
 
 WORKER = Path(__file__).resolve().parent / "collective_check_worker.py"
-ALLOWED = {"experiments/training/collectives.py", "moe/dispatch.py", "deepspeed"}
+ALLOWED = {"experiments/train/collectives.py", "moe/dispatch.py", "deepspeed"}
 
 
 @pytest.mark.distributed
@@ -23,7 +23,7 @@ def test_every_training_collective_sits_on_the_backend_device(
     tmp_path: Path, run_args: Callable[..., list[str]], tiny_moe: list[str]
 ) -> None:
     """An expert-parallel run with accumulation, validation, router stats, bias balancing, a save and a
-    resume: every collective llamoe issues goes through experiments/training/collectives.py (or is the MoE
+    resume: every collective llamoe issues goes through experiments/train/collectives.py (or is the MoE
     all-to-all), with its tensors on the device the backend takes."""
     args = run_args(tmp_path / "run", *tiny_moe, "distributed.ep_size=2", "train.micro_batch_size=2",
                     "model.moe.bias_balancing=true", "train.val_every=2", "train.save_every=2")  # fmt: skip
@@ -37,7 +37,7 @@ def test_every_training_collective_sits_on_the_backend_device(
     assert {c["by"] for c in ours} <= ALLOWED, sorted({c["by"] for c in ours} - ALLOWED)
     assert [c for c in ours if c["devices"] not in ([], [c["required"]])] == []
     issued = {(c["by"], c["fn"]) for c in ours}  # the check saw the loop's collectives
-    assert {("experiments/training/collectives.py", "all_reduce"), ("experiments/training/collectives.py", "barrier"),
+    assert {("experiments/train/collectives.py", "all_reduce"), ("experiments/train/collectives.py", "barrier"),
             ("moe/dispatch.py", "all_to_all_single")} <= issued  # fmt: skip
 
 

@@ -18,7 +18,7 @@ from llamoe.experiments.config import TokenizerConfig
 from llamoe.experiments.data import prepare as prep
 from llamoe.experiments.data.corpus import _select, load_corpus
 from llamoe.experiments.data.tokenizer import Tokenizer
-from llamoe.experiments.training.metrics_log import read_metrics
+from llamoe.experiments.train.metrics_log import read_metrics
 from llamoe.models.config import ConfigError
 from tests.experiments.conftest import TINY_DENSE, write_corpus
 

@@ -1,4 +1,4 @@
-"""DeepSpeed's private APIs stay in experiments/training/deepspeed_compat.py, behind a version check that says what to do."""
+"""DeepSpeed's private APIs stay in experiments/train/deepspeed_compat.py, behind a version check that says what to do."""
 
 import os
 import re
@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from llamoe.experiments.training import deepspeed_compat
-from llamoe.experiments.training.deepspeed_compat import SUPPORTED, DeepSpeedVersionError, check_version
+from llamoe.experiments.train import deepspeed_compat
+from llamoe.experiments.train.deepspeed_compat import SUPPORTED, DeepSpeedVersionError, check_version
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPAT = ROOT / "experiments" / "training" / "deepspeed_compat.py"
@@ -57,6 +57,6 @@ def test_no_deepspeed_private_name_outside_the_compat_module() -> None:
         for number, line in enumerate(path.read_text().splitlines(), 1)
         if PRIVATE.search(line)
     ]
-    assert not offenders, "DeepSpeed private API outside experiments/training/deepspeed_compat.py:\n" + "\n".join(
+    assert not offenders, "DeepSpeed private API outside experiments/train/deepspeed_compat.py:\n" + "\n".join(
         offenders
     )

@@ -19,11 +19,11 @@ import torch
 
 from llamoe.experiments.commands.train import cli_main
 from llamoe.experiments.config import load_run_config
-from llamoe.experiments.training.checkpoint import load_checkpoint, load_model
-from llamoe.experiments.training.distributed import World, launch
-from llamoe.experiments.training.loop import val_batches, validation_loss
-from llamoe.experiments.training.metrics_log import read_metrics
-from llamoe.experiments.training.model_source import open_source
+from llamoe.experiments.train.checkpoint import load_checkpoint, load_model
+from llamoe.experiments.train.distributed import World, launch
+from llamoe.experiments.train.loop import val_batches, validation_loss
+from llamoe.experiments.train.metrics_log import read_metrics
+from llamoe.experiments.train.model_source import open_source
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 WORKER = Path(__file__).resolve().parent / "distributed_worker.py"

@@ -9,7 +9,7 @@ import pytest
 
 from llamoe.experiments.commands.eval import cli_main as eval_main
 from llamoe.experiments.config import load_run_config
-from llamoe.experiments.training.loop import train
+from llamoe.experiments.train.loop import train
 
 Args = Callable[..., list[str]]
 

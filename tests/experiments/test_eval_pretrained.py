@@ -17,8 +17,8 @@ from transformers import Llama4ForCausalLM, Llama4TextConfig, LlamaConfig, Llama
 from llamoe.experiments.commands.eval import cli_main
 from llamoe.experiments.config import load_run_config
 from llamoe.experiments.data.tokenizer import Tokenizer
-from llamoe.experiments.training.checkpoint import save_checkpoint
-from llamoe.experiments.training.model_source import save_checkpoint as save_converted
+from llamoe.experiments.train.checkpoint import save_checkpoint
+from llamoe.experiments.train.model_source import save_checkpoint as save_converted
 from llamoe.models.build import build_model
 from llamoe.models.hf import HFStateDict, read_hf_config
 from llamoe.models.safetensors_dir import SafetensorsDir
@@ -261,7 +261,7 @@ def test_a_full_width_llama_loads_on_the_gpu_without_a_host_copy(tmp_path: Path)
     import threading
     from dataclasses import replace
 
-    from llamoe.experiments.training.model_source import open_source
+    from llamoe.experiments.train.model_source import open_source
     from llamoe.models import presets
     from llamoe.models.hf import save_hf
 

@@ -18,10 +18,10 @@ import torch
 
 from llamoe.experiments.commands.train import cli_main
 from llamoe.experiments.config import load_run_config
-from llamoe.experiments.training import runctl
-from llamoe.experiments.training.checkpoint import latest_checkpoint, load_model
-from llamoe.experiments.training.loop import train
-from llamoe.experiments.training.metrics_log import read_metrics
+from llamoe.experiments.train import runctl
+from llamoe.experiments.train.checkpoint import latest_checkpoint, load_model
+from llamoe.experiments.train.loop import train
+from llamoe.experiments.train.metrics_log import read_metrics
 
 Args = Callable[..., list[str]]
 ROOT = Path(__file__).resolve().parents[2]
@@ -139,7 +139,7 @@ def test_a_lock_left_by_a_dead_process_is_taken_over(
     tmp_path: Path, dense: Callable[..., list[str]], capsys: pytest.CaptureFixture[str]
 ) -> None:
     run = tmp_path / "run"
-    holder = "from llamoe.experiments.training.runctl import DirLock; import os, signal, sys; DirLock(sys.argv[1]).acquire(); " \
+    holder = "from llamoe.experiments.train.runctl import DirLock; import os, signal, sys; DirLock(sys.argv[1]).acquire(); " \
              "os.kill(os.getpid(), signal.SIGKILL)"  # fmt: skip
     dead = subprocess.Popen([sys.executable, "-c", holder, str(run)], cwd=ROOT)
     assert dead.wait() == -signal.SIGKILL
@@ -318,7 +318,7 @@ def test_a_torn_last_line_in_metrics_is_dropped_on_resume(tmp_path: Path, dense:
 def test_a_corrupt_shard_of_a_multi_rank_checkpoint_is_named(
     tmp_path: Path, dense: Callable[..., list[str]], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from llamoe.experiments.training.checkpoint import CheckpointError, load_checkpoint
+    from llamoe.experiments.train.checkpoint import CheckpointError, load_checkpoint
 
     run = tmp_path / "run"
     train(load_run_config(None, dense(run, 2)))
@@ -391,7 +391,7 @@ def test_sigterm_to_a_sweep_interrupts_every_run_and_a_rerun_resumes_them(
 def test_sigterm_to_an_expert_parallel_run_saves_every_rank_and_resume_is_exact(
     tmp_path: Path, run_args: Args, tiny_moe: list[str], capfd: pytest.CaptureFixture[str]
 ) -> None:
-    from llamoe.experiments.training.distributed import launch
+    from llamoe.experiments.train.distributed import launch
 
     def moe(run_dir: Path, max_steps: int) -> list[str]:
         return run_args(run_dir, *tiny_moe, f"train.max_steps={max_steps}", "optim.decay_steps=100000",

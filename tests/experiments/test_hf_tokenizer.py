@@ -14,7 +14,7 @@ from transformers import AutoTokenizer
 from llamoe.experiments.config import load_run_config
 from llamoe.experiments.data.corpus import load_corpus
 from llamoe.experiments.data.tokenizer import Tokenizer
-from llamoe.experiments.training import preflight
+from llamoe.experiments.train import preflight
 from llamoe.models.config import ConfigError
 
 TEXT = "the cat sat on a mat and then the small dog ran in the park at night. " * 20

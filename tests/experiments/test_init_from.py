@@ -12,11 +12,11 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from llamoe.experiments.commands.train import cli_main
 from llamoe.experiments.config import ConfigError, load_run_config
-from llamoe.experiments.training import init_from, preflight
-from llamoe.experiments.training.checkpoint import load_model
-from llamoe.experiments.training.loop import train
-from llamoe.experiments.training.metrics_log import read_metrics
-from llamoe.experiments.training.optim import lr_at
+from llamoe.experiments.train import init_from, preflight
+from llamoe.experiments.train.checkpoint import load_model
+from llamoe.experiments.train.loop import train
+from llamoe.experiments.train.metrics_log import read_metrics
+from llamoe.experiments.train.optim import lr_at
 from llamoe.models.build import build_model
 
 Args = Callable[..., list[str]]

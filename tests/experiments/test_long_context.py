@@ -36,7 +36,7 @@ from llamoe.experiments.evals.retrieval import (
 )
 from llamoe.experiments.evals.scoring import token_nll
 from llamoe.experiments.evals.temperature import TemperatureSetting, applied, calibrate, grid
-from llamoe.experiments.training.checkpoint import load_model, save_checkpoint
+from llamoe.experiments.train.checkpoint import load_model, save_checkpoint
 from llamoe.models.config import AttentionConfig, ConfigError, ModelConfig, RopeConfig
 from llamoe.models.transformer import ModelOutput, Transformer
 

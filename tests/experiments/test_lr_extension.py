@@ -9,9 +9,9 @@ import pytest
 
 from llamoe.experiments.commands.train import cli_main
 from llamoe.experiments.config import load_run_config
-from llamoe.experiments.training.checkpoint import latest_checkpoint, read_meta
-from llamoe.experiments.training.metrics_log import read_metrics
-from llamoe.experiments.training.optim import lr_at
+from llamoe.experiments.train.checkpoint import latest_checkpoint, read_meta
+from llamoe.experiments.train.metrics_log import read_metrics
+from llamoe.experiments.train.optim import lr_at
 
 
 def test_an_extended_run_continues_its_schedule(

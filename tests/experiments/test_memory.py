@@ -15,8 +15,8 @@ import torch
 
 from llamoe.experiments.commands.train import cli_main
 from llamoe.experiments.config import load_run_config
-from llamoe.experiments.training.loop import train
-from llamoe.experiments.training.metrics_log import read_metrics
+from llamoe.experiments.train.loop import train
+from llamoe.experiments.train.metrics_log import read_metrics
 from llamoe.models.transformer import Transformer
 from llamoe.moe.experts.base import Experts
 

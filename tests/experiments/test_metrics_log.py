@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from llamoe.experiments.errors import UserError
-from llamoe.experiments.training import metrics_log
+from llamoe.experiments.train import metrics_log
 
 
 def _write(run_dir: Path, text: str) -> None:

@@ -36,8 +36,8 @@ from llamoe.experiments.commands.plan import (
     zero_partition,
 )
 from llamoe.experiments.config import load_run_config, resolve_model
-from llamoe.experiments.training.distributed import launch
-from llamoe.experiments.training.loop import lm_loss
+from llamoe.experiments.train.distributed import launch
+from llamoe.experiments.train.loop import lm_loss
 from llamoe.models import ModelConfig, Transformer, presets
 
 WORKER = Path(__file__).resolve().parent / "plan_worker.py"

@@ -94,7 +94,7 @@ def test_report_plots_exist_and_are_linked(sweep_dir: Path) -> None:
 
 
 def test_router_loads_normalises_per_step() -> None:
-    # rows as experiments/training/loop.py logs them: per-layer router stats beside the tokens-per-expert counts
+    # rows as experiments/train/loop.py logs them: per-layer router stats beside the tokens-per-expert counts
     def row(tokens: int, counts: dict[str, list[int]]) -> dict:
         router = {layer: {"tokens_per_expert": c, "load_imbalance": 1.5, "cv": 0.5} for layer, c in counts.items()}
         return {"step": tokens // 10, "tokens": tokens, "loss": 2.0, "load_imbalance": 1.5, "router": router}

@@ -1,5 +1,5 @@
 """Resharding on resume: a checkpoint written under one (processes, ep_size, ZeRO stage) resumes under
-another, with its weights and AdamW moments exact (experiments/training/reshard.py).
+another, with its weights and AdamW moments exact (experiments/train/reshard.py).
 
 Two bases are trained for 2 steps on 2 processes with EP 2 (ZeRO 1, and ZeRO 0), then resumed for 2
 more steps unchanged (the reference) and under other layouts: 1 process; 2 processes with EP 1 at ZeRO
@@ -18,10 +18,10 @@ import torch
 
 from llamoe.experiments.commands.train import cli_main
 from llamoe.experiments.config import load_run_config
-from llamoe.experiments.training import reshard
-from llamoe.experiments.training.checkpoint import read_meta, read_rank_state
-from llamoe.experiments.training.distributed import launch
-from llamoe.experiments.training.metrics_log import read_metrics
+from llamoe.experiments.train import reshard
+from llamoe.experiments.train.checkpoint import read_meta, read_rank_state
+from llamoe.experiments.train.distributed import launch
+from llamoe.experiments.train.metrics_log import read_metrics
 from llamoe.models.build import build_model
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]

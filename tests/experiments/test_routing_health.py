@@ -13,11 +13,11 @@ from llamoe.experiments.commands.ablate import _training_fields
 from llamoe.experiments.config import load_run_config
 from llamoe.experiments.data.tokenizer import Tokenizer
 from llamoe.experiments.sweeps.report import build_report
-from llamoe.experiments.training import routing_health
-from llamoe.experiments.training.distributed import World
-from llamoe.experiments.training.loop import train
-from llamoe.experiments.training.metrics_log import read_metrics
-from llamoe.experiments.training.train_metrics import RouterStats
+from llamoe.experiments.train import routing_health
+from llamoe.experiments.train.distributed import World
+from llamoe.experiments.train.loop import train
+from llamoe.experiments.train.metrics_log import read_metrics
+from llamoe.experiments.train.train_metrics import RouterStats
 from llamoe.models import Transformer
 
 

@@ -13,7 +13,7 @@ import yaml
 
 from llamoe.experiments.commands.train import cli_main
 from llamoe.experiments.config import ConfigError, RunConfig, load_run_config, validate
-from llamoe.experiments.training import preflight
+from llamoe.experiments.train import preflight
 from llamoe.models import presets
 
 BASE_YAML = Path(__file__).resolve().parents[2] / "experiments" / "configs" / "base.yaml"

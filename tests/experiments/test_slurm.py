@@ -352,7 +352,7 @@ def test_a_two_gpu_run_is_two_srun_ranks_through_deepspeed(
 ) -> None:
     """Two srun tasks, ranks from Slurm's variables, joined by DeepSpeed (gloo here): data parallel over the same
     global batch, so the single-process run's losses, and rank 0 evaluates."""
-    from llamoe.experiments.training.checkpoint import latest_checkpoint, read_meta
+    from llamoe.experiments.train.checkpoint import latest_checkpoint, read_meta
 
     _, reference = scheduler_sweep
     path, out = _sweep_file(tmp_path, {"a": {}}), tmp_path / "out"

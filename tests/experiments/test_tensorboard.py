@@ -10,9 +10,9 @@ pytest.importorskip("tensorboard", reason="the tensorboard package (the `tb` ext
 
 from llamoe.experiments.commands.eval import evaluate_run  # noqa: E402
 from llamoe.experiments.config import load_run_config  # noqa: E402
-from llamoe.experiments.training.loop import train  # noqa: E402
-from llamoe.experiments.training.metrics_log import read_metrics  # noqa: E402
-from llamoe.experiments.training.tensorboard_log import read_scalars  # noqa: E402
+from llamoe.experiments.train.loop import train  # noqa: E402
+from llamoe.experiments.train.metrics_log import read_metrics  # noqa: E402
+from llamoe.experiments.train.tensorboard_log import read_scalars  # noqa: E402
 
 
 def test_events_equal_metrics_jsonl_across_a_resume_and_an_eval(

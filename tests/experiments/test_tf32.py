@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from llamoe.experiments.config import load_run_config
-from llamoe.experiments.training.distributed import set_tf32
+from llamoe.experiments.train.distributed import set_tf32
 
 
 @pytest.fixture

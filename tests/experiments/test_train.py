@@ -9,9 +9,9 @@ import pytest
 
 from llamoe.experiments.commands.train import cli_main
 from llamoe.experiments.config import OptimConfig, load_run_config
-from llamoe.experiments.training.loop import TrainingDiverged, train
-from llamoe.experiments.training.metrics_log import read_metrics
-from llamoe.experiments.training.optim import lr_at, param_groups
+from llamoe.experiments.train.loop import TrainingDiverged, train
+from llamoe.experiments.train.metrics_log import read_metrics
+from llamoe.experiments.train.optim import lr_at, param_groups
 from llamoe.models import Transformer, presets
 
 Args = Callable[..., list[str]]

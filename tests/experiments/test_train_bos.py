@@ -9,8 +9,8 @@ import pytest
 
 from llamoe.experiments.commands.train import cli_main
 from llamoe.experiments.config import ConfigError, load_run_config
-from llamoe.experiments.training.distributed import World
-from llamoe.experiments.training.loop import run_corpus, train_batches
+from llamoe.experiments.train.distributed import World
+from llamoe.experiments.train.loop import run_corpus, train_batches
 
 
 def test_data_bos_starts_every_document_with_bos(

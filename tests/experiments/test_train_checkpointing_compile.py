@@ -16,8 +16,8 @@ import pytest
 
 from llamoe.experiments.commands.train import cli_main
 from llamoe.experiments.config import ConfigError, load_run_config
-from llamoe.experiments.training import preflight
-from llamoe.experiments.training.metrics_log import read_metrics
+from llamoe.experiments.train import preflight
+from llamoe.experiments.train.metrics_log import read_metrics
 
 Args = Callable[..., list[str]]
 KEYS = ("loss", "aux_loss", "grad_norm", "val_loss")

@@ -31,7 +31,7 @@ import torch
 
 from llamoe.experiments.config import RunConfig
 from llamoe.experiments.errors import UsageError
-from llamoe.experiments.training import checkpoint as ckpt_io
+from llamoe.experiments.train import checkpoint as ckpt_io
 from llamoe.models import presets
 from llamoe.models.build import build_model
 from llamoe.models.config import ModelConfig, model_config_from_dict, model_config_to_dict

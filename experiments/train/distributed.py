@@ -49,7 +49,7 @@ the single-process and the DeepSpeed path (DeepSpeed's own bf16 mode is not enab
 the two paths compute the same thing.
 
 Every DeepSpeed private API (the expert-parallel groups, the engine subclass) lives in
-experiments/training/deepspeed_compat.py, which checks the installed DeepSpeed release against the tested range.
+experiments/train/deepspeed_compat.py, which checks the installed DeepSpeed release against the tested range.
 """
 
 from __future__ import annotations
@@ -69,9 +69,9 @@ import torch.distributed as dist
 from torch import nn
 
 from llamoe.experiments.config import RunConfig
-from llamoe.experiments.training import collectives, deepspeed_compat
-from llamoe.experiments.training.reshard import group_names
-from llamoe.experiments.training.runctl import Aborted, forward_signals
+from llamoe.experiments.train import collectives, deepspeed_compat
+from llamoe.experiments.train.reshard import group_names
+from llamoe.experiments.train.runctl import Aborted, forward_signals
 from llamoe.moe.layer import MoE
 
 
@@ -362,7 +362,7 @@ class DeepSpeedStepper:
         return self.engine.optimizer.state_dict()
 
     def load_optimizer_state(self, state: dict[str, Any], resharded: bool = False) -> None:
-        """Load this rank's saved state; `resharded` (experiments/training/reshard.py): built for this layout from
+        """Load this rank's saved state; `resharded` (experiments/train/reshard.py): built for this layout from
         another one, whose fp32 partitions are then taken from the model's (fp32) weights."""
         if self.zero_stage == 0:
             self.engine.optimizer.load_state_dict(state)
@@ -387,7 +387,7 @@ def launch(nproc: int, program: list[str], module: bool = True, timeout: float |
     `program` is a module and its arguments (`["llamoe.experiments.cli", "train", ...]`), or with
     module=False a script path and its arguments. Workers run this interpreter, so they import the same llamoe.
     The launcher runs in its own session, so a terminal's Ctrl-C reaches this process only; SIGTERM
-    and SIGINT are passed on once to every worker (experiments/training/runctl.py), so each saves and stops.
+    and SIGINT are passed on once to every worker (experiments/train/runctl.py), so each saves and stops.
     With `timeout` (seconds), a launch still running then is killed whole and TimeoutError raised, so a
     hung collective fails a test instead of stalling it.
     """

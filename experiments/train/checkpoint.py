@@ -22,7 +22,7 @@ Layout of `run_dir/checkpoints/`:
 
 The learning-rate schedule is a pure function of the step and of its horizon (meta.json
 "lr_horizon"), so the checkpoint restores it. A checkpoint resumes under another process layout
-(world size, ep_size, ZeRO 0-2) through experiments/training/reshard.py.
+(world size, ep_size, ZeRO 0-2) through experiments/train/reshard.py.
 
 Atomicity: all files are written into `.tmp-step_<N>/` and fsynced; then rank 0 renames
 the directory to `step_<N>` (one rename(2)), fsyncs `checkpoints/`, and replaces
@@ -408,7 +408,7 @@ def load_checkpoint(path: Path, rank: int = 0, all_ok: Callable[[bool], bool] = 
 
 def check_resumable(path: Path, saved: RunConfig, cfg: RunConfig) -> None:
     """Refuse (ConfigError naming the key) to resume checkpoint `path` when its model or data layout differs
-    from this run's. The process layout may differ (experiments/training/reshard.py)."""
+    from this run's. The process layout may differ (experiments/train/reshard.py)."""
     current, before = cfg.to_dict(), saved.to_dict()
     keys = ["train.seq_len", "train.batch_size", "train.seed", "data.source", "data.val_fraction", "tokenizer.kind"]
     if before.get("model") != current["model"]:

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from llamoe.experiments.config import RunConfig
-from llamoe.experiments.training import init_from
+from llamoe.experiments.train import init_from
 from llamoe.models.compile import compiler_missing
 from llamoe.models.config import ConfigError
 

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from llamoe.experiments.errors import UserError
-from llamoe.experiments.training import deepspeed_compat
+from llamoe.experiments.train import deepspeed_compat
 from llamoe.moe.layer import MoE
 
 MOMENTS = deepspeed_compat.MOMENTS

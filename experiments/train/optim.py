@@ -4,7 +4,7 @@ AdamW with decoupled weight decay on matrices only (norm gains and embedding tab
 a linear warmup then a cosine to `lr * min_lr_ratio` (experiments/config.py: OptimConfig). A
 Stepper runs the backward and optimizer step: `LocalStepper` in one process (gradients accumulate
 over micro batches, then clip and step), DeepSpeed's engine for ZeRO and expert parallelism
-(experiments/training/distributed.py).
+(experiments/train/distributed.py).
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from llamoe.experiments.config import OptimConfig, RunConfig
-from llamoe.experiments.training.distributed import World, clip_grad_norm, moe_param_groups
-from llamoe.experiments.training.reshard import group_names
+from llamoe.experiments.train.distributed import World, clip_grad_norm, moe_param_groups
+from llamoe.experiments.train.reshard import group_names
 from llamoe.models.transformer import ModelOutput
 
 
@@ -61,7 +61,7 @@ def build_optimizer(model: nn.Module, cfg: RunConfig, world: World) -> torch.opt
 
 
 class Stepper(Protocol):
-    """How a step runs: a plain optimizer in one process, or DeepSpeed's engine (experiments/training/distributed.py)."""
+    """How a step runs: a plain optimizer in one process, or DeepSpeed's engine (experiments/train/distributed.py)."""
 
     @property
     def module(self) -> nn.Module: ...
@@ -78,7 +78,7 @@ class Stepper(Protocol):
 
     def load_optimizer_state(self, state: dict[str, Any], resharded: bool = False) -> None: ...
 
-    param_names: list[list[str]]  # each optimizer group's parameter names (experiments/training/reshard.py)
+    param_names: list[list[str]]  # each optimizer group's parameter names (experiments/train/reshard.py)
 
 
 class LocalStepper:

@@ -1,6 +1,6 @@
 """A run's training log, `metrics.jsonl`: one JSON object per logged step, appended by rank 0.
 
-The one writer (experiments/training/loop.py) and the one reader (training, sweeps, reports, tests).
+The one writer (experiments/train/loop.py) and the one reader (training, sweeps, reports, tests).
 Rows are appended whole, so a crash mid-write can tear only the last line: the reader drops an
 unreadable last line (a run still writing, or one that died) and raises on any other, since a
 corrupt row in the middle was not written by a crash and skipping it would hide logged steps.

@@ -12,9 +12,9 @@ from typing import Any
 import torch
 
 from llamoe.experiments.config import RunConfig
-from llamoe.experiments.training import metrics_log
-from llamoe.experiments.training.distributed import World
-from llamoe.experiments.training.tensorboard_log import TensorBoardLog
+from llamoe.experiments.train import metrics_log
+from llamoe.experiments.train.distributed import World
+from llamoe.experiments.train.tensorboard_log import TensorBoardLog
 
 
 class RouterStats:

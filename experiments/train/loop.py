@@ -15,12 +15,12 @@ schedule's horizon, fixed when the run starts and kept in every checkpoint (`opt
 a checkpoint restores the schedule, and an extended run (a larger train.max_steps) continues it.
 
 Outputs in run_dir: config.yaml (resolved), metrics.jsonl (one JSON object per logged
-step, see `train_metrics.TrainingLog`; written and read by experiments/training/metrics_log.py), checkpoints/
-(experiments/training/checkpoint.py). Progress: a tqdm bar on an interactive terminal, plain log
+step, see `train_metrics.TrainingLog`; written and read by experiments/train/metrics_log.py), checkpoints/
+(experiments/train/checkpoint.py). Progress: a tqdm bar on an interactive terminal, plain log
 lines otherwise. A non-finite loss or gradient norm stops the run with `TrainingDiverged`
 before the optimizer applies it.
 
-Stopping early (experiments/training/runctl.py): the process that trains holds the run directory's lock
+Stopping early (experiments/train/runctl.py): the process that trains holds the run directory's lock
 (rank 0 under --nproc). SIGTERM or SIGINT, or `train.time_limit_s` running out, finishes the
 current step, saves a checkpoint on every rank and raises `Stopped`; the exit status is 143
 (SIGTERM), 130 (SIGINT) or 124 (time limit), and rerunning the same command resumes exactly.
@@ -44,17 +44,17 @@ from llamoe.experiments.data.task_mix import task_sources
 from llamoe.experiments.data.tasks import IGNORE_INDEX
 from llamoe.experiments.data.tokenizer import Tokenizer
 from llamoe.experiments.errors import UserError
-from llamoe.experiments.training import checkpoint as ckpt_io
-from llamoe.experiments.training import init_from, metrics_log, preflight, reshard, routing_health, runctl
-from llamoe.experiments.training.distributed import (
+from llamoe.experiments.train import checkpoint as ckpt_io
+from llamoe.experiments.train import init_from, metrics_log, preflight, reshard, routing_health, runctl
+from llamoe.experiments.train.distributed import (
     World,
     full_state_dict,
     init_world,
     mark_expert_params,
     sharded_state,
 )
-from llamoe.experiments.training.optim import LocalStepper, Stepper, build_optimizer, lr_at, schedule_horizon
-from llamoe.experiments.training.train_metrics import RouterStats, TrainingLog, peak_memory_gib
+from llamoe.experiments.train.optim import LocalStepper, Stepper, build_optimizer, lr_at, schedule_horizon
+from llamoe.experiments.train.train_metrics import RouterStats, TrainingLog, peak_memory_gib
 from llamoe.models.build import build_model
 from llamoe.models.compile import compile_blocks
 from llamoe.models.loss import lm_cross_entropy
@@ -131,7 +131,7 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     Run under DeepSpeed's launcher (WORLD_SIZE > 1) it trains data parallel, with ZeRO and
     expert parallelism as configured. Stopped early (signal, time limit) it saves and raises
     runctl.Stopped; a run directory another process trains in raises runctl.RunLocked. What the config needs
-    of this machine (files, CUDA, init_from's source) is checked first (experiments/training/preflight.py).
+    of this machine (files, CUDA, init_from's source) is checked first (experiments/train/preflight.py).
     """
     t0 = time.perf_counter()
     preflight.check(cfg)
@@ -210,7 +210,7 @@ def _train(cfg: RunConfig, world: World, control: runctl.StopControl, t0: float)
         ep_group=world.ep_group,
     )
     if state is None and cfg.init_from:  # weights only; optimizer, schedule and data start fresh
-        loaded = init_from.load(model, cfg)  # experiments/training/init_from.py: copies, upcycles, prints what it did
+        loaded = init_from.load(model, cfg)  # experiments/train/init_from.py: copies, upcycles, prints what it did
         if world.is_main:
             print(loaded, flush=True)
     model.set_activation_checkpointing(cfg.train.activation_checkpointing)  # models/checkpointing.py
@@ -220,7 +220,7 @@ def _train(cfg: RunConfig, world: World, control: runctl.StopControl, t0: float)
     optimizer = build_optimizer(model, cfg, world)
     stepper: Stepper
     if world.distributed:
-        from llamoe.experiments.training.distributed import DeepSpeedStepper
+        from llamoe.experiments.train.distributed import DeepSpeedStepper
 
         stepper = DeepSpeedStepper(model, optimizer, cfg, world)
     else:
@@ -254,7 +254,7 @@ def _train(cfg: RunConfig, world: World, control: runctl.StopControl, t0: float)
 
 
 def _load_resharded(stepper: Stepper, path: Path, saved: dict[str, int], world: World, zero_stage: int) -> None:
-    """Load a checkpoint's optimizer state saved under another process layout (experiments/training/reshard.py)."""
+    """Load a checkpoint's optimizer state saved under another process layout (experiments/train/reshard.py)."""
     model = stepper.module
     full, step = reshard.full_moments(saved, lambda r: ckpt_io.read_rank_state(path, r), reshard.expert_names(model))
     fresh = stepper.optimizer_state()

@@ -31,7 +31,7 @@ from types import FrameType
 from typing import Any, Callable, Optional
 
 from llamoe.experiments.errors import TIME_LIMIT, UsageError
-from llamoe.experiments.training import collectives
+from llamoe.experiments.train import collectives
 
 LOCK_FILE = ".llamoe.lock"
 DUPLICATE_S = 1.0

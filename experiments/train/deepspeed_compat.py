@@ -55,7 +55,7 @@ class DeepSpeedVersionError(UserError):
 def _advice(found: str) -> str:
     return (
         f"{found}; llamoe supports deepspeed{SUPPORTED} (it relies on DeepSpeed private APIs that change "
-        f"between releases, see experiments/training/deepspeed_compat.py). Install a supported version: "
+        f"between releases, see experiments/train/deepspeed_compat.py). Install a supported version: "
         f"pip install 'deepspeed{SUPPORTED}'"
     )
 

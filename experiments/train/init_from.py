@@ -1,14 +1,14 @@
 """`init_from`: start a fresh run from existing weights, with architecture surgery where the models differ.
 
 `init_from: PATH` takes a run directory, a checkpoint (a `checkpoints/step_N` directory or its
-model.pt, or a `llamoe convert` file) or a local Hugging Face directory (experiments/training/model_source.py).
+model.pt, or a `llamoe convert` file) or a local Hugging Face directory (experiments/train/model_source.py).
 Only weights travel: the optimizer, the learning-rate schedule, the data position and the step start
 fresh. A run that resumes from its own checkpoint ignores init_from (and no longer needs the source).
 
 - Config time (`check`, called by experiments/config.py's validation): the source's config is read,
   never its weights, and the mapping is planned (models/surgery.py), so a tensor that cannot be made
   fails before training, exit 2, naming the tensor.
-- Run start (`load`, called by experiments/training/loop.py on a fresh run): the model was built with its own
+- Run start (`load`, called by experiments/train/loop.py on a fresh run): the model was built with its own
   init; the plan's copied and transformed tensors overwrite it one at a time from the lazily read
   source, and the summary says which tensors were copied, transformed or freshly initialised.
 
@@ -22,8 +22,8 @@ import re
 
 from llamoe.experiments.config import RunConfig
 from llamoe.experiments.errors import UserError
-from llamoe.experiments.training.checkpoint import latest_checkpoint
-from llamoe.experiments.training.model_source import ModelSource, open_source
+from llamoe.experiments.train.checkpoint import latest_checkpoint
+from llamoe.experiments.train.model_source import ModelSource, open_source
 from llamoe.models import surgery
 from llamoe.models.config import ConfigError
 from llamoe.models.transformer import Transformer

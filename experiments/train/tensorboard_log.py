@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 from llamoe.config_error import ConfigError
-from llamoe.experiments.training.metrics_log import number
+from llamoe.experiments.train.metrics_log import number
 
 DIR = "tb"
 
