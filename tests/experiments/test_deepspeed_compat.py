@@ -10,7 +10,7 @@ from llamoe.experiments.train import deepspeed_compat
 from llamoe.experiments.train.deepspeed_compat import SUPPORTED, DeepSpeedVersionError, check_version
 
 ROOT = Path(__file__).resolve().parents[2]
-COMPAT = ROOT / "experiments" / "training" / "deepspeed_compat.py"
+COMPAT = ROOT / "experiments" / "train" / "deepspeed_compat.py"
 PRIVATE = re.compile(r"\bgroups\._\w|_configure_distributed_model|\bdeepspeed(?:\.\w+)*\._\w")
 
 
