@@ -24,9 +24,12 @@ Sources (the value of `data.source`):
                          already in it
     any other file       UTF-8 text, one document
 
-Train/validation split: a document belongs to "val" when sha1(key) maps below `val_fraction`
-(key = relative path for files, record index for JSONL), so the split is stable and needs no
-shuffle state. If that selects no document, the one with the smallest hash is "val". A source with
+Train/validation split, by near-duplicate groups: documents whose word-5-gram Jaccard similarity is
+at least 0.5 are one group (experiments/data/near_duplicates.py; the stdlib's 40 encodings/cp*.py
+code-page tables are 8 groups), and a whole group belongs to "val" when sha1(key of its first
+document) maps below `val_fraction` (key = relative path for files, record index for JSONL), so no
+held-out document has a near-copy in training, and the split is stable and needs no shuffle state.
+If that selects no document, the group with the smallest hash is "val". A source with
 a single document (one text file) is split by position: the last `val_fraction` of it, cut at a
 line break, is "val". A `.bin` source is split by token position the same way.
 
@@ -51,18 +54,18 @@ import sysconfig
 import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
 from llamoe.config_error import ConfigError
-from llamoe.experiments.data import prepared
+from llamoe.experiments.data import near_duplicates, prepared
 from llamoe.experiments.data.tokenizer import Tokenizer
 from llamoe.experiments.errors import write_failed
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT_VERSION = 1
+CACHE_FORMAT_VERSION = 2  # 2: near-duplicate groups split train from val
 SPLITS = ("train", "val")
 _SOURCE_HELP = (
     "Use 'stdlib' (the built-in corpus), a text file, a directory of text files, "
@@ -167,7 +170,8 @@ def load_corpus(
         if len(keys) == 1:
             texts = _position_split(next(_texts(kind, files, [0])), split, val_fraction)
         else:
-            texts = _texts(kind, files, _select(keys, split, val_fraction))
+            groups = split_groups(_texts(kind, files, range(len(keys))), val_fraction)
+            texts = _texts(kind, files, _select(keys, split, val_fraction, groups))
         _build_entry(entry, texts, tokenizer, bos, meta, n_source_docs=len(keys))
     return _open_entry(entry, source, from_cache)
 
@@ -244,13 +248,24 @@ def _document_keys(kind: str, files: list[Path], root: Path) -> list[str]:
     return [f.relative_to(root).as_posix() for f in files]
 
 
-def _select(keys: list[str], split: str, val_fraction: float) -> list[int]:
-    """Indices of the documents in `split` under the hash rule (see the module docstring)."""
-    unit = [int(hashlib.sha1(k.encode()).hexdigest()[:15], 16) / 16**15 for k in keys]
-    val = {i for i, u in enumerate(unit) if u < val_fraction}
+def split_groups(texts: Iterable[str], val_fraction: float, signature: Callable = map) -> np.ndarray | None:
+    """The near-duplicate group of every document (None when nothing is held out, so nothing to keep apart);
+    `signature` maps near_duplicates.signature over the texts (a process pool's imap in `llamoe data prepare`)."""
+    if val_fraction == 0:
+        return None
+    signatures = list(signature(near_duplicates.signature, texts))
+    return near_duplicates.groups(np.stack(signatures)) if signatures else np.zeros(0, np.int64)
+
+
+def _select(keys: list[str], split: str, val_fraction: float, groups: np.ndarray | None = None) -> list[int]:
+    """Indices of the documents in `split` under the group hash rule (see the module docstring);
+    `groups[i]` is the first document of document i's group (None: every document its own group)."""
+    first = np.arange(len(keys)) if groups is None else groups
+    unit = {int(g): int(hashlib.sha1(keys[g].encode()).hexdigest()[:15], 16) / 16**15 for g in np.unique(first)}
+    val = {g for g, u in unit.items() if u < val_fraction}
     if not val and val_fraction > 0 and unit:
-        val = {int(np.argmin(unit))}
-    return [i for i in range(len(keys)) if (i in val) == (split == "val")]
+        val = {min(unit, key=unit.__getitem__)}
+    return [i for i in range(len(keys)) if (int(first[i]) in val) == (split == "val")]
 
 
 def _read_text(path: Path) -> str:
@@ -270,7 +285,7 @@ def _jsonl_lines(path: Path) -> Iterator[tuple[int, bytes]]:
                 yield lineno, line
 
 
-def _texts(kind: str, files: list[Path], indices: list[int]) -> Iterator[str]:
+def _texts(kind: str, files: list[Path], indices: Iterable[int]) -> Iterator[str]:
     """The texts of the selected documents, in document order, read lazily."""
     if kind != "jsonl":
         for i in indices:

@@ -7,9 +7,10 @@ as UTF-8 text, one document each), a .jsonl file (one document per non-blank lin
 needs pyarrow, in the dev extra).
 
 Held-out split: the same rule as the token cache (experiments/data/corpus.py), applied at prepare
-time: a document is val when sha1(key) maps below --val-fraction (key: the relative path in a
-directory, the record index in JSONL and parquet; at least one val document when the fraction is
-> 0). A single text file is split by position: val is what follows the last line break before
+time: documents are grouped by near-duplicates (word-5-gram Jaccard >= 0.5, MinHash; a first pass over
+the source, the signatures computed by the --workers processes), and a group is val when sha1(key of its
+first document) maps below --val-fraction (key: the relative path in a directory, the record index in
+JSONL and parquet; at least one val group when the fraction is > 0). A single text file is split by position: val is what follows the last line break before
 (1 - val_fraction) of its *bytes* (corpus.py counts characters; the two agree on ASCII). prepare
 writes separate train and val shards, and the manifest records the fraction: a run must use the same
 data.val_fraction and data.bos (else exit status 2 naming the key).
@@ -88,8 +89,9 @@ def _kind(path: Path) -> str:
 class _Reader:
     """A source's documents in order, each with its split, and the source's sha256."""
 
-    def __init__(self, path: Path, kind: str, val_fraction: float, text_field: str) -> None:
+    def __init__(self, path: Path, kind: str, val_fraction: float, text_field: str, workers: int = 1) -> None:
         self.path, self.kind, self.val_fraction, self.field = path, kind, val_fraction, text_field
+        self.workers = workers
         self.n_docs = 0
         if kind == "parquet" and pq is None:
             raise UsageError(
@@ -101,25 +103,33 @@ class _Reader:
         else:
             self.sha256 = _file_sha256(path)
 
-    def _val(self, n: int) -> set[int]:
+    def _val(self) -> set[int]:
+        """The val documents: near-duplicate groups from a first pass over the texts, then the hash rule."""
         keys = [f.relative_to(self.path).as_posix() for f in self.files] if self.kind == "directory" else None
+        if self.val_fraction == 0 or self.workers == 1:
+            groups = corpus.split_groups(self._texts(), self.val_fraction)
+        else:
+            with multiprocessing.get_context("spawn").Pool(self.workers) as pool:
+                groups = corpus.split_groups(
+                    self._texts(), self.val_fraction, lambda f, texts: pool.imap(f, texts, chunksize=16)
+                )
+        n = len(keys) if keys is not None else (len(groups) if groups is not None else 0)
         keys = keys if keys is not None else [str(i) for i in range(n)]
-        return set(corpus._select(keys, "val", self.val_fraction))
+        return set(corpus._select(keys, "val", self.val_fraction, groups))
+
+    def _texts(self) -> Iterator[str]:
+        """Every document's text, in order (a fresh pass each call)."""
+        if self.kind == "directory":
+            return (corpus._read_text(f) for f in self.files)
+        return self._jsonl_texts() if self.kind == "jsonl" else self._parquet_texts()
 
     def documents(self) -> Iterator[tuple[str, Piece]]:
         """(split, piece) in document order."""
         if self.kind == "text":
             yield from self._text_pieces()
             return
-        if self.kind == "directory":
-            texts: Iterator[str] = (corpus._read_text(f) for f in self.files)
-            n = len(self.files)
-        elif self.kind == "jsonl":
-            texts, n = self._jsonl_texts(), sum(1 for _ in corpus._jsonl_lines(self.path))
-        else:
-            texts, n = self._parquet_texts(), pq.ParquetFile(self.path).metadata.num_rows
-        val = self._val(n)
-        for index, text in enumerate(texts):
+        val = self._val()
+        for index, text in enumerate(self._texts()):
             self.n_docs += 1
             if text:
                 yield ("val" if index in val else "train"), Piece(text)
@@ -308,7 +318,7 @@ def prepare(
     if workers < 1 or shard_tokens < 1:
         raise UsageError(f"--workers and --shard-tokens must be >= 1, got {workers} and {shard_tokens}")
     src, out = Path(source).expanduser().absolute(), Path(out).expanduser().absolute()
-    reader = _Reader(src, _kind(src), val_fraction, text_field)
+    reader = _Reader(src, _kind(src), val_fraction, text_field, workers)
     if bos and tokenizer.bos_id is None:
         raise UsageError(f"the {tokenizer.kind} tokenizer defines no bos token; drop --bos")
     dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32)

@@ -36,7 +36,7 @@ from llamoe.experiments.data.tokenizer import Tokenizer
 MANIFEST = "manifest.json"
 MARKER = ".llamoe-prepare"  # present while a prepare is writing into the directory
 FORMAT = "llamoe-prepared"
-VERSION = 1
+VERSION = 2  # 2: the held-out split keeps near-duplicate groups together
 _RERUN = "rerun `llamoe data prepare` into a fresh directory"
 
 

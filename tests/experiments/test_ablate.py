@@ -1,6 +1,7 @@
 """Sweeps: file validation, expansion (runs x grid x seeds), and running, skipping, resuming, failing."""
 
 import json
+import random
 from pathlib import Path
 from typing import Any
 
@@ -155,11 +156,14 @@ def test_required_run_names_of_the_long_context_sweep() -> None:
 
 # ---------------------------------------------------------------------------- running sweeps (tiny real runs)
 def _corpus(tmp_path: Path) -> Path:
-    """A directory of 40 small text files: enough held-out documents for tiny evaluation windows."""
+    """A directory of 40 small, distinct text files (near-copies would be one held-out group): enough held-out
+    documents for tiny evaluation windows."""
     root = tmp_path / "corpus"
     root.mkdir(exist_ok=True)
+    words = "the quick brown fox jumps over a lazy dog and cat".split()
+    rng = random.Random(0)
     for i in range(40):
-        (root / f"doc{i:02d}.txt").write_text(f"document {i}: " + "the quick brown fox jumps over the lazy dog. " * 4)
+        (root / f"doc{i:02d}.txt").write_text(f"document {i}: " + " ".join(rng.choices(words, k=36)) + ".")
     return root
 
 

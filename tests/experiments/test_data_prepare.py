@@ -16,7 +16,7 @@ from llamoe.experiments import cli
 from llamoe.experiments.commands.train import cli_main as train_main
 from llamoe.experiments.config import TokenizerConfig
 from llamoe.experiments.data import prepare as prep
-from llamoe.experiments.data.corpus import _select, load_corpus
+from llamoe.experiments.data.corpus import _select, load_corpus, split_groups
 from llamoe.experiments.data.tokenizer import Tokenizer
 from llamoe.experiments.train.metrics_log import read_metrics
 from llamoe.models.config import ConfigError
@@ -34,8 +34,10 @@ def write_bpe(path: Path, extra: list[bytes]) -> Path:
 
 @pytest.fixture(scope="module")
 def docs(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+    """60 documents and, so that the split must keep groups together, near copies of 8 of them (one word changed)."""
     root = write_corpus(tmp_path_factory.mktemp("src") / "docs")
-    return [p.read_text() for p in sorted(root.iterdir())]
+    texts = [p.read_text() for p in sorted(root.iterdir())]
+    return texts + [texts[i].replace(" the ", " THE ", 1) for i in range(0, 60, 8)]
 
 
 @pytest.fixture
@@ -77,7 +79,12 @@ def expected_split(kind: str, source: Path, docs: list[str], split: str, tok: To
             keys, ordered = [p.relative_to(source).as_posix() for p in files], [p.read_text() for p in files]
         else:
             keys, ordered = [str(i) for i in range(len(docs))], docs
-        texts = [ordered[i] for i in _select(keys, split, 0.2)]
+        groups = split_groups(ordered, 0.2)
+        copies = sum(" THE " in t for t in ordered)
+        assert len(set(groups.tolist())) == len(ordered) - copies  # each near copy joined its original
+        # the fixture's copies make grouping matter: the per-document rule would split a pair
+        assert not copies or _select(keys, split, 0.2) != _select(keys, split, 0.2, groups)
+        texts = [ordered[i] for i in _select(keys, split, 0.2, groups)]
     return np.concatenate([tok.encode(t, bos=bos, eos=True) for t in texts])
 
 
